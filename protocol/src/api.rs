@@ -1,0 +1,173 @@
+//! Bodies of the HTTP API, device-facing and control, as in the contract.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{HostResult, ToolDescriptor};
+
+/// Default and largest `ttlSeconds` of a pairing code.
+pub const PAIRING_TTL_DEFAULT_SECS: u64 = 600;
+pub const PAIRING_TTL_MAX_SECS: u64 = 86_400;
+/// Default and largest `timeoutMs` of a dispatch.
+pub const CALL_TIMEOUT_DEFAULT_MS: u64 = 30_000;
+pub const CALL_TIMEOUT_MAX_MS: u64 = 300_000;
+/// Every response names the replica that answered it.
+pub const REPLICA_HEADER: &str = "x-replica-id";
+
+/// Every error response: `{"error": "<human-readable message>"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// `POST /api/host/enroll`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollRequest {
+    pub code: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollResponse {
+    pub device_id: String,
+    pub token: String,
+}
+
+/// `POST /api/host/result` answers `{"delivered": bool}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivered {
+    pub delivered: bool,
+}
+
+/// `POST /api/pairing-codes`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PairingCodeRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PairingCode {
+    pub code: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A device as the control API shows it. `online` and `replica` are cluster-wide truths.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Device {
+    pub id: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    pub online: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
+    pub created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<ToolDescriptor>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roots: Option<Vec<String>>,
+}
+
+/// `GET /api/devices`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceList {
+    pub devices: Vec<Device>,
+}
+
+/// `POST /api/devices/{id}/calls`. A `mode` field is refused: only the server applies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CallRequest {
+    pub tool: String,
+    pub input: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// The answer of a dispatch: the [`HostResult`], plus the id of the stored proposal when the
+/// result is one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CallResponse {
+    #[serde(flatten)]
+    pub result: HostResult,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proposal_id: Option<String>,
+}
+
+/// Where a proposal is in its life. Only `pending` may be approved or rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProposalStatus {
+    Pending,
+    Applying,
+    Applied,
+    Failed,
+    Rejected,
+}
+
+impl ProposalStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Applying => "applying",
+            Self::Applied => "applied",
+            Self::Failed => "failed",
+            Self::Rejected => "rejected",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "pending" => Self::Pending,
+            "applying" => Self::Applying,
+            "applied" => Self::Applied,
+            "failed" => Self::Failed,
+            "rejected" => Self::Rejected,
+            _ => return None,
+        })
+    }
+}
+
+/// A stored mutation awaiting (or past) its user's decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Proposal {
+    pub id: String,
+    pub device_id: String,
+    pub tool: String,
+    /// The input that the apply will use: the one stored when the proposal was made.
+    pub input: Value,
+    /// The device's plan ([`crate::Plan`]).
+    pub proposal: Value,
+    pub status: ProposalStatus,
+    pub created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<HostResult>,
+}
+
+/// `GET /api/proposals`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProposalList {
+    pub proposals: Vec<Proposal>,
+}
+
+/// `POST /api/host/approve` and `POST /api/host/reject`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProposalDecision {
+    pub proposal_id: String,
+}

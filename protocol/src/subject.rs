@@ -1,0 +1,229 @@
+//! The NATS scheme of cluster mode: subjects, headers and message bodies.
+//!
+//! `{p}` is the subject prefix (`--subject-prefix`, default `pulsn.host`). Device ids are UUIDs,
+//! safe as subject tokens; anything else is refused before it reaches a subject.
+//!
+//! | Subject | Subscribed by | Flow |
+//! |---|---|---|
+//! | `{p}.device.{id}.call` | the replica holding the device's stream, queue group `holders` | request: a [`crate::HostCall`]; reply: a [`CallAck`]. No responders: the device is offline. |
+//! | `{p}.device.{id}.control` | every replica holding a stream of the device | [`Control::Takeover`] (published) and [`Control::Presence`] (request; reply: [`Holder`]). |
+//! | `{p}.result.{route}` | the one replica whose route tag is `{route}` | request: a [`crate::HostResult`], header [`HEADER_DEVICE_ID`]; reply: a [`DeliverAck`]. No responders: 404. |
+//! | `{p}.revoked` | every replica | [`Revoked`]: close the stream, fail the device's pending calls, evict cached tokens. |
+//! | `{p}.presence.all` | every replica | request (scatter-gather): each replica answers its [`HeldDevices`]. |
+//!
+//! Two departures from a per-call result subject, each saving messages on the hot path:
+//!
+//! - **Results route by the call id.** Each replica picks a random 32-bit route tag at start
+//!   and subscribes once to `{p}.result.{tag}`. Its call ids are UUIDs whose first eight hex
+//!   digits are that tag ([`new_call_id`]), so the replica that receives a result POST knows,
+//!   from the id alone, where the waiting dispatch lives: one hop, no broadcast, no per-call
+//!   SUB/UNSUB and no interest to propagate through a NATS cluster. A replica that restarts
+//!   takes a new tag, so results for its dead dispatches find no responders: 404.
+//! - **Presence and takeover share one subscription** per held device (`control`), next to
+//!   the queue-group `call` subscription: two subscriptions a device stream in all.
+//!
+//! Fencing: every stream gets an epoch, larger than any the accepting replica has seen for
+//! that device. A takeover carries the new epoch; a holder with a smaller one closes its stream
+//! (`superseded`), a holder with a larger one re-announces itself so the smaller closes. A
+//! replica that finds it was frozen (its own clock ticks stopped for longer than a keepalive)
+//! pushes nothing more and gives up all its streams with `reconnect` (`stalled`), since they may
+//! have moved meanwhile; calls that reach it in that state are answered [`CallAck::NotHeld`] and
+//! the dispatcher tries again until one holder accepts or the deadline passes.
+
+use serde::{Deserialize, Serialize};
+
+/// Default subject prefix.
+pub const DEFAULT_PREFIX: &str = "pulsn.host";
+/// The queue group of call subscriptions: one holder takes each call.
+pub const HOLDERS_QUEUE: &str = "holders";
+/// Header naming the device that posted a result.
+pub const HEADER_DEVICE_ID: &str = "Pulsn-Device-Id";
+/// Header carrying the W3C trace context across NATS hops.
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+
+/// Subject names under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Subjects {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self { prefix: prefix.into() }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn device_call(&self, device_id: &str) -> String {
+        format!("{}.device.{device_id}.call", self.prefix)
+    }
+
+    pub fn device_control(&self, device_id: &str) -> String {
+        format!("{}.device.{device_id}.control", self.prefix)
+    }
+
+    pub fn result(&self, route: &str) -> String {
+        format!("{}.result.{route}", self.prefix)
+    }
+
+    pub fn revoked(&self) -> String {
+        format!("{}.revoked", self.prefix)
+    }
+
+    pub fn presence_all(&self) -> String {
+        format!("{}.presence.all", self.prefix)
+    }
+}
+
+impl Default for Subjects {
+    fn default() -> Self {
+        Self::new(DEFAULT_PREFIX)
+    }
+}
+
+/// True when `prefix` is usable as a subject prefix: dot-separated tokens of letters, digits,
+/// `-` and `_`, no wildcards, no empty token.
+pub fn is_valid_prefix(prefix: &str) -> bool {
+    !prefix.is_empty()
+        && prefix.split('.').all(|token| {
+            !token.is_empty() && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// The route tag as it appears in subjects and call ids: eight lowercase hex digits.
+pub fn route_tag(tag: u32) -> String {
+    format!("{tag:08x}")
+}
+
+/// A call id: a version-4 UUID whose first eight hex digits are the dispatching replica's
+/// route tag. `random` supplies the other bits.
+pub fn new_call_id(tag: u32, random: [u8; 16]) -> String {
+    let mut bytes = random;
+    bytes[..4].copy_from_slice(&tag.to_be_bytes());
+    bytes[6] = (bytes[6] & 0x0f) | 0x40; // version 4
+    bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 4122 variant
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+}
+
+/// The route tag of a call id made by [`new_call_id`], or `None` when `call_id` is not a
+/// UUID in canonical lowercase-or-uppercase hyphenated form (such an id names no call).
+pub fn call_id_route(call_id: &str) -> Option<String> {
+    is_uuid(call_id).then(|| call_id[..8].to_ascii_lowercase())
+}
+
+/// True when `text` is a hyphenated UUID (8-4-4-4-12 hex digits): the form of device ids and
+/// call ids, and the only form allowed into a subject token.
+pub fn is_uuid(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    bytes.len() == 36
+        && bytes.iter().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => *b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
+}
+
+/// A holder's reply to a call request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CallAck {
+    /// Written to the device's stream.
+    Accepted,
+    /// The deadline had passed on arrival: dropped, not pushed.
+    Expired,
+    /// This replica does not (or no longer) hold a live stream of the device: try again.
+    NotHeld,
+}
+
+/// The dispatching replica's reply to a forwarded result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeliverAck {
+    Delivered,
+    /// The call was dispatched to another device.
+    Forbidden,
+    /// No pending call with that id.
+    Unknown,
+}
+
+/// Messages on `{p}.device.{id}.control`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Control {
+    /// A stream with this epoch opened on `replica`; holders of older streams close them.
+    Takeover { epoch: u64, replica: String },
+    /// Who holds the device? Holders reply with a [`Holder`].
+    Presence,
+}
+
+/// A holder's answer to [`Control::Presence`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Holder {
+    pub replica: String,
+    pub epoch: u64,
+}
+
+/// Body of `{p}.revoked`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Revoked {
+    pub device_id: String,
+}
+
+/// One replica's answer to `{p}.presence.all`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldDevices {
+    pub replica: String,
+    pub devices: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_ids_carry_their_route() {
+        let id = new_call_id(0xdead_beef, [0xff; 16]);
+        assert_eq!(id.len(), 36);
+        assert!(id.starts_with("deadbeef-"));
+        assert_eq!(&id[14..15], "4", "version nibble");
+        assert_eq!(call_id_route(&id).as_deref(), Some("deadbeef"));
+    }
+
+    #[test]
+    fn route_of_non_uuids_is_none() {
+        for bad in [
+            "",
+            "deadbeef",
+            "deadbeef-0000-4000-8000-00000000000g",
+            "../../../etc/passwd-0000000000000000",
+            "a.b.>",
+            "deadbeef-0000-4000-8000-0000000000001",
+        ] {
+            assert_eq!(call_id_route(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn prefixes() {
+        assert!(is_valid_prefix("pulsn.host"));
+        assert!(is_valid_prefix("a_b-c.d1"));
+        for bad in ["", ".", "a..b", "a.*", "a.>", "a b", "a."] {
+            assert!(!is_valid_prefix(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn subjects() {
+        let s = Subjects::default();
+        assert_eq!(s.device_call("d"), "pulsn.host.device.d.call");
+        assert_eq!(s.device_control("d"), "pulsn.host.device.d.control");
+        assert_eq!(s.result("0000abcd"), "pulsn.host.result.0000abcd");
+        assert_eq!(s.revoked(), "pulsn.host.revoked");
+        assert_eq!(s.presence_all(), "pulsn.host.presence.all");
+    }
+}
