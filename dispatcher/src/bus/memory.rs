@@ -1,0 +1,70 @@
+//! The in-memory bus: one replica, no broker. Every "remote" replica is this one, so each
+//! operation is a direct call on the local [`Hub`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use protocol::subject::{route_tag, CallAck, DeliverAck, Holder};
+use protocol::{HostCall, HostResult};
+
+use super::{Bus, BusError, Health, Hub, Routed};
+
+#[derive(Debug, Clone)]
+pub struct MemoryBus {
+    hub: Arc<Hub>,
+}
+
+impl MemoryBus {
+    pub fn new(hub: Arc<Hub>) -> Self {
+        Self { hub }
+    }
+}
+
+#[async_trait]
+impl Bus for MemoryBus {
+    async fn send_call(&self, device_id: &str, call: &HostCall, _ack_timeout: Duration) -> Routed {
+        match self.hub.push(device_id, call.clone()) {
+            CallAck::Accepted => Routed::Accepted,
+            CallAck::Expired => Routed::Expired,
+            // One replica: a device not held here is held nowhere.
+            CallAck::NotHeld if self.hub.holder(device_id).is_none() => Routed::Offline,
+            CallAck::NotHeld => Routed::NotHeld,
+        }
+    }
+
+    async fn send_result(&self, route: &str, device_id: &str, result: &HostResult) -> DeliverAck {
+        if route != route_tag(self.hub.route_tag()) {
+            return DeliverAck::Unknown;
+        }
+        self.hub.resolve(device_id, result.clone())
+    }
+
+    async fn hold(&self, _device_id: &str, _epoch: u64) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    async fn release(&self, _device_id: &str, _epoch: u64) {}
+
+    async fn holder(&self, device_id: &str) -> Result<Option<Holder>, BusError> {
+        Ok(self.hub.holder(device_id))
+    }
+
+    async fn online_devices(&self) -> Result<Vec<(String, String)>, BusError> {
+        let replica = self.hub.replica_id().to_owned();
+        Ok(self.hub.held_devices().into_iter().map(|id| (id, replica.clone())).collect())
+    }
+
+    async fn revoke(&self, device_id: &str) -> Result<(), BusError> {
+        self.hub.revoke(device_id);
+        Ok(())
+    }
+
+    fn health(&self) -> Health {
+        Health::Up
+    }
+
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+}

@@ -1,0 +1,85 @@
+//! The bus: how replicas reach each other. The only code that talks to a broker lives under
+//! this module; the rest of the dispatcher sees the [`Bus`] trait.
+//!
+//! Two implementations share one contract and one test suite:
+//! - [`memory::MemoryBus`]: one process, no broker. The embedded default.
+//! - `nats::NatsBus`: many replicas on NATS (the scheme is in `protocol::subject`).
+//!
+//! A bus moves bytes and acts on this replica's [`Hub`] for what arrives; it makes no
+//! decisions of its own about streams or calls.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use protocol::subject::{DeliverAck, Holder};
+use protocol::{HostCall, HostResult};
+
+pub mod memory;
+// pub mod nats;  (cluster mode: lands with the NATS bus)
+
+pub use crate::core::Hub;
+
+/// How a call fared on its way to a device's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routed {
+    /// A holder wrote it to the device's stream.
+    Accepted,
+    /// No replica holds a stream of the device.
+    Offline,
+    /// A holder answered that it does not (or no longer) hold the device, or could not vouch
+    /// for its stream: worth another try until the deadline.
+    NotHeld,
+    /// The deadline passed before any holder could push it.
+    Expired,
+    /// No answer in time, or the broker is unreachable: worth another try until the deadline.
+    Unreachable,
+}
+
+/// Whether the bus can route right now (readiness).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Up,
+    /// The broker is unreachable.
+    Down,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("message broker unavailable: {0}")]
+    Unavailable(String),
+    #[error("malformed message on the bus: {0}")]
+    Malformed(String),
+}
+
+/// The cluster's transport, as the dispatcher core uses it.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Routes `call` to whichever replica holds `device_id`'s stream; waits at most
+    /// `ack_timeout` for a holder to say it pushed it.
+    async fn send_call(&self, device_id: &str, call: &HostCall, ack_timeout: Duration) -> Routed;
+
+    /// Hands a result posted by `device_id` to the replica whose route tag is `route`.
+    async fn send_result(&self, route: &str, device_id: &str, result: &HostResult) -> DeliverAck;
+
+    /// This replica now holds a stream of `device_id` with `epoch`: answer its calls and
+    /// presence queries, and tell the cluster so older streams elsewhere close.
+    async fn hold(&self, device_id: &str, epoch: u64) -> Result<(), BusError>;
+
+    /// The stream of `device_id` with `epoch` ended here: stop answering for it.
+    async fn release(&self, device_id: &str, epoch: u64);
+
+    /// Which replica holds the device's stream, asked of the holders themselves.
+    async fn holder(&self, device_id: &str) -> Result<Option<Holder>, BusError>;
+
+    /// Every device with a stream anywhere, and the replica holding it.
+    async fn online_devices(&self) -> Result<Vec<(String, String)>, BusError>;
+
+    /// Revoke `device_id` on every replica: close its stream, fail its pending calls, evict its
+    /// cached token. Acts on the local hub too.
+    async fn revoke(&self, device_id: &str) -> Result<(), BusError>;
+
+    fn health(&self) -> Health;
+
+    /// Short name for logs and metrics.
+    fn kind(&self) -> &'static str;
+}

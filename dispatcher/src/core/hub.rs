@@ -1,0 +1,375 @@
+//! The hub: this replica's live state (its device streams, the calls it waits for, its
+//! credential cache, its stall watch) behind one small synchronous API.
+//!
+//! Both buses act on a hub: the in-memory bus calls it directly, the NATS bus calls it from
+//! its subscriptions. It never talks to the network or the database; decisions are made by the
+//! tables it holds ([`ConnectionTable`], [`PendingTable`]) and the frames they produce are
+//! handed to the streams' channels without waiting.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use protocol::sse::ReconnectReason;
+use protocol::subject::{CallAck, DeliverAck, Holder};
+use protocol::{HostCall, HostResult};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::cache::{CachedDevice, TtlCache};
+use super::connections::{Accept, Conn, ConnectionTable, Takeover};
+use super::pending::PendingTable;
+
+/// Frames queued to one device stream before pushes are refused.
+pub const STREAM_QUEUE: usize = 256;
+/// How long a credential stays cached.
+pub const AUTH_CACHE_TTL: Duration = Duration::from_secs(30);
+const AUTH_CACHE_CAPACITY: usize = 100_000;
+/// How often the stall watch ticks, and how stale its last tick may be before pushes stop.
+const TICK: Duration = Duration::from_millis(250);
+const PUSH_FENCE: Duration = Duration::from_secs(2);
+
+/// What a device stream is sent.
+#[derive(Debug, Clone)]
+pub enum Frame {
+    Call(HostCall),
+    Close(Close),
+}
+
+/// Why a stream ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    Superseded,
+    Revoked,
+    Reconnect(ReconnectReason),
+}
+
+/// A stream registered in the hub: its identity and the receiving end of its frames.
+#[derive(Debug)]
+pub struct Opened {
+    pub conn_id: u64,
+    pub epoch: u64,
+    pub rx: mpsc::Receiver<Frame>,
+    /// False when a newer stream of the device was already here: the receiver holds only a
+    /// `superseded` close.
+    pub owner: bool,
+}
+
+pub struct Hub {
+    replica_id: String,
+    route_tag: u32,
+    conns: Mutex<ConnectionTable>,
+    pending: Mutex<PendingTable>,
+    next_conn_id: AtomicU64,
+    started: Instant,
+    /// Milliseconds since `started` of the stall watch's last tick.
+    last_tick_ms: AtomicU64,
+    device_tokens: Mutex<TtlCache<[u8; 32], CachedDevice>>,
+    api_tokens: Mutex<TtlCache<[u8; 32], String>>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("replica_id", &self.replica_id)
+            .field("streams", &self.connected())
+            .field("pending", &self.pending_calls())
+            .finish()
+    }
+}
+
+impl Hub {
+    pub fn new(replica_id: impl Into<String>, route_tag: u32) -> Arc<Self> {
+        Arc::new(Self {
+            replica_id: replica_id.into(),
+            route_tag,
+            conns: Mutex::default(),
+            pending: Mutex::default(),
+            next_conn_id: AtomicU64::new(1),
+            started: Instant::now(),
+            last_tick_ms: AtomicU64::new(0),
+            device_tokens: Mutex::new(TtlCache::new(AUTH_CACHE_TTL, AUTH_CACHE_CAPACITY)),
+            api_tokens: Mutex::new(TtlCache::new(AUTH_CACHE_TTL, AUTH_CACHE_CAPACITY)),
+        })
+    }
+
+    pub fn replica_id(&self) -> &str {
+        &self.replica_id
+    }
+
+    /// The 32-bit tag that prefixes this replica's call ids (see `protocol::subject`).
+    pub fn route_tag(&self) -> u32 {
+        self.route_tag
+    }
+
+    pub fn connected(&self) -> usize {
+        self.conns.lock().len()
+    }
+
+    pub fn pending_calls(&self) -> usize {
+        self.pending.lock().len()
+    }
+
+    // ---- streams ----
+
+    /// Registers a new stream of `device_id` with `epoch`; an older local stream of the device
+    /// is told it was superseded.
+    pub fn open(&self, device_id: &str, epoch: u64) -> Opened {
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let conn_id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        let decision = self.conns.lock().accept(device_id, Conn { conn_id, epoch, tx: tx.clone() });
+        let owner = match decision {
+            Accept::Owner { superseded } => {
+                if let Some(old) = superseded {
+                    let _ = old.tx.try_send(Frame::Close(Close::Superseded));
+                }
+                true
+            }
+            Accept::Stale => {
+                let _ = tx.try_send(Frame::Close(Close::Superseded));
+                false
+            }
+        };
+        Opened { conn_id, epoch, rx, owner }
+    }
+
+    /// Forgets a stream that ended. True when the device has no stream here any more.
+    pub fn release(&self, device_id: &str, conn_id: u64) -> bool {
+        self.conns.lock().release(device_id, conn_id)
+    }
+
+    /// Pushes a call to the device's stream here, if it has one and this replica can vouch
+    /// for it: not expired, and not frozen since the stream may have moved.
+    pub fn push(&self, device_id: &str, call: HostCall) -> CallAck {
+        if call.is_expired(chrono::Utc::now()) {
+            return CallAck::Expired;
+        }
+        if self.is_stalled() {
+            return CallAck::NotHeld;
+        }
+        let tx = match self.conns.lock().get(device_id) {
+            Some(conn) => conn.tx.clone(),
+            None => return CallAck::NotHeld,
+        };
+        match tx.try_send(Frame::Call(call)) {
+            Ok(()) => CallAck::Accepted,
+            Err(_) => CallAck::NotHeld,
+        }
+    }
+
+    /// Another replica opened a stream of the device with `epoch`. Returns the epoch to
+    /// re-announce when the local stream is the newer one.
+    pub fn takeover(&self, device_id: &str, epoch: u64) -> Option<u64> {
+        let mut conns = self.conns.lock();
+        match conns.takeover(device_id, epoch) {
+            Takeover::Close(conn_id) => {
+                if let Some(conn) = conns.remove_conn(device_id, conn_id) {
+                    let _ = conn.tx.try_send(Frame::Close(Close::Superseded));
+                }
+                None
+            }
+            Takeover::Reassert(mine) => Some(mine),
+            Takeover::Nothing => None,
+        }
+    }
+
+    pub fn holder(&self, device_id: &str) -> Option<Holder> {
+        self.conns.lock().get(device_id).map(|conn| Holder { replica: self.replica_id.clone(), epoch: conn.epoch })
+    }
+
+    pub fn held_devices(&self) -> Vec<String> {
+        self.conns.lock().device_ids()
+    }
+
+    /// Closes every stream here with `close` (shutdown, lost broker, stall).
+    pub fn close_all(&self, close: Close) -> usize {
+        let drained = self.conns.lock().drain();
+        for (_, conn) in &drained {
+            let _ = conn.tx.try_send(Frame::Close(close));
+        }
+        drained.len()
+    }
+
+    /// A device was revoked: close its stream here, fail the calls this replica waits for on
+    /// it, and forget its cached token.
+    pub fn revoke(&self, device_id: &str) {
+        if let Some(conn) = self.conns.lock().remove(device_id) {
+            let _ = conn.tx.try_send(Frame::Close(Close::Revoked));
+        }
+        self.pending.lock().fail_device(device_id, |id| HostResult::offline(id));
+        self.device_tokens.lock().retain(|cached| cached.device_id != device_id);
+    }
+
+    // ---- pending calls ----
+
+    /// Registers a dispatch; `None` if the id is already pending.
+    pub fn register_call(&self, call_id: &str, device_id: &str) -> Option<oneshot::Receiver<HostResult>> {
+        self.pending.lock().insert(call_id, device_id)
+    }
+
+    pub fn cancel_call(&self, call_id: &str) {
+        self.pending.lock().cancel(call_id);
+    }
+
+    pub fn resolve(&self, from_device: &str, result: HostResult) -> DeliverAck {
+        self.pending.lock().resolve(from_device, result)
+    }
+
+    // ---- credential cache ----
+
+    pub fn cached_device(&self, token_hash: &[u8; 32]) -> Option<CachedDevice> {
+        self.device_tokens.lock().get(token_hash, Instant::now())
+    }
+
+    pub fn cache_device(&self, token_hash: [u8; 32], device: CachedDevice) {
+        self.device_tokens.lock().insert(token_hash, device, Instant::now());
+    }
+
+    pub fn cached_user(&self, token_hash: &[u8; 32]) -> Option<String> {
+        self.api_tokens.lock().get(token_hash, Instant::now())
+    }
+
+    pub fn cache_user(&self, token_hash: [u8; 32], user_id: String) {
+        self.api_tokens.lock().insert(token_hash, user_id, Instant::now());
+    }
+
+    /// Forgets every cached credential (the replica may have missed revocations).
+    pub fn flush_credentials(&self) {
+        self.device_tokens.lock().clear();
+        self.api_tokens.lock().clear();
+    }
+
+    // ---- stall watch ----
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Records that the process is running; returns how long since the previous tick.
+    pub fn tick(&self) -> Duration {
+        let now = self.now_ms();
+        let last = self.last_tick_ms.swap(now, Ordering::AcqRel);
+        Duration::from_millis(now.saturating_sub(last))
+    }
+
+    /// True when the stall watch has not ticked for a while: the process was frozen, and its
+    /// streams may have moved to another replica meanwhile.
+    pub fn is_stalled(&self) -> bool {
+        let last = self.last_tick_ms.load(Ordering::Acquire);
+        Duration::from_millis(self.now_ms().saturating_sub(last)) > PUSH_FENCE
+    }
+
+    /// Ticks until cancelled. A gap longer than `stall_after` (the process was frozen past the
+    /// devices' patience) gives up every stream with `reconnect`: they may have moved.
+    pub async fn watch_stalls(self: Arc<Self>, stall_after: Duration, cancel: CancellationToken) {
+        self.tick();
+        let mut interval = tokio::time::interval(TICK);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = interval.tick() => {}
+            }
+            let gap = self.tick();
+            if gap > stall_after {
+                let closed = self.close_all(Close::Reconnect(ReconnectReason::Stalled));
+                tracing::warn!(gap_ms = gap.as_millis() as u64, closed, "replica was frozen; gave up its streams");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn call(id: &str) -> HostCall {
+        HostCall {
+            call_id: id.into(),
+            tool: "t".into(),
+            input: json!({}),
+            mode: None,
+            preconditions: None,
+            deadline: None,
+            traceparent: None,
+        }
+    }
+
+    fn next_frame(rx: &mut mpsc::Receiver<Frame>) -> Option<Frame> {
+        rx.try_recv().ok()
+    }
+
+    #[test]
+    fn push_reaches_the_newest_stream_only() {
+        let hub = Hub::new("r", 1);
+        hub.tick();
+        let mut first = hub.open("d", 1);
+        let mut second = hub.open("d", 2);
+        assert!(matches!(next_frame(&mut first.rx), Some(Frame::Close(Close::Superseded))));
+        assert_eq!(hub.push("d", call("c")), CallAck::Accepted);
+        assert!(matches!(next_frame(&mut second.rx), Some(Frame::Call(c)) if c.call_id == "c"));
+        assert!(next_frame(&mut first.rx).is_none());
+        assert!(!hub.release("d", first.conn_id));
+        assert!(hub.release("d", second.conn_id));
+        assert_eq!(hub.push("d", call("c2")), CallAck::NotHeld);
+    }
+
+    #[test]
+    fn a_stale_open_is_closed_at_once() {
+        let hub = Hub::new("r", 1);
+        let _newer = hub.open("d", 5);
+        let mut older = hub.open("d", 4);
+        assert!(!older.owner);
+        assert!(matches!(next_frame(&mut older.rx), Some(Frame::Close(Close::Superseded))));
+        assert_eq!(hub.holder("d").map(|h| h.epoch), Some(5));
+    }
+
+    #[test]
+    fn expired_calls_are_not_pushed() {
+        let hub = Hub::new("r", 1);
+        hub.tick();
+        let mut opened = hub.open("d", 1);
+        let mut expired = call("c");
+        expired.deadline = Some(chrono::Utc::now() - chrono::Duration::seconds(1));
+        assert_eq!(hub.push("d", expired), CallAck::Expired);
+        assert!(next_frame(&mut opened.rx).is_none());
+    }
+
+    #[test]
+    fn a_stalled_hub_pushes_nothing() {
+        let hub = Hub::new("r", 1);
+        let mut opened = hub.open("d", 1);
+        hub.last_tick_ms.store(0, Ordering::Release);
+        std::thread::sleep(PUSH_FENCE + Duration::from_millis(50));
+        assert!(hub.is_stalled());
+        assert_eq!(hub.push("d", call("c")), CallAck::NotHeld);
+        assert!(next_frame(&mut opened.rx).is_none());
+        hub.tick();
+        assert_eq!(hub.push("d", call("c")), CallAck::Accepted);
+    }
+
+    #[test]
+    fn takeover_closes_older_and_reasserts_newer() {
+        let hub = Hub::new("r", 1);
+        let mut opened = hub.open("d", 3);
+        assert_eq!(hub.takeover("d", 2), Some(3));
+        assert_eq!(hub.takeover("d", 4), None);
+        assert!(matches!(next_frame(&mut opened.rx), Some(Frame::Close(Close::Superseded))));
+        assert!(hub.holder("d").is_none());
+    }
+
+    #[test]
+    fn revoke_closes_fails_and_evicts() {
+        let hub = Hub::new("r", 1);
+        let mut opened = hub.open("d", 1);
+        let mut waiting = hub.register_call("c", "d").expect("fresh");
+        hub.cache_device([7; 32], CachedDevice { device_id: "d".into(), owner: "u".into() });
+        hub.revoke("d");
+        assert!(matches!(next_frame(&mut opened.rx), Some(Frame::Close(Close::Revoked))));
+        assert!(waiting.try_recv().expect("failed").is_offline());
+        assert!(hub.cached_device(&[7; 32]).is_none());
+        assert_eq!(hub.pending_calls(), 0);
+    }
+}
