@@ -1,0 +1,271 @@
+//! The registry: everything the dispatcher keeps in its database. Api tokens, pairing codes and
+//! enrollment, devices (token hash, owner, manifest, last seen) and proposals, in one schema that
+//! runs on SQLite (one replica, the embedded default) and PostgreSQL (every replica shares it),
+//! picked by the URL's scheme.
+//!
+//! It does not cache: the hot path's in-memory token and ownership cache, and its eviction on
+//! revocation, belong to the caller. It does not rate-limit enrollment attempts (the HTTP layer
+//! answers 429), speak HTTP, or talk to NATS.
+//!
+//! Layout:
+//! - `mod.rs`: [`Registry`], connecting, migrating, the error type and the shared helpers.
+//! - `secret.rs`: minting, normalizing, hashing and comparing tokens and pairing codes (pure).
+//! - `tokens.rs`: api tokens.
+//! - `devices.rs`: pairing codes, enrollment, devices.
+//! - `proposals.rs`: proposals and their one-way status transitions.
+//! - `dispatcher/migrations/`: the schema, embedded in the binary and run at [`Registry::connect`].
+//!
+//! Portability: queries go through sqlx's Any driver with `$n` placeholders (both engines accept
+//! them), times are BIGINT unix milliseconds, JSON is TEXT, ids are TEXT. Every race that matters
+//! (a pairing code used twice, a proposal applied twice) is settled by one conditional UPDATE, so
+//! it holds across replicas, not just within one.
+
+mod devices;
+mod proposals;
+mod secret;
+mod tokens;
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::any::AnyPoolOptions;
+use sqlx::AnyPool;
+use sqlx::migrate::Migrator;
+
+pub use secret::{API_TOKEN_PREFIX, DEVICE_TOKEN_PREFIX};
+
+/// The schema. `migrate!` embeds the files; a new file is picked up on the next rebuild of this
+/// crate (touch this file if cargo does not notice it).
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// Fewest characters [`Registry::revoke_api_token`] accepts, so a slip cannot revoke many tokens.
+pub const MIN_REVOKE_PREFIX_CHARS: usize = 8;
+/// Longest pairing code lifetime [`Registry::create_pairing_code`] accepts.
+pub const MAX_PAIRING_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// Connections per pool. SQLite has one writer at a time whatever the pool, and an in-memory
+/// database lives in exactly one connection.
+const POSTGRES_MAX_CONNECTIONS: u32 = 10;
+const SQLITE_MAX_CONNECTIONS: u32 = 8;
+/// How long a query waits for a free connection before it fails.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The registry's handle: cheap to clone (the pool and the clock are shared).
+#[derive(Debug, Clone)]
+pub struct Registry {
+    pool: AnyPool,
+    engine: Engine,
+    clock: Arc<Clock>,
+}
+
+/// What can go wrong in the registry, by kind.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The URL names no supported engine; the text never repeats the URL (it may hold a password).
+    #[error("invalid database URL: {0}")]
+    InvalidUrl(String),
+    /// The row to change does not exist, is not the caller's, or is revoked.
+    #[error("not found")]
+    NotFound,
+    #[error("a token prefix needs at least {min} characters")]
+    PrefixTooShort { min: usize },
+    /// An argument the registry cannot store (an empty user id, a non-UUID proposal id, ...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(&'static str),
+    /// A stored value could not be read back (bad JSON, an unknown status, a time out of range).
+    #[error("stored data could not be read: {0}")]
+    Corrupt(String),
+}
+
+/// Who a device token belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceAuth {
+    pub device_id: String,
+    pub owner: String,
+}
+
+/// A device as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceRecord {
+    pub id: String,
+    pub owner: String,
+    pub name: String,
+    pub platform: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub last_seen_at: Option<DateTime<Utc>>,
+    pub manifest: Option<protocol::Manifest>,
+    pub revoked: bool,
+}
+
+/// A mutation's dry run, to be stored as a pending proposal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewProposal {
+    /// A UUID, chosen by the caller.
+    pub id: String,
+    pub device_id: String,
+    /// The user whose device made the proposal; must be the device's owner.
+    pub owner: String,
+    pub tool: String,
+    /// The input the apply will use.
+    pub input: Value,
+    /// The device's plan (the `result` of its proposal HostResult).
+    pub plan: Value,
+    /// What the apply verifies first; sent with the `apply` call.
+    pub preconditions: Value,
+}
+
+/// A proposal with what the wire type does not show.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredProposal {
+    pub proposal: protocol::Proposal,
+    pub owner: String,
+    pub preconditions: Value,
+}
+
+/// The result of presenting a pairing code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnrollOutcome {
+    Enrolled(protocol::EnrollResponse),
+    /// The code is unknown, expired or already used (which one is not told).
+    Refused,
+}
+
+/// The database behind a URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+impl Engine {
+    fn of_url(url: &str) -> Result<Self, RegistryError> {
+        let scheme = url.split_once(':').map(|(scheme, _)| scheme.to_ascii_lowercase());
+        match scheme.as_deref() {
+            Some("sqlite") => Ok(Self::Sqlite),
+            Some("postgres" | "postgresql") => Ok(Self::Postgres),
+            _ => Err(RegistryError::InvalidUrl("expected a sqlite:// or postgres:// URL".into())),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+        }
+    }
+}
+
+/// True for the SQLite URLs that name an in-memory database (`sqlite::memory:`,
+/// `sqlite://?mode=memory`, ...).
+fn is_sqlite_in_memory(url: &str) -> bool {
+    url.contains(":memory:") || url.contains("mode=memory")
+}
+
+/// Unix milliseconds that never repeat or go backwards within one [`Registry`]: the wall clock,
+/// nudged forward by a millisecond when two stamps would tie, so rows made one after the other
+/// sort in that order ("newest first", "oldest first") even within one millisecond.
+#[derive(Debug, Default)]
+struct Clock {
+    last: AtomicI64,
+}
+
+impl Clock {
+    fn now_ms(&self) -> i64 {
+        let wall = Utc::now().timestamp_millis();
+        let mut previous = self.last.load(Ordering::Relaxed);
+        loop {
+            let next = wall.max(previous.saturating_add(1));
+            match self.last.compare_exchange_weak(previous, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return next,
+                Err(actual) => previous = actual,
+            }
+        }
+    }
+}
+
+impl Registry {
+    /// Connects to `url` (`sqlite://…`, `sqlite::memory:` or `postgres://…`) and brings the schema
+    /// up to date. Replicas starting at once against one PostgreSQL take turns: the migrator holds
+    /// an advisory lock while it works.
+    pub async fn connect(url: &str) -> Result<Self, RegistryError> {
+        let engine = Engine::of_url(url)?;
+        sqlx::any::install_default_drivers();
+        let in_memory = engine == Engine::Sqlite && is_sqlite_in_memory(url);
+        let options = AnyPoolOptions::new().acquire_timeout(ACQUIRE_TIMEOUT);
+        let options = match engine {
+            // Each connection to `:memory:` would be a database of its own: keep exactly one,
+            // forever.
+            Engine::Sqlite if in_memory => {
+                options.max_connections(1).min_connections(1).idle_timeout(None).max_lifetime(None)
+            }
+            Engine::Sqlite => options.max_connections(SQLITE_MAX_CONNECTIONS),
+            Engine::Postgres => options.max_connections(POSTGRES_MAX_CONNECTIONS),
+        };
+        let pool = options.connect(url).await?;
+        if engine == Engine::Sqlite && !in_memory {
+            // Readers no longer block the writer; the mode is stored in the file.
+            sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await?;
+        }
+        migrate(&pool).await?;
+        Ok(Self { pool, engine, clock: Arc::new(Clock::default()) })
+    }
+
+    /// Succeeds when the database answers a trivial query (for `/readyz`).
+    pub async fn ping(&self) -> Result<(), RegistryError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// `"sqlite"` or `"postgres"`.
+    pub fn engine(&self) -> &'static str {
+        self.engine.name()
+    }
+
+    /// Closes the pool: waits for connections in use to come back, then closes them all. Every
+    /// clone of this registry is closed with it.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+}
+
+/// Runs the embedded migrations on a connection of its own. If they fail, that connection is
+/// closed rather than returned to the pool, so an advisory lock the migrator may still hold goes
+/// with it.
+async fn migrate(pool: &AnyPool) -> Result<(), RegistryError> {
+    let mut conn = pool.acquire().await?;
+    if let Err(error) = MIGRATOR.run(&mut *conn).await {
+        conn.close_on_drop();
+        return Err(error.into());
+    }
+    Ok(())
+}
+
+/// A stored time back as a UTC time.
+fn time_of(ms: i64) -> Result<DateTime<Utc>, RegistryError> {
+    DateTime::from_timestamp_millis(ms).ok_or_else(|| RegistryError::Corrupt(format!("time out of range: {ms}")))
+}
+
+fn optional_time_of(ms: Option<i64>) -> Result<Option<DateTime<Utc>>, RegistryError> {
+    ms.map(time_of).transpose()
+}
+
+/// A value as stored JSON text.
+fn json_text<T: serde::Serialize>(value: &T) -> Result<String, RegistryError> {
+    serde_json::to_string(value).map_err(|_| RegistryError::InvalidArgument("value cannot be encoded as JSON"))
+}
+
+/// Stored JSON text back as a value.
+fn from_json_text<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T, RegistryError> {
+    serde_json::from_str(text).map_err(|error| RegistryError::Corrupt(format!("{what}: {error}")))
+}
