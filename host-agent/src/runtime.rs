@@ -1,0 +1,671 @@
+//! The device runtime: resolve credentials (enroll on first run), hold the stream, run the calls
+//! pushed down it, post their results, reconnect with backoff, and stop cleanly.
+//!
+//! [`run`] is the whole life of `host-agent run` as a library function: the binary parses the
+//! command line, picks the signals that cancel `shutdown`, and maps the [`Outcome`] to an exit
+//! code. Tests drive [`run`] in-process with their own [`ToolRunner`].
+//!
+//! The rules it carries out:
+//! - Credentials are looked up under every `--server` origin; the first found is used (they
+//!   are valid cluster-wide). Without any, `--code` enrolls with the first server that answers
+//!   and the credentials are cached under every given origin.
+//! - Servers are tried in turn: every failed or dropped stream moves to the next one, after a
+//!   capped, fully jittered exponential delay ([`crate::backoff`]). A stream that stayed up for
+//!   a while resets the delay; a `reconnect` frame skips it (a pause of at most the base delay
+//!   keeps a whole replica's devices from landing on the next one in the same instant).
+//! - Two keepalive intervals without a byte mean the stream is dead: reconnect.
+//! - Each call runs on the blocking pool, tracked, so reading the stream never waits for a tool;
+//!   a call id seen before is not run again; a call past its deadline on arrival is not run;
+//!   one still running at its deadline is abandoned and nothing is posted for it.
+//! - Results are posted with the call's `traceparent`, retried briefly on connection errors
+//!   and 5xx, moving across the servers.
+//! - `superseded` ends the run ([`Outcome::Superseded`]); `revoked` or a 401 on connect deletes
+//!   the cached credentials and ends it ([`Outcome::Revoked`]); `shutdown` ends it after the
+//!   calls in hand are answered (bounded by the grace period).
+//!
+//! Not here: the tools and their scope ([`crate::tools`]), HTTP and SSE details
+//! ([`crate::transport`]), argument parsing ([`crate::config`]).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use protocol::{EnrollRequest, HostCall, HostResult, Manifest, ToolDescriptor};
+use reqwest::{Client, StatusCode, Url};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+use crate::backoff::Backoff;
+use crate::credentials::{origin_of, CredentialStore, Credentials, CredentialsError};
+use crate::dedup::RecentIds;
+use crate::transport::{self, Delivery, Frame, FrameStream, StreamItem, TransportError};
+
+/// Exit codes of the `host-agent` binary.
+pub mod exit_code {
+    /// A clean shutdown on SIGINT/SIGTERM; also a `call` whose result is `ok`.
+    pub const OK: i32 = 0;
+    /// Anything else that stops the agent (an unwritable credentials directory, a `call`
+    /// whose result is not `ok`).
+    pub const FAILURE: i32 = 1;
+    /// A usage error: bad flags, a bad server URL or root, no credentials and no `--code`.
+    pub const USAGE: i32 = 2;
+    /// Enrollment refused: the pairing code is unknown, expired or used (401), the request was
+    /// malformed (400), or too many attempts (429).
+    pub const ENROLLMENT_REFUSED: i32 = 3;
+    /// The device was revoked (a `revoked` frame or a 401 on connect); credentials deleted.
+    pub const REVOKED: i32 = 4;
+    /// Another process holds these credentials (a `superseded` frame).
+    pub const SUPERSEDED: i32 = 5;
+}
+
+/// The tools as the runtime sees them: implemented by [`crate::tools::Toolbox`].
+pub trait ToolRunner: Send + Sync + 'static {
+    fn descriptors(&self) -> Vec<ToolDescriptor>;
+    fn roots(&self) -> Vec<String>;
+    /// Runs one call to completion; blocking; never panics outward.
+    fn run(&self, call: &HostCall) -> HostResult;
+}
+
+impl ToolRunner for crate::tools::Toolbox {
+    fn descriptors(&self) -> Vec<ToolDescriptor> {
+        crate::tools::Toolbox::descriptors(self)
+    }
+
+    fn roots(&self) -> Vec<String> {
+        crate::tools::Toolbox::roots(self)
+    }
+
+    fn run(&self, call: &HostCall) -> HostResult {
+        crate::tools::Toolbox::run(self, call)
+    }
+}
+
+/// Everything [`run`] needs, already validated.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Base URLs, tried in turn; at least one.
+    pub servers: Vec<Url>,
+    /// The device's human label, sent at enrollment.
+    pub name: String,
+    /// The pairing code, used only when no credentials are cached.
+    pub code: Option<String>,
+    pub credentials_dir: PathBuf,
+    /// An extra PEM CA to trust.
+    pub ca_cert: Option<PathBuf>,
+    /// The server's keepalive interval; two of them without a byte mean a dead stream.
+    pub keepalive: Duration,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    /// How long a shutdown waits for the calls in hand.
+    pub shutdown_grace: Duration,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// `shutdown` was cancelled and the calls in hand were answered (or the grace ran out).
+    Shutdown,
+    /// The server revoked the device; the cached credentials were deleted.
+    Revoked,
+    /// A newer stream for this device opened elsewhere: another process holds the credentials.
+    Superseded,
+    /// Enrollment was refused; the text says why and what to do.
+    EnrollmentRefused(String),
+}
+
+impl Outcome {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Shutdown => exit_code::OK,
+            Self::Revoked => exit_code::REVOKED,
+            Self::Superseded => exit_code::SUPERSEDED,
+            Self::EnrollmentRefused(_) => exit_code::ENROLLMENT_REFUSED,
+        }
+    }
+}
+
+/// Why a run could not go on at all.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A configuration the user must fix (exit code 2).
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+}
+
+impl RunError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Usage(_) => exit_code::USAGE,
+            Self::Credentials(_) => exit_code::FAILURE,
+        }
+    }
+}
+
+/// The platform this agent reports (`linux`, `macos`, `windows`, ...).
+pub fn platform() -> String {
+    std::env::consts::OS.to_owned()
+}
+
+/// Runs the agent until `shutdown` is cancelled or the server ends it.
+pub async fn run(
+    config: AgentConfig,
+    tools: Arc<dyn ToolRunner>,
+    shutdown: CancellationToken,
+) -> Result<Outcome, RunError> {
+    if config.servers.is_empty() {
+        return Err(RunError::Usage("no server given: pass --server <url> or set PULSN_URL".into()));
+    }
+    let mut origins = Vec::new();
+    for server in &config.servers {
+        let origin =
+            origin_of(server).ok_or_else(|| RunError::Usage(format!("the server URL {server} has no host")))?;
+        if !origins.contains(&origin) {
+            origins.push(origin);
+        }
+    }
+    let client = transport::build_client(config.ca_cert.as_deref()).map_err(|e| RunError::Usage(e.to_string()))?;
+    let store = CredentialStore::new(&config.credentials_dir);
+
+    let credentials = match find_credentials(&store, &origins)? {
+        Some(found) => {
+            info!("using the cached credentials of device {} (from {})", found.device_id, store.dir().display());
+            found
+        }
+        None => {
+            let Some(code) = config.code.clone().filter(|c| !c.trim().is_empty()) else {
+                return Err(RunError::Usage(format!(
+                    "this device is not enrolled yet (no credentials in {} for {}): pass a pairing code with \
+                     --code <code> (or FUSION_HOST_CODE) on the first run",
+                    store.dir().display(),
+                    origins.join(", ")
+                )));
+            };
+            match enroll(&client, &config, &store, &origins, &code, &shutdown).await? {
+                Enrollment::Enrolled(credentials) => credentials,
+                Enrollment::Refused(why) => return Ok(Outcome::EnrollmentRefused(why)),
+                Enrollment::Cancelled => return Ok(Outcome::Shutdown),
+            }
+        }
+    };
+
+    let manifest = Manifest {
+        tools: tools.descriptors(),
+        roots: tools.roots(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        platform: platform(),
+    };
+    info!(
+        "host-agent {} serving {} tools over roots [{}]",
+        manifest.version,
+        manifest.tools.len(),
+        manifest.roots.join(", ")
+    );
+    let shared = Arc::new(Shared {
+        client,
+        servers: config.servers.clone(),
+        token: credentials.token.clone(),
+        device_id: credentials.device_id.clone(),
+        tools,
+        manifest,
+        recent: Mutex::new(RecentIds::default()),
+        abandon: CancellationToken::new(),
+    });
+    let tracker = TaskTracker::new();
+    let outcome = hold_stream(&shared, &config, &tracker, &shutdown).await;
+
+    match outcome {
+        Outcome::Revoked => {
+            shared.abandon.cancel();
+            forget_credentials(&store, &origins, &credentials.device_id);
+        }
+        Outcome::Superseded => {
+            error!(
+                "superseded: a newer stream for device {} opened elsewhere, so another process holds these \
+                 credentials; exiting",
+                credentials.device_id
+            );
+        }
+        _ => {}
+    }
+    tracker.close();
+    if !tracker.is_empty() {
+        info!("waiting up to {:?} for {} call(s) in hand", config.shutdown_grace, tracker.len());
+    }
+    if tokio::time::timeout(config.shutdown_grace, tracker.wait()).await.is_err() {
+        warn!("{} call(s) still running after the grace period; abandoned", tracker.len());
+    }
+    Ok(outcome)
+}
+
+/// What the calls share.
+struct Shared {
+    client: Client,
+    servers: Vec<Url>,
+    token: String,
+    device_id: String,
+    tools: Arc<dyn ToolRunner>,
+    manifest: Manifest,
+    recent: Mutex<RecentIds>,
+    /// Cancelled when the device is revoked: calls in hand are dropped unanswered.
+    abandon: CancellationToken,
+}
+
+fn find_credentials(store: &CredentialStore, origins: &[String]) -> Result<Option<Credentials>, CredentialsError> {
+    for origin in origins {
+        if let Some(found) = store.load(origin)? {
+            return Ok(Some(found));
+        }
+    }
+    Ok(None)
+}
+
+fn forget_credentials(store: &CredentialStore, origins: &[String], device_id: &str) {
+    for origin in origins {
+        match store.load(origin) {
+            Ok(Some(found)) if found.device_id != device_id => continue,
+            Ok(None) => continue,
+            _ => {}
+        }
+        match store.delete(origin) {
+            Ok(true) => info!("deleted the cached credentials {}", store.path_for(origin).display()),
+            Ok(false) => {}
+            Err(err) => error!("could not delete the revoked credentials: {err}"),
+        }
+    }
+}
+
+enum Enrollment {
+    Enrolled(Credentials),
+    Refused(String),
+    Cancelled,
+}
+
+/// Trades the pairing code with the first server that answers; caches the credentials under
+/// every origin. Retries (with backoff, across servers) only when no server answered.
+async fn enroll(
+    client: &Client,
+    config: &AgentConfig,
+    store: &CredentialStore,
+    origins: &[String],
+    code: &str,
+    shutdown: &CancellationToken,
+) -> Result<Enrollment, RunError> {
+    let request = EnrollRequest { code: code.trim().to_owned(), name: config.name.clone(), platform: Some(platform()) };
+    let mut backoff = Backoff::new(config.backoff_base, config.backoff_cap);
+    let mut index = 0usize;
+    loop {
+        let server = &config.servers[index % config.servers.len()];
+        info!("enrolling as {:?} with {server}", config.name);
+        let answer = tokio::select! {
+            answer = transport::enroll(client, server, &request) => answer,
+            () = shutdown.cancelled() => return Ok(Enrollment::Cancelled),
+        };
+        let err = match answer {
+            Ok(enrolled) => {
+                let enrolled_origin = origin_of(server).unwrap_or_else(|| server.to_string());
+                let mut saved = None;
+                for origin in origins {
+                    let credentials = Credentials {
+                        device_id: enrolled.device_id.clone(),
+                        token: enrolled.token.clone(),
+                        server: origin.clone(),
+                    };
+                    let path = store.save(&credentials)?;
+                    if *origin == enrolled_origin || saved.is_none() {
+                        saved = Some(path);
+                    }
+                }
+                let saved = saved.map(|p| p.display().to_string()).unwrap_or_default();
+                println!(
+                    "Enrolled this device.\n  name:        {}\n  device id:   {}\n  server:      {}\n  credentials: {}",
+                    config.name, enrolled.device_id, enrolled_origin, saved
+                );
+                info!("enrolled as device {} ({:?}) with {enrolled_origin}", enrolled.device_id, config.name);
+                return Ok(Enrollment::Enrolled(Credentials {
+                    device_id: enrolled.device_id,
+                    token: enrolled.token,
+                    server: enrolled_origin,
+                }));
+            }
+            Err(err) => err,
+        };
+        let said = err.server_message().unwrap_or_default().to_owned();
+        match err.status() {
+            Some(StatusCode::UNAUTHORIZED) => {
+                return Ok(Enrollment::Refused(format!(
+                    "enrollment refused by {server}: the pairing code is unknown, expired or already used ({said}). \
+                     Mint a new pairing code and run again with --code <code>"
+                )))
+            }
+            Some(StatusCode::TOO_MANY_REQUESTS) => {
+                return Ok(Enrollment::Refused(format!(
+                    "enrollment refused by {server}: too many enrollment attempts (429: {said}). Wait a few minutes, \
+                     then run again with a valid pairing code"
+                )))
+            }
+            Some(status) if status.is_client_error() => {
+                return Ok(Enrollment::Refused(format!(
+                    "enrollment refused by {server} ({status}): {said}. Check --code and --name"
+                )))
+            }
+            _ => {}
+        }
+        index += 1;
+        let delay = backoff.next_delay();
+        log_transport_failure(&format!("enrollment with {server} failed"), &err, delay);
+        if !sleep_or_shutdown(delay, shutdown).await {
+            return Ok(Enrollment::Cancelled);
+        }
+    }
+}
+
+fn log_transport_failure(what: &str, err: &TransportError, delay: Duration) {
+    if matches!(err, TransportError::UntrustedCertificate(_)) {
+        error!("{what}: {err}; retrying in {} ms", delay.as_millis());
+    } else {
+        warn!("{what}: {err}; retrying in {} ms", delay.as_millis());
+    }
+}
+
+/// False when `shutdown` fired first.
+async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(delay) => true,
+        () = shutdown.cancelled() => false,
+    }
+}
+
+/// How one stream ended.
+#[derive(Debug)]
+enum SessionEnd {
+    /// A `reconnect` frame: go now.
+    Reconnect,
+    Superseded,
+    /// A `revoked` frame, or 401 on connect.
+    Revoked,
+    /// Could not open the stream, or it broke, ended or fell silent.
+    Lost {
+        reason: String,
+        was_up: bool,
+        untrusted: bool,
+    },
+}
+
+/// Opens streams, one server after another, until one of them ends the run.
+async fn hold_stream(
+    shared: &Arc<Shared>,
+    config: &AgentConfig,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Outcome {
+    let mut backoff = Backoff::new(config.backoff_base, config.backoff_cap);
+    let mut index = 0usize;
+    loop {
+        let server_index = index % shared.servers.len();
+        let started = Instant::now();
+        let end = tokio::select! {
+            end = session(shared, server_index, config.keepalive * 2, tracker) => end,
+            () = shutdown.cancelled() => {
+                info!("shutting down: closing the stream");
+                return Outcome::Shutdown;
+            }
+        };
+        let server = &shared.servers[server_index];
+        index += 1;
+        let delay = match end {
+            SessionEnd::Superseded => return Outcome::Superseded,
+            SessionEnd::Revoked => return Outcome::Revoked,
+            SessionEnd::Reconnect => {
+                backoff.reset();
+                let pause = backoff.jitter_only();
+                info!("{server} asked this device to reconnect; reconnecting in {} ms", pause.as_millis());
+                pause
+            }
+            SessionEnd::Lost { reason, was_up, untrusted } => {
+                if was_up && started.elapsed() >= backoff.stable_after() {
+                    backoff.reset();
+                }
+                let delay = backoff.next_delay();
+                let what = if was_up { "lost the stream to" } else { "cannot open the stream to" };
+                if untrusted {
+                    error!("{what} {server}: {reason}; retrying in {} ms", delay.as_millis());
+                } else {
+                    warn!("{what} {server}: {reason}; reconnecting in {} ms", delay.as_millis());
+                }
+                delay
+            }
+        };
+        if !sleep_or_shutdown(delay, shutdown).await {
+            info!("shutting down");
+            return Outcome::Shutdown;
+        }
+    }
+}
+
+/// One stream: open it, read frames until it ends, dispatching calls as they come.
+async fn session(shared: &Arc<Shared>, server_index: usize, silence: Duration, tracker: &TaskTracker) -> SessionEnd {
+    let server = &shared.servers[server_index];
+    debug!("opening the stream at {server}");
+    let response = match transport::open_stream(&shared.client, server, &shared.token).await {
+        Ok(response) => response,
+        Err(err) if err.status() == Some(StatusCode::UNAUTHORIZED) => {
+            error!(
+                "{server} refused this device's token (401): the device was revoked or is unknown; \
+                 deleting the cached credentials"
+            );
+            return SessionEnd::Revoked;
+        }
+        Err(err) => {
+            let untrusted = matches!(err, TransportError::UntrustedCertificate(_));
+            return SessionEnd::Lost { reason: err.to_string(), was_up: false, untrusted };
+        }
+    };
+    let mut frames = FrameStream::from_response(response, silence);
+    let mut was_up = false;
+    loop {
+        let frame = match frames.next().await {
+            StreamItem::Frame(frame) => frame,
+            StreamItem::Silent => {
+                return SessionEnd::Lost {
+                    reason: format!("no keepalive for {} s, the stream is dead", silence.as_secs_f32()),
+                    was_up,
+                    untrusted: false,
+                }
+            }
+            StreamItem::Ended => {
+                return SessionEnd::Lost { reason: "the server closed the stream".into(), was_up, untrusted: false }
+            }
+            StreamItem::Failed(reason) => return SessionEnd::Lost { reason, was_up, untrusted: false },
+        };
+        match frame {
+            Frame::Ready(ready) => {
+                was_up = true;
+                match ready {
+                    Some(ready) => {
+                        if ready.device_id != shared.device_id {
+                            warn!(
+                                "{server} greets device {} but these credentials are device {}",
+                                ready.device_id, shared.device_id
+                            );
+                        }
+                        info!("connected to {server} as device {} (replica {})", shared.device_id, ready.replica);
+                    }
+                    None => info!("connected to {server} as device {}", shared.device_id),
+                }
+                send_manifest(shared, server_index);
+            }
+            Frame::Call(call) => {
+                was_up = true;
+                dispatch(shared, *call, server_index, tracker);
+            }
+            Frame::Reconnect(reason) => {
+                info!(
+                    "{server} is going away ({})",
+                    reason.map(|r| format!("{r:?}")).unwrap_or_else(|| "no reason".into())
+                );
+                return SessionEnd::Reconnect;
+            }
+            Frame::Superseded => return SessionEnd::Superseded,
+            Frame::Revoked => {
+                error!("{server} says this device was revoked; deleting the cached credentials");
+                return SessionEnd::Revoked;
+            }
+            Frame::Unknown(event) => debug!("ignoring an unknown {event:?} frame"),
+            Frame::Invalid { event, error } => warn!("skipping a {event} frame whose data is invalid: {error}"),
+        }
+    }
+}
+
+/// `PUT /api/host/manifest` in the background: the stream is read meanwhile.
+fn send_manifest(shared: &Arc<Shared>, server_index: usize) {
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        let server = &shared.servers[server_index];
+        match transport::put_manifest(&shared.client, server, &shared.token, &shared.manifest).await {
+            Ok(()) => info!("manifest sent to {server}: {} tools", shared.manifest.tools.len()),
+            Err(err) => warn!("could not send the manifest to {server}: {err}"),
+        }
+    });
+}
+
+/// Accepts a call from the stream: refuses duplicates and expired calls, runs the rest.
+fn dispatch(shared: &Arc<Shared>, call: HostCall, server_index: usize, tracker: &TaskTracker) {
+    let fresh = shared.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(&call.call_id);
+    if !fresh {
+        warn!("call {} {} is a duplicate: not run again", call.call_id, call.tool);
+        return;
+    }
+    if call.is_expired(Utc::now()) {
+        warn!("call {} {} arrived after its deadline: not run", call.call_id, call.tool);
+        return;
+    }
+    info!("call {} {} received{}", call.call_id, call.tool, if call.is_apply() { " (apply)" } else { "" });
+    tracker.spawn(run_call(Arc::clone(shared), call, server_index));
+}
+
+/// Time left until `deadline`, `None` without one, zero once passed.
+fn time_left(deadline: Option<DateTime<Utc>>) -> Option<Duration> {
+    deadline.map(|deadline| (deadline - Utc::now()).to_std().unwrap_or(Duration::ZERO))
+}
+
+async fn run_call(shared: Arc<Shared>, call: HostCall, server_index: usize) {
+    let started = Instant::now();
+    let tools = Arc::clone(&shared.tools);
+    let task_call = call.clone();
+    let work = tokio::task::spawn_blocking(move || tools.run(&task_call));
+    let at_deadline = async {
+        match time_left(call.deadline) {
+            Some(left) => tokio::time::sleep(left).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut result = tokio::select! {
+        joined = work => match joined {
+            Ok(result) => result,
+            Err(err) => HostResult::failure(&call.call_id, format!("the tool {} failed unexpectedly: {err}", call.tool)),
+        },
+        () = at_deadline => {
+            warn!("call {} {} abandoned: still running at its deadline, no result is sent", call.call_id, call.tool);
+            return;
+        }
+        () = shared.abandon.cancelled() => {
+            warn!("call {} {} abandoned: the device was revoked", call.call_id, call.tool);
+            return;
+        }
+    };
+    result.call_id.clone_from(&call.call_id);
+    let ms = started.elapsed().as_millis();
+    match (&result.error, result.ok, result.is_proposal()) {
+        (_, true, true) => info!("call {} {} proposal in {ms} ms", call.call_id, call.tool),
+        (_, true, false) => info!("call {} {} ok in {ms} ms", call.call_id, call.tool),
+        (error, false, _) => info!(
+            "call {} {} failed in {ms} ms: {}",
+            call.call_id,
+            call.tool,
+            error.as_deref().unwrap_or("no reason given")
+        ),
+    }
+    deliver(&shared, result, call.traceparent.as_deref(), server_index, call.deadline).await;
+}
+
+/// Attempts at posting one result before giving up.
+const POST_ATTEMPTS: usize = 5;
+
+/// Posts a result, retrying connection errors and 5xx across the servers, never after the
+/// call's deadline.
+async fn deliver(
+    shared: &Shared,
+    mut result: HostResult,
+    traceparent: Option<&str>,
+    first_server: usize,
+    deadline: Option<DateTime<Utc>>,
+) {
+    let id = result.call_id.clone();
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    let mut shrunk = false;
+    let mut attempt = 0usize;
+    while attempt < POST_ATTEMPTS {
+        if time_left(deadline) == Some(Duration::ZERO) {
+            warn!("result of call {id} not sent: its deadline passed");
+            return;
+        }
+        let server = &shared.servers[(first_server + attempt) % shared.servers.len()];
+        attempt += 1;
+        let err = match transport::post_result(&shared.client, server, &shared.token, &result, traceparent).await {
+            Ok(Delivery::Delivered) => {
+                info!("result of call {id} delivered");
+                return;
+            }
+            Ok(Delivery::NotPending) => {
+                warn!("result of call {id} not delivered: the server no longer waits for it (answered, timed out or unknown)");
+                return;
+            }
+            Err(err) => err,
+        };
+        if err.status() == Some(StatusCode::PAYLOAD_TOO_LARGE) && !shrunk {
+            warn!("result of call {id} is larger than {server} accepts; sending a failure instead");
+            result = HostResult::failure(&id, "the result is larger than the server accepts");
+            shrunk = true;
+            attempt -= 1;
+            continue;
+        }
+        if !err.is_transient() {
+            warn!("result of call {id} refused: {err}");
+            return;
+        }
+        if attempt < POST_ATTEMPTS {
+            let delay = backoff.next_delay();
+            warn!("posting the result of call {id} failed: {err}; retrying in {} ms", delay.as_millis());
+            tokio::time::sleep(delay).await;
+        } else {
+            warn!("posting the result of call {id} failed: {err}; giving up after {POST_ATTEMPTS} attempts");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_map_to_the_contract_exit_codes() {
+        assert_eq!(Outcome::Shutdown.exit_code(), 0);
+        assert_eq!(Outcome::EnrollmentRefused(String::new()).exit_code(), 3);
+        assert_eq!(Outcome::Revoked.exit_code(), 4);
+        assert_eq!(Outcome::Superseded.exit_code(), 5);
+        assert_eq!(RunError::Usage(String::new()).exit_code(), 2);
+    }
+
+    #[test]
+    fn time_left_is_zero_once_passed() {
+        assert_eq!(time_left(None), None);
+        assert_eq!(time_left(Some(Utc::now() - chrono::Duration::seconds(5))), Some(Duration::ZERO));
+        let left = time_left(Some(Utc::now() + chrono::Duration::seconds(60))).expect("some");
+        assert!(left > Duration::from_secs(58) && left <= Duration::from_secs(60));
+    }
+}
