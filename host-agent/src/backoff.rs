@@ -17,6 +17,8 @@ use rand::Rng;
 pub const DEFAULT_BASE: Duration = Duration::from_millis(250);
 /// Default largest delay.
 pub const DEFAULT_CAP: Duration = Duration::from_secs(30);
+/// Largest pause before answering a `reconnect` frame.
+pub const RECONNECT_JITTER: Duration = Duration::from_millis(250);
 
 /// The delay window after `attempt` consecutive failures (0-based): `min(cap, base * 2^attempt)`.
 pub fn window(base: Duration, cap: Duration, attempt: u32) -> Duration {
@@ -68,11 +70,12 @@ impl Backoff {
         self.cap.max(Duration::from_secs(10))
     }
 
-    /// A short random pause in `[0, base]`: used where the protocol says "go now" (a
-    /// `reconnect` frame), so a whole replica's devices do not land on the next one at once.
+    /// A short random pause in `[0, min(base, 250 ms)]`: used where the protocol says "go now"
+    /// (a `reconnect` frame), so a whole replica's devices do not land on the next one in the
+    /// same instant.
     pub fn jitter_only(&self) -> Duration {
         let unit: f64 = rand::rng().random_range(0.0..=1.0);
-        self.base.mul_f64(unit)
+        self.base.min(RECONNECT_JITTER).mul_f64(unit)
     }
 }
 
@@ -156,5 +159,13 @@ mod tests {
         let mut backoff = Backoff::new(MS(500), MS(100));
         assert!(backoff.next_delay() <= MS(100));
         assert!(backoff.jitter_only() <= MS(100));
+    }
+
+    #[test]
+    fn going_now_waits_at_most_a_quarter_second() {
+        let backoff = Backoff::new(MS(5000), MS(60_000));
+        for _ in 0..100 {
+            assert!(backoff.jitter_only() <= RECONNECT_JITTER);
+        }
     }
 }
