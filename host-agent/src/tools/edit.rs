@@ -1,0 +1,399 @@
+//! The mutations of file content: write_file, edit_file, append_file, and the atomic install of
+//! a file's new content that `tree` (copy) shares.
+//!
+//! Each observes its target (content hash, or absence), proposes a unified diff, and on apply
+//! writes beneath the target's parent directory handle: new content goes to a temporary file in
+//! the same directory, then is renamed over the target, or hard-linked to a name that must still
+//! be free, so readers never see half a file and an absent target is never overwritten. Does not:
+//! create, move, copy or delete trees (`tree`).
+
+use std::ffi::OsStr;
+use std::io::{self, Read, Write};
+
+use cap_std::fs::{Dir, OpenOptions, Permissions};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::state::{observe, text_diff, Depth, Observation, Preconditions, State, DIFF_LIMIT};
+use super::{to_json, Change, Context, Mutation, Tool, ToolError};
+use crate::scope::{open_checked, ScopedPath};
+
+/// edit_file refuses files larger than this.
+pub const EDIT_LIMIT: usize = 8 << 20;
+
+/// How [`install`] puts the new file in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Install {
+    /// Rename over the existing name.
+    Replace,
+    /// Link to the name, failing if anything holds it by then.
+    CreateNew,
+}
+
+/// Writes `content` to `name` in `dir` through a temporary file beside it, then puts it in place.
+/// The temporary is removed on any failure. `AlreadyExists` means the name was taken meanwhile.
+pub fn install(
+    dir: &Dir,
+    name: &OsStr,
+    content: &mut dyn Read,
+    how: Install,
+    permissions: Option<Permissions>,
+) -> io::Result<u64> {
+    let temporary = super::state::temporary_name(name);
+    let mut file = dir.open_with(&temporary, OpenOptions::new().write(true).create_new(true))?;
+    let result = (|| {
+        let written = io::copy(content, &mut file)?;
+        if let Some(permissions) = permissions {
+            file.set_permissions(permissions)?;
+        }
+        file.sync_all()?;
+        match how {
+            Install::Replace => dir.rename(&temporary, dir, name)?,
+            Install::CreateNew => match dir.hard_link(&temporary, dir, name) {
+                Ok(()) => dir.remove_file(&temporary)?,
+                Err(error) if error.kind() == io::ErrorKind::AlreadyExists => return Err(error),
+                // A filesystem without hard links: check, then rename (a narrow window remains).
+                Err(_) => {
+                    if dir.symlink_metadata(name).is_ok() {
+                        return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+                    }
+                    dir.rename(&temporary, dir, name)?;
+                }
+            },
+        }
+        Ok(written)
+    })();
+    if result.is_err() {
+        let _ = dir.remove_file(&temporary);
+    }
+    result
+}
+
+/// Creates the missing parent directories of `path`, beneath its root.
+pub fn ensure_parent(ctx: &Context, path: &ScopedPath) -> Result<(), ToolError> {
+    match path.parent() {
+        Some(parent) if !parent.is_root() => {
+            ctx.scope.root_dir(path).create_dir_all(parent.rel()).map_err(ctx.io(&parent))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Checks that the parent of `path` is a directory, or says that the apply will create it.
+pub fn parent_note(ctx: &Context, path: &ScopedPath) -> Result<&'static str, ToolError> {
+    let Some(parent) = path.parent() else {
+        return Err(ToolError::Refused("a root itself cannot be replaced".to_owned()));
+    };
+    match ctx.scope.metadata(&parent) {
+        Ok(metadata) if metadata.is_dir() => Ok(""),
+        Ok(_) => Err(ToolError::Refused(format!("{} is not a directory", ctx.scope.display(&parent)))),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok("; creates the missing parent directories"),
+        Err(error) => Err(ctx.io(&parent)(error)),
+    }
+}
+
+/// Maps an install failure: a name taken meanwhile is a changed target.
+pub fn install_error<'a>(ctx: &'a Context, path: &'a ScopedPath) -> impl Fn(io::Error) -> ToolError + 'a {
+    move |error| {
+        if error.kind() == io::ErrorKind::AlreadyExists {
+            ToolError::Changed(format!("{} appeared since the proposal", ctx.scope.display(path)))
+        } else {
+            ctx.io(path)(error)
+        }
+    }
+}
+
+/// Writes `bytes` as the new content of `path`, whose verified state is `state`.
+fn write_content(ctx: &Context, path: &ScopedPath, state: &State, bytes: &[u8]) -> Result<u64, ToolError> {
+    let how = match state {
+        State::Absent => Install::CreateNew,
+        State::File { .. } => Install::Replace,
+        other => return Err(not_a_file(ctx, path, other)),
+    };
+    ensure_parent(ctx, path)?;
+    let (dir, name) = ctx.scope.open_parent(path).map_err(ctx.io(path))?;
+    let permissions = match how {
+        Install::Replace => dir.symlink_metadata(&name).ok().map(|metadata| metadata.permissions()),
+        Install::CreateNew => None,
+    };
+    install(&dir, &name, &mut &bytes[..], how, permissions).map_err(install_error(ctx, path))
+}
+
+fn not_a_file(ctx: &Context, path: &ScopedPath, state: &State) -> ToolError {
+    let what = match state {
+        State::Dir { .. } => "is a directory",
+        State::Symlink { .. } => "is a symlink (name the file it points to instead)",
+        _ => "is not a regular file",
+    };
+    ToolError::Refused(format!("{} {what}", ctx.scope.display(path)))
+}
+
+/// Requires a file that exists, or refuses.
+fn existing_file(ctx: &Context, path: &ScopedPath, state: &State) -> Result<(), ToolError> {
+    match state {
+        State::File { .. } => Ok(()),
+        State::Absent => Err(ToolError::Refused(format!("{} does not exist", ctx.scope.display(path)))),
+        other => Err(not_a_file(ctx, path, other)),
+    }
+}
+
+/// A file (absent or regular) to be written: refuses anything else.
+fn writable(ctx: &Context, path: &ScopedPath, state: &State) -> Result<(), ToolError> {
+    match state {
+        State::Absent | State::File { .. } => Ok(()),
+        other => Err(not_a_file(ctx, path, other)),
+    }
+}
+
+/// The diff of a content change, when the old content was kept (small text) or absent.
+fn content_diff(ctx: &Context, path: &ScopedPath, observed: &Observation, new: &[u8]) -> Option<String> {
+    let old = match observed.state() {
+        State::Absent => None,
+        _ => Some(observed.content.as_deref()?),
+    };
+    text_diff(&ctx.scope.display(path), old, Some(new))
+}
+
+fn target(observed: &Observation) -> Preconditions {
+    Preconditions { target: Some(observed.condition.clone()), ..Default::default() }
+}
+
+#[derive(Serialize)]
+struct Applied {
+    applied: bool,
+    path: String,
+    bytes: u64,
+}
+
+fn applied(ctx: &Context, path: &ScopedPath, bytes: u64) -> Result<Value, ToolError> {
+    to_json(&Applied { applied: true, path: ctx.scope.display(path), bytes })
+}
+
+/// Create or overwrite a file with the given text.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WriteFile {
+    /// The file: relative to the first root, or absolute inside a root. Missing parent
+    /// directories are created.
+    pub path: String,
+    /// The complete new content.
+    pub content: String,
+}
+
+impl Tool for WriteFile {
+    const NAME: &'static str = "write_file";
+    const DESCRIPTION: &'static str = "Create or overwrite a text file (missing parent directories are created). Proposes a unified diff; the apply writes atomically and only if the file is still as proposed.";
+}
+
+impl Mutation for WriteFile {
+    type Snapshot = (ScopedPath, Observation);
+
+    fn observe(&self, ctx: &Context) -> Result<(Preconditions, Self::Snapshot), ToolError> {
+        let path = ctx.scope.resolve(&self.path)?;
+        let observed = observe(ctx, &path, Depth::Shallow, DIFF_LIMIT)?;
+        Ok((target(&observed), (path, observed)))
+    }
+
+    fn plan(&self, ctx: &Context, (path, observed): &Self::Snapshot) -> Result<Change, ToolError> {
+        writable(ctx, path, observed.state())?;
+        let note = parent_note(ctx, path)?;
+        let shown = ctx.scope.display(path);
+        let new = self.content.len();
+        let summary = match observed.state() {
+            State::File { size, .. } => format!("Overwrite {shown} ({size} → {new} bytes){note}"),
+            _ => format!("Create {shown} ({new} bytes){note}"),
+        };
+        Ok(Change { summary, diff: content_diff(ctx, path, observed, self.content.as_bytes()) })
+    }
+
+    fn apply(&self, ctx: &Context, (path, observed): Self::Snapshot) -> Result<Value, ToolError> {
+        writable(ctx, &path, observed.state())?;
+        let bytes = write_content(ctx, &path, observed.state(), self.content.as_bytes())?;
+        applied(ctx, &path, bytes)
+    }
+}
+
+/// Replace exact text in a file.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EditFile {
+    /// The file: relative to the first root, or absolute inside a root.
+    pub path: String,
+    /// Applied in order; each `find` must occur exactly once in the text as the earlier edits left it.
+    #[schemars(length(min = 1))]
+    pub edits: Vec<Edit>,
+}
+
+/// One exact-text replacement.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Edit {
+    /// The exact text to find (not a pattern); must occur exactly once.
+    pub find: String,
+    /// The text to put in its place.
+    pub replace: String,
+}
+
+impl Tool for EditFile {
+    const NAME: &'static str = "edit_file";
+    const DESCRIPTION: &'static str = "Edit a UTF-8 text file (up to 8 MiB) by exact find/replace pairs, applied in order; each `find` must occur exactly once. Proposes a unified diff; the apply re-checks the file's hash and the finds, then writes atomically.";
+}
+
+impl EditFile {
+    /// The edited text, or why the edits do not apply.
+    fn edited(&self, ctx: &Context, path: &ScopedPath, observed: &Observation) -> Result<String, ToolError> {
+        existing_file(ctx, path, observed.state())?;
+        let shown = ctx.scope.display(path);
+        let content = observed.content.as_deref().ok_or_else(|| {
+            ToolError::Refused(format!("{shown} is larger than {EDIT_LIMIT} bytes: too large to edit"))
+        })?;
+        let mut text = std::str::from_utf8(content)
+            .map_err(|_| ToolError::Refused(format!("{shown} is not UTF-8 text")))?
+            .to_owned();
+        if self.edits.is_empty() {
+            return Err(ToolError::Refused("edits is empty".to_owned()));
+        }
+        let count = self.edits.len();
+        for (index, edit) in self.edits.iter().enumerate() {
+            let which = format!("edit {} of {count}", index + 1);
+            if edit.find.is_empty() {
+                return Err(ToolError::Refused(format!("{which}: `find` is empty")));
+            }
+            let at = match occurrences(&text, &edit.find) {
+                (0, _) => {
+                    return Err(ToolError::Refused(format!(
+                        "{which}: `find` {} is not in {shown}",
+                        snippet(&edit.find)
+                    )))
+                }
+                (1, Some(at)) => at,
+                _ => {
+                    return Err(ToolError::Refused(format!(
+                        "{which}: `find` {} occurs more than once in {shown}; include more surrounding text",
+                        snippet(&edit.find)
+                    )))
+                }
+            };
+            text.replace_range(at..at + edit.find.len(), &edit.replace);
+        }
+        Ok(text)
+    }
+}
+
+/// How many times `needle` occurs in `haystack`, overlaps included (counting stops at 2), and where
+/// the first occurrence starts.
+fn occurrences(haystack: &str, needle: &str) -> (usize, Option<usize>) {
+    let Some(first) = haystack.find(needle) else {
+        return (0, None);
+    };
+    let next_start = first + haystack[first..].chars().next().map_or(1, char::len_utf8);
+    let again = haystack[next_start..].contains(needle);
+    (if again { 2 } else { 1 }, Some(first))
+}
+
+fn snippet(text: &str) -> String {
+    let short: String = text.chars().take(60).collect();
+    if short.len() < text.len() {
+        format!("{short:?}…")
+    } else {
+        format!("{short:?}")
+    }
+}
+
+impl Mutation for EditFile {
+    type Snapshot = (ScopedPath, Observation);
+
+    fn observe(&self, ctx: &Context) -> Result<(Preconditions, Self::Snapshot), ToolError> {
+        let path = ctx.scope.resolve(&self.path)?;
+        let observed = observe(ctx, &path, Depth::Shallow, EDIT_LIMIT)?;
+        Ok((target(&observed), (path, observed)))
+    }
+
+    fn plan(&self, ctx: &Context, (path, observed): &Self::Snapshot) -> Result<Change, ToolError> {
+        let text = self.edited(ctx, path, observed)?;
+        let summary = format!(
+            "Edit {} ({} replacement{})",
+            ctx.scope.display(path),
+            self.edits.len(),
+            if self.edits.len() == 1 { "" } else { "s" }
+        );
+        Ok(Change { summary, diff: content_diff(ctx, path, observed, text.as_bytes()) })
+    }
+
+    fn apply(&self, ctx: &Context, (path, observed): Self::Snapshot) -> Result<Value, ToolError> {
+        let text = self.edited(ctx, &path, &observed)?;
+        let bytes = write_content(ctx, &path, observed.state(), text.as_bytes())?;
+        applied(ctx, &path, bytes)
+    }
+}
+
+/// Append text to a file, creating it if needed.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AppendFile {
+    /// The file: relative to the first root, or absolute inside a root. Created (with missing
+    /// parent directories) when absent.
+    pub path: String,
+    /// The text to add at the end.
+    pub content: String,
+}
+
+impl Tool for AppendFile {
+    const NAME: &'static str = "append_file";
+    const DESCRIPTION: &'static str = "Append text to the end of a file, creating it (and missing parent directories) when absent. Proposes a unified diff; the apply appends only if the file is still as proposed.";
+}
+
+impl Mutation for AppendFile {
+    type Snapshot = (ScopedPath, Observation);
+
+    fn observe(&self, ctx: &Context) -> Result<(Preconditions, Self::Snapshot), ToolError> {
+        let path = ctx.scope.resolve(&self.path)?;
+        let observed = observe(ctx, &path, Depth::Shallow, DIFF_LIMIT)?;
+        Ok((target(&observed), (path, observed)))
+    }
+
+    fn plan(&self, ctx: &Context, (path, observed): &Self::Snapshot) -> Result<Change, ToolError> {
+        writable(ctx, path, observed.state())?;
+        let note = parent_note(ctx, path)?;
+        let shown = ctx.scope.display(path);
+        let added = self.content.len();
+        let (summary, new) = match observed.state() {
+            State::File { size, .. } => {
+                let new = observed.content.as_ref().map(|old| [old.as_slice(), self.content.as_bytes()].concat());
+                (format!("Append {added} bytes to {shown} ({size} bytes)"), new)
+            }
+            _ => (format!("Create {shown} ({added} bytes){note}"), Some(self.content.clone().into_bytes())),
+        };
+        let diff = new.and_then(|new| content_diff(ctx, path, observed, &new));
+        Ok(Change { summary, diff })
+    }
+
+    fn apply(&self, ctx: &Context, (path, observed): Self::Snapshot) -> Result<Value, ToolError> {
+        writable(ctx, &path, observed.state())?;
+        if observed.state() == &State::Absent {
+            let bytes = write_content(ctx, &path, observed.state(), self.content.as_bytes())?;
+            return applied(ctx, &path, bytes);
+        }
+        let io_error = ctx.io(&path);
+        let (dir, name) = ctx.scope.open_parent(&path).map_err(&io_error)?;
+        let mut file = open_checked(&dir, name.as_ref(), OpenOptions::new().append(true)).map_err(&io_error)?;
+        file.write_all(self.content.as_bytes()).map_err(&io_error)?;
+        file.sync_all().map_err(&io_error)?;
+        applied(ctx, &path, self.content.len() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn occurrences_count_overlaps() {
+        assert_eq!(occurrences("abc", "b"), (1, Some(1)));
+        assert_eq!(occurrences("aaa", "aa"), (2, Some(0)));
+        assert_eq!(occurrences("abab", "ab"), (2, Some(0)));
+        assert_eq!(occurrences("xyz", "q"), (0, None));
+        assert_eq!(occurrences("é-é", "é"), (2, Some(0)));
+    }
+}

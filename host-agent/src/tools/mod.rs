@@ -1,0 +1,337 @@
+//! The built-in tools: the [`Toolbox`] the runtime holds, the registry of the 16 tools, and the
+//! one entry point that turns a [`HostCall`] into a [`HostResult`].
+//!
+//! A tool is a value: a serde input type (`deny_unknown_fields`) whose JSON Schema is derived from
+//! the same type with schemars, so the published schema and the validation cannot drift, plus the
+//! code that runs it. Reads and actions implement [`Immediate`]; mutations implement [`Mutation`]
+//! (observe the targets, plan touching nothing, apply after the preconditions are verified again).
+//!
+//! Layout:
+//! - `inspect`: list_directory, read_file, stat, disk_usage, hash_file.
+//! - `search`: glob, grep.
+//! - `edit`: write_file, edit_file, append_file (content mutations).
+//! - `tree`: create_directory, move, copy, delete (structure mutations).
+//! - `action`: open_path, reveal_in_os (named commands, never a shell).
+//! - `state`: preconditions, content hashing, tree digests, diffs.
+//! - `walk`: bounded walks that never follow symlinks.
+//!
+//! Does not: resolve or refuse paths (`crate::scope`), talk to the server, dedupe calls or enforce
+//! deadlines (the runtime does; it calls [`Toolbox::run`] on a blocking thread).
+
+mod action;
+mod edit;
+mod inspect;
+mod search;
+mod state;
+mod tree;
+mod walk;
+
+use std::io;
+use std::panic::{self, AssertUnwindSafe};
+use std::path::PathBuf;
+
+use protocol::{HostCall, HostResult, Plan, ToolClass, ToolDescriptor};
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::Value;
+
+pub use action::{Commands, Launcher, ENV_OPENER, ENV_REVEALER};
+pub use state::{Condition, Preconditions, State};
+
+use crate::scope::{is_escape, Scope, ScopeError, ScopedPath};
+
+/// Why a call failed. Its `Display` is the `error` text of the [`HostResult`].
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    #[error("unknown tool `{0}`")]
+    UnknownTool(String),
+    #[error("invalid input for {tool}: {message}")]
+    InvalidInput { tool: &'static str, message: String },
+    #[error(transparent)]
+    Scope(#[from] ScopeError),
+    #[error("{path}: {}", describe_io(.source))]
+    Io {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The call is well-formed but cannot be done as asked (a directory where a file is needed…).
+    #[error("{0}")]
+    Refused(String),
+    #[error("an apply needs the preconditions of its proposal")]
+    MissingPreconditions,
+    #[error("the target changed since the proposal: {0}")]
+    Changed(String),
+    #[error("the tool failed unexpectedly: {0}")]
+    Panicked(String),
+}
+
+fn describe_io(error: &io::Error) -> String {
+    if is_escape(error) {
+        "refused: it leads outside the allowed roots".to_owned()
+    } else {
+        error.to_string()
+    }
+}
+
+/// What a tool runs with: the scope and the commands the actions start.
+pub(crate) struct Context {
+    pub scope: Scope,
+    pub commands: Commands,
+}
+
+impl Context {
+    /// Maps an I/O error on `path` to a [`ToolError`] that names the path in display form.
+    pub fn io(&self, path: &ScopedPath) -> impl Fn(io::Error) -> ToolError + '_ {
+        let shown = self.scope.display(path);
+        move |source| ToolError::Io { path: shown.clone(), source }
+    }
+
+    /// Resolves a path from the input, or the first root when it is absent.
+    pub fn resolve_or_root(&self, path: Option<&str>) -> Result<ScopedPath, ToolError> {
+        Ok(self.scope.resolve(path.unwrap_or("."))?)
+    }
+}
+
+/// The common part of every tool: its input type names it and describes it.
+pub(crate) trait Tool: DeserializeOwned + JsonSchema {
+    const NAME: &'static str;
+    const DESCRIPTION: &'static str;
+}
+
+/// A read or an action: runs on arrival, whatever the call's mode.
+pub(crate) trait Immediate: Tool {
+    const CLASS: ToolClass;
+    fn run(self, ctx: &Context) -> Result<Value, ToolError>;
+}
+
+/// What a proposal says beyond its preconditions.
+pub(crate) struct Change {
+    pub summary: String,
+    pub diff: Option<String>,
+}
+
+/// A mutation: proposes in `auto` mode, changes the disk only in `apply` mode.
+pub(crate) trait Mutation: Tool {
+    /// What [`Mutation::observe`] read that planning and applying need (old content…).
+    type Snapshot;
+    /// Reads the current state of every target, touching nothing. Never fails because a target
+    /// has the wrong shape (absent, a directory…): that is part of the state, judged by `plan`.
+    fn observe(&self, ctx: &Context) -> Result<(Preconditions, Self::Snapshot), ToolError>;
+    /// Works out the change from what was observed, touching nothing; refuses what cannot be done.
+    fn plan(&self, ctx: &Context, snapshot: &Self::Snapshot) -> Result<Change, ToolError>;
+    /// Carries out the change. Called only once a fresh observation equals the proposal's.
+    fn apply(&self, ctx: &Context, snapshot: Self::Snapshot) -> Result<Value, ToolError>;
+}
+
+enum Outcome {
+    Done(Value),
+    Proposal(Value),
+}
+
+struct Entry {
+    name: &'static str,
+    description: &'static str,
+    class: ToolClass,
+    schema: fn() -> Value,
+    run: fn(&Context, &HostCall) -> Result<Outcome, ToolError>,
+}
+
+const fn immediate<T: Immediate>() -> Entry {
+    Entry {
+        name: T::NAME,
+        description: T::DESCRIPTION,
+        class: T::CLASS,
+        schema: schema_of::<T>,
+        run: run_immediate::<T>,
+    }
+}
+
+const fn mutation<T: Mutation>() -> Entry {
+    Entry {
+        name: T::NAME,
+        description: T::DESCRIPTION,
+        class: ToolClass::Mutate,
+        schema: schema_of::<T>,
+        run: run_mutation::<T>,
+    }
+}
+
+static ENTRIES: [Entry; 16] = [
+    immediate::<inspect::ListDirectory>(),
+    immediate::<inspect::ReadFile>(),
+    immediate::<inspect::Stat>(),
+    immediate::<search::Glob>(),
+    immediate::<search::Grep>(),
+    immediate::<inspect::DiskUsage>(),
+    immediate::<inspect::HashFile>(),
+    mutation::<edit::WriteFile>(),
+    mutation::<edit::EditFile>(),
+    mutation::<edit::AppendFile>(),
+    mutation::<tree::CreateDirectory>(),
+    mutation::<tree::Move>(),
+    mutation::<tree::Copy>(),
+    mutation::<tree::Delete>(),
+    immediate::<action::OpenPath>(),
+    immediate::<action::RevealInOs>(),
+];
+
+/// The input's JSON Schema, derived from the same type serde validates with.
+fn schema_of<T: JsonSchema>() -> Value {
+    let generator = schemars::generate::SchemaSettings::draft2020_12()
+        .with(|settings| {
+            settings.inline_subschemas = true;
+            settings.meta_schema = None;
+        })
+        .into_generator();
+    generator.into_root_schema_for::<T>().to_value()
+}
+
+fn parse_input<T: Tool>(call: &HostCall) -> Result<T, ToolError> {
+    T::deserialize(&call.input).map_err(|error| ToolError::InvalidInput { tool: T::NAME, message: error.to_string() })
+}
+
+fn run_immediate<T: Immediate>(ctx: &Context, call: &HostCall) -> Result<Outcome, ToolError> {
+    parse_input::<T>(call)?.run(ctx).map(Outcome::Done)
+}
+
+fn run_mutation<T: Mutation>(ctx: &Context, call: &HostCall) -> Result<Outcome, ToolError> {
+    let input = parse_input::<T>(call)?;
+    if call.is_apply() {
+        let expected = call.preconditions.as_ref().ok_or(ToolError::MissingPreconditions)?;
+        let expected = Preconditions::deserialize(expected)
+            .map_err(|error| ToolError::InvalidInput { tool: T::NAME, message: format!("preconditions: {error}") })?;
+        let (current, snapshot) = input.observe(ctx)?;
+        expected.verify(&current)?;
+        input.apply(ctx, snapshot).map(Outcome::Done)
+    } else {
+        let (preconditions, snapshot) = input.observe(ctx)?;
+        let change = input.plan(ctx, &snapshot)?;
+        let plan = Plan {
+            tool: T::NAME.to_owned(),
+            summary: change.summary,
+            diff: change.diff,
+            preconditions: to_json(&preconditions)?,
+        };
+        Ok(Outcome::Proposal(to_json(&plan)?))
+    }
+}
+
+/// Serializes a tool's output; our own types always serialize, so a failure is reported, not hidden.
+pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> Result<Value, ToolError> {
+    serde_json::to_value(value).map_err(|error| ToolError::Refused(format!("cannot encode the result: {error}")))
+}
+
+/// The built-in tools over a set of roots. `Send + Sync`; share it in an `Arc`.
+pub struct Toolbox {
+    ctx: Context,
+}
+
+impl std::fmt::Debug for Toolbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Toolbox").field("scope", &self.ctx.scope).finish_non_exhaustive()
+    }
+}
+
+impl Toolbox {
+    /// Opens each root as a directory handle (`cap_std::fs::Dir`); an error if a root is missing or
+    /// not a directory. The actions' commands come from [`Commands::from_env`].
+    pub fn new(roots: &[PathBuf]) -> Result<Self, ScopeError> {
+        Ok(Self { ctx: Context { scope: Scope::open(roots)?, commands: Commands::from_env() } })
+    }
+
+    /// Replaces the commands `open_path` and `reveal_in_os` start.
+    pub fn with_commands(mut self, commands: Commands) -> Self {
+        self.ctx.commands = commands;
+        self
+    }
+
+    /// The scope every path goes through.
+    pub fn scope(&self) -> &Scope {
+        &self.ctx.scope
+    }
+
+    /// The 16 built-in tools, each with the JSON Schema of its input.
+    pub fn descriptors(&self) -> Vec<ToolDescriptor> {
+        ENTRIES
+            .iter()
+            .map(|entry| ToolDescriptor {
+                name: entry.name.to_owned(),
+                description: entry.description.to_owned(),
+                input_schema: (entry.schema)(),
+                class: entry.class,
+            })
+            .collect()
+    }
+
+    /// The class of a built-in tool, or `None` for an unknown name.
+    pub fn class_of(&self, tool: &str) -> Option<ToolClass> {
+        ENTRIES.iter().find(|entry| entry.name == tool).map(|entry| entry.class)
+    }
+
+    /// The roots in display form.
+    pub fn roots(&self) -> Vec<String> {
+        self.ctx.scope.roots_display()
+    }
+
+    /// Runs one call to completion (blocking filesystem I/O: call it on a blocking thread).
+    ///
+    /// Never panics outward: an unknown tool, invalid input, a scope violation, an I/O error or a
+    /// panic inside a tool all become `ok: false` with a message. In `auto` mode (or no mode) reads
+    /// and actions run and a mutation answers its proposal, touching nothing; in `apply` mode a
+    /// mutation first checks the call's preconditions and changes nothing if they no longer hold.
+    pub fn run(&self, call: &HostCall) -> HostResult {
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| self.dispatch(call)))
+            .unwrap_or_else(|payload| Err(ToolError::Panicked(panic_message(payload.as_ref()))));
+        match outcome {
+            Ok(Outcome::Done(result)) => HostResult::success(&call.call_id, result),
+            Ok(Outcome::Proposal(plan)) => HostResult::proposal(&call.call_id, plan),
+            Err(error) => HostResult::failure(&call.call_id, error.to_string()),
+        }
+    }
+
+    fn dispatch(&self, call: &HostCall) -> Result<Outcome, ToolError> {
+        let entry = ENTRIES
+            .iter()
+            .find(|entry| entry.name == call.tool)
+            .ok_or_else(|| ToolError::UnknownTool(call.tool.clone()))?;
+        (entry.run)(&self.ctx, call)
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|text| (*text).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sixteen_tools_with_unique_names_and_object_schemas() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let toolbox = Toolbox::new(&[base.path().to_path_buf()]).expect("toolbox");
+        let descriptors = toolbox.descriptors();
+        assert_eq!(descriptors.len(), 16);
+        let mut names: Vec<_> = descriptors.iter().map(|d| d.name.clone()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), 16);
+        for descriptor in &descriptors {
+            assert_eq!(descriptor.input_schema["type"], "object", "{}", descriptor.name);
+            assert_eq!(descriptor.input_schema["additionalProperties"], false, "{}", descriptor.name);
+            assert!(!descriptor.description.is_empty());
+        }
+    }
+
+    #[test]
+    fn panic_messages_are_kept() {
+        let payload = panic::catch_unwind(|| panic!("boom {}", 7)).expect_err("panicked");
+        assert_eq!(panic_message(payload.as_ref()), "boom 7");
+    }
+}
