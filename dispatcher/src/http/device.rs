@@ -1,0 +1,160 @@
+//! Device-facing routes: enrollment, the SSE stream, result posts and the manifest.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::Stream;
+use protocol::sse::{self, Ready, Reconnect};
+use protocol::subject::DeliverAck;
+use protocol::{Delivered, EnrollRequest, HostResult, Manifest};
+
+use super::auth::DeviceCaller;
+use super::{ApiError, AppState, JsonBody};
+use crate::core::{Close, DeviceStream, Frame};
+use crate::registry::{EnrollOutcome, RegistryError};
+
+const MAX_NAME_LEN: usize = 200;
+
+/// `POST /api/host/enroll`: a pairing code for a device id and token.
+pub async fn enroll(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let client = client_ip(&request);
+    if !state.enroll_limiter.try_acquire(client, Instant::now()) {
+        return Err(ApiError::TooManyRequests);
+    }
+    let JsonBody(body) =
+        <JsonBody<EnrollRequest> as axum::extract::FromRequest<AppState>>::from_request(request, &state).await?;
+    let EnrollRequest { code, name, platform } = body;
+    let name = name.trim();
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(ApiError::BadRequest(format!("name: 1 to {MAX_NAME_LEN} characters")));
+    }
+    if code.is_empty() || code.len() > 64 {
+        return Err(ApiError::Unauthorized);
+    }
+    if platform.as_ref().is_some_and(|p| p.len() > MAX_NAME_LEN) {
+        return Err(ApiError::BadRequest(format!("platform: at most {MAX_NAME_LEN} characters")));
+    }
+    match state.registry.enroll(&code, name, platform.as_deref()).await? {
+        EnrollOutcome::Enrolled(enrolled) => {
+            tracing::info!(device_id = %enrolled.device_id, "device enrolled");
+            Ok((StatusCode::CREATED, Json(enrolled)).into_response())
+        }
+        EnrollOutcome::Refused => Err(ApiError::Unauthorized),
+    }
+}
+
+fn client_ip(request: &Request) -> IpAddr {
+    request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip())
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]))
+}
+
+/// `GET /api/host/stream`: the device's Server-Sent-Events stream.
+pub async fn stream(State(state): State<AppState>, caller: DeviceCaller) -> Result<Response, ApiError> {
+    if state.draining.load(Ordering::Acquire) {
+        return Err(ApiError::Unavailable("replica is shutting down; reconnect to another".into()));
+    }
+    // Revoked since its token was cached: the registry knows no live device by that id.
+    let epoch = match state.registry.next_stream_epoch(&caller.device_id).await {
+        Err(RegistryError::NotFound) => return Err(ApiError::Unauthorized),
+        other => other?,
+    };
+    let stream = state.dispatcher.connect(&caller.device_id, epoch).await?;
+    tracing::info!(device_id = %caller.device_id, epoch, "stream opened");
+    let ready = Ready { device_id: caller.device_id.clone(), replica: state.settings.replica_id.clone() };
+    let events = frames(ready, stream, StreamEnd { state: state.clone(), device_id: caller.device_id });
+    let keepalive = KeepAlive::new().interval(state.settings.keepalive).text(sse::KEEPALIVE_COMMENT);
+    Ok(Sse::new(events).keep_alive(keepalive).into_response())
+}
+
+/// Records the end of a stream (last seen) when the response body is dropped.
+struct StreamEnd {
+    state: AppState,
+    device_id: String,
+}
+
+impl Drop for StreamEnd {
+    fn drop(&mut self) {
+        let registry = self.state.registry.clone();
+        let device_id = std::mem::take(&mut self.device_id);
+        tracing::info!(%device_id, "stream closed");
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = registry.touch_device(&device_id).await {
+                    tracing::warn!(%device_id, %error, "could not record last seen");
+                }
+            });
+        }
+    }
+}
+
+fn json_event(name: &str, id: Option<&str>, data: &impl serde::Serialize) -> Event {
+    let event = Event::default().event(name);
+    let event = match id {
+        Some(id) => event.id(id),
+        None => event,
+    };
+    event.data(serde_json::to_string(data).unwrap_or_else(|_| "{}".into()))
+}
+
+/// `ready`, then one event per frame; a close frame is sent and ends the stream.
+fn frames(ready: Ready, stream: DeviceStream, end: StreamEnd) -> impl Stream<Item = Result<Event, Infallible>> {
+    let first = json_event(sse::EVENT_READY, None, &ready);
+    futures::stream::unfold((Some(first), Some((stream, end))), |(first, rest)| async move {
+        if let Some(event) = first {
+            return Some((Ok(event), (None, rest)));
+        }
+        let (mut stream, end) = rest?;
+        match stream.frames.recv().await? {
+            Frame::Call(call) => {
+                let event = json_event(sse::EVENT_CALL, Some(&call.call_id), &call);
+                Some((Ok(event), (None, Some((stream, end)))))
+            }
+            Frame::Close(close) => {
+                let event = match close {
+                    Close::Superseded => json_event(sse::EVENT_SUPERSEDED, None, &serde_json::json!({})),
+                    Close::Revoked => json_event(sse::EVENT_REVOKED, None, &serde_json::json!({})),
+                    Close::Reconnect(reason) => json_event(sse::EVENT_RECONNECT, None, &Reconnect { reason }),
+                };
+                // Dropping the stream here unregisters it; the close frame is the last one.
+                drop((stream, end));
+                Some((Ok(event), (None, None)))
+            }
+        }
+    })
+}
+
+/// `POST /api/host/result`: a device's answer to a call.
+pub async fn result(
+    State(state): State<AppState>,
+    caller: DeviceCaller,
+    JsonBody(result): JsonBody<HostResult>,
+) -> Result<Response, ApiError> {
+    match state.dispatcher.deliver(&caller.device_id, result).await {
+        DeliverAck::Delivered => Ok(Json(Delivered { delivered: true }).into_response()),
+        DeliverAck::Forbidden => Err(ApiError::Forbidden("the call was dispatched to another device".into())),
+        DeliverAck::Unknown => Ok((StatusCode::NOT_FOUND, Json(Delivered { delivered: false })).into_response()),
+    }
+}
+
+/// `PUT /api/host/manifest`: the device's tools and roots.
+pub async fn manifest(
+    State(state): State<AppState>,
+    caller: DeviceCaller,
+    JsonBody(manifest): JsonBody<Manifest>,
+) -> Result<StatusCode, ApiError> {
+    if manifest.tools.iter().any(|tool| tool.name.is_empty()) {
+        return Err(ApiError::BadRequest("tools: every tool needs a name".into()));
+    }
+    state.registry.set_manifest(&caller.device_id, &manifest).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,48 @@
+//! Operations endpoints, unauthenticated: liveness, readiness, Prometheus metrics.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use super::{ApiError, AppState};
+use crate::bus::Health;
+
+/// `GET /healthz`: 200 while the process serves.
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"ok": true}))
+}
+
+/// `GET /readyz`: 200 when the database and (in cluster mode) NATS answer and the replica
+/// is not draining; 503 with the reason otherwise.
+pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    if state.draining.load(Ordering::Acquire) {
+        return Err(ApiError::Unavailable("draining".into()));
+    }
+    if state.dispatcher.bus().health() != Health::Up {
+        return Err(ApiError::Unavailable("message broker unreachable".into()));
+    }
+    match tokio::time::timeout(Duration::from_secs(2), state.registry.ping()).await {
+        Ok(Ok(())) => Ok(Json(json!({"ok": true}))),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "database unreachable");
+            Err(ApiError::Unavailable("database unreachable".into()))
+        }
+        Err(_) => Err(ApiError::Unavailable("database did not answer".into())),
+    }
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let hub = state.dispatcher.hub();
+    let up = state.dispatcher.bus().health() == Health::Up;
+    match state.metrics.render(hub.connected(), hub.pending_calls(), up) {
+        Ok(text) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}

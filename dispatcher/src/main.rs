@@ -1,0 +1,73 @@
+//! The `dispatcher` binary: parse the command line, set up logging, then serve (binding the
+//! listener and mapping SIGINT/SIGTERM to a graceful shutdown) or manage api tokens.
+
+use anyhow::Context;
+use clap::Parser;
+use dispatcher::config::{Cli, Command, TokenCommand};
+use dispatcher::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    dispatcher::telemetry::init_logging();
+    match cli.command {
+        Command::Serve(args) => {
+            let host =
+                hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "dispatcher".into());
+            let suffix = format!("{:04x}", rand::random::<u16>());
+            let settings = match args.settings(&host, &suffix) {
+                Ok(settings) => settings,
+                Err(message) => {
+                    eprintln!("error: {message}");
+                    std::process::exit(2);
+                }
+            };
+            let listener = tokio::net::TcpListener::bind(settings.listen)
+                .await
+                .with_context(|| format!("binding {}", settings.listen))?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(signal_shutdown(shutdown.clone()));
+            dispatcher::server::run(settings, listener, shutdown).await?;
+        }
+        Command::Token { command: TokenCommand::Create { user, name, database } } => {
+            let user = user.trim();
+            anyhow::ensure!(!user.is_empty(), "--user must not be empty");
+            let registry = Registry::connect(&database.database_url).await.context("opening the database")?;
+            let token = registry.create_api_token(user, name.as_deref()).await?;
+            println!("{token}");
+            registry.close().await;
+        }
+        Command::Token { command: TokenCommand::Revoke { prefix, database } } => {
+            let registry = Registry::connect(&database.database_url).await.context("opening the database")?;
+            let revoked = registry.revoke_api_token(&prefix).await?;
+            registry.close().await;
+            anyhow::ensure!(revoked > 0, "no active api token starts with {prefix:?}");
+            eprintln!("revoked {revoked} api token(s)");
+        }
+    }
+    Ok(())
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM.
+async fn signal_shutdown(shutdown: CancellationToken) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT: shutting down"),
+        _ = terminate => tracing::info!("SIGTERM: shutting down"),
+    }
+    shutdown.cancel();
+}

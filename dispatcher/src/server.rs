@@ -1,0 +1,147 @@
+//! `run(settings, listener, shutdown)`: builds a replica (registry, hub, bus, dispatcher),
+//! serves the router on the listener, and on shutdown drains in the order a load balancer
+//! needs: fail readiness, keep serving through the drain delay, close the streams with
+//! `reconnect`, stop accepting, wait for calls in flight within the grace period.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use protocol::sse::ReconnectReason;
+use protocol::subject::Subjects;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use crate::bus::memory::MemoryBus;
+use crate::bus::nats::{NatsBus, NatsOptions};
+use crate::bus::{Bus, BusError};
+use crate::config::Settings;
+use crate::core::{Close, Dispatcher, Hub};
+use crate::http::limit::RateLimiter;
+use crate::http::AppState;
+use crate::registry::{Registry, RegistryError};
+use crate::telemetry::Metrics;
+
+/// Enrollment attempts a client address gets at once, and the refill interval.
+const ENROLL_BURST: u32 = 10;
+const ENROLL_REFILL: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("database: {0}")]
+    Registry(#[from] RegistryError),
+    #[error("message broker: {0}")]
+    Bus(#[from] BusError),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Builds a replica's state: connects the registry (running migrations) and the bus.
+/// Background tasks stop when `cancel` fires.
+pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Result<AppState, ServeError> {
+    let registry = Registry::connect(&settings.database_url).await?;
+    let hub = Hub::new(settings.replica_id.clone(), rand::random());
+    let bus: Arc<dyn Bus> = match &settings.nats_url {
+        Some(urls) => {
+            let options = NatsOptions { broker_grace: settings.broker_grace, ..NatsOptions::default() };
+            NatsBus::connect(urls, Subjects::new(settings.subject_prefix.clone()), hub.clone(), options, cancel.clone())
+                .await?
+        }
+        None => {
+            tracing::warn!(
+                "no --nats-url: single-replica mode with the in-memory bus; do not run more than one replica"
+            );
+            Arc::new(MemoryBus::new(hub.clone()))
+        }
+    };
+    tokio::spawn(hub.clone().watch_stalls(settings.keepalive, cancel.child_token()));
+    tracing::info!(
+        replica = %settings.replica_id,
+        bus = bus.kind(),
+        database = registry.engine(),
+        "replica ready"
+    );
+    Ok(AppState {
+        dispatcher: Dispatcher::new(hub, bus),
+        registry,
+        settings: Arc::new(settings),
+        metrics: Arc::new(Metrics::new()),
+        draining: Arc::new(AtomicBool::new(false)),
+        enroll_limiter: Arc::new(RateLimiter::new(ENROLL_BURST, ENROLL_REFILL)),
+    })
+}
+
+/// Serves one replica on `listener` until `shutdown` fires, then drains.
+pub async fn run(settings: Settings, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let background = CancellationToken::new();
+    let state = build_state(settings, background.clone()).await?;
+    let result = serve(state, listener, shutdown).await;
+    background.cancel();
+    result
+}
+
+/// Serves a built state until `shutdown`, then drains it.
+pub async fn serve(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let settings = state.settings.clone();
+    let router = crate::app::app(state.clone());
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(settings.header_timeout).keep_alive(true);
+
+    let stop_accepting = CancellationToken::new();
+    tokio::spawn(drain_on(shutdown, state.clone(), stop_accepting.clone()));
+
+    tracing::info!(listen = %listener.local_addr()?, replica = %settings.replica_id, "serving");
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop_accepting.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = router.clone().map_request(move |mut request: axum::http::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+            request
+        });
+        let connection =
+            builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service));
+        let connection = graceful.watch(connection.into_owned());
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+
+    let grace = settings.shutdown_grace;
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(grace_secs = grace.as_secs(), "grace period over with requests still in flight");
+    }
+    state.registry.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The shutdown sequence up to closing the listener.
+async fn drain_on(shutdown: CancellationToken, state: AppState, stop_accepting: CancellationToken) {
+    shutdown.cancelled().await;
+    state.draining.store(true, Ordering::Release);
+    tracing::info!(delay_secs = state.settings.drain_delay.as_secs(), "draining: readiness fails from now");
+    tokio::time::sleep(state.settings.drain_delay).await;
+    let closed = state.dispatcher.hub().close_all(Close::Reconnect(ReconnectReason::Shutdown));
+    tracing::info!(closed, "streams closed with reconnect");
+    stop_accepting.cancel();
+}
