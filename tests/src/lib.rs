@@ -1,0 +1,51 @@
+//! `e2e`: the shared harness of the end-to-end suites. It starts the real binaries
+//! (`dispatcher`, `host-agent`), a real `nats-server` and fresh PostgreSQL databases, and
+//! speaks the contract over HTTP like a device and like an app backend would.
+//!
+//! Not here: any of the project's own logic. Nothing in this crate mocks the dispatcher or the
+//! agent; it only drives them from the outside, as CONTRACT.md describes them.
+//!
+//! Layout:
+//! - [`bin`]: where the built binaries are, building them once if they are missing.
+//! - [`process`]: a `dispatcher serve` process ([`process::Dispatcher`]), `dispatcher token`
+//!   commands, and a `host-agent run` process ([`process::Agent`]); signals, exit codes, logs.
+//! - [`nats`]: a `nats-server` on a free port, or a cluster of them; kill and restart.
+//! - [`postgres`]: a fresh PostgreSQL database per test, dropped afterwards.
+//! - [`device`]: [`device::TestDevice`], a small device speaking the contract over HTTP, and
+//!   [`device::Control`], the control API as an app backend uses it.
+//! - [`sse`]: a minimal Server-Sent-Events frame parser that keeps comment lines.
+//!
+//! Everything spawned is killed when its handle is dropped; every port is picked free, so
+//! suites run in parallel.
+
+pub mod bin;
+pub mod device;
+pub mod nats;
+pub mod postgres;
+pub mod process;
+pub mod sse;
+
+pub use device::{Answer, Control, DeviceConn, TestDevice};
+pub use nats::{NatsCluster, NatsServer};
+pub use postgres::TestDatabase;
+pub use process::{mint_token, Agent, AgentBuilder, Dispatcher, DispatcherBuilder};
+
+use std::net::{SocketAddr, TcpListener};
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).
+pub fn free_port() -> u16 {
+    free_addr().port()
+}
+
+/// `127.0.0.1:<free port>`.
+pub fn free_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr")
+}
+
+/// The last `lines` lines of a text file (empty when it cannot be read).
+pub fn tail_file(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read(path).map(|bytes| String::from_utf8_lossy(&bytes).into_owned()).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
