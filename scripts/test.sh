@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The project's test command: makes sure what the suites need is there (nats-server, a
+# PostgreSQL accepting user postgres on 127.0.0.1:5432 without a password), then builds every
+# target and runs every test of the workspace.
+#
+# Works on a fresh Debian machine as root with apt reachable; on a prepared machine it installs
+# and changes nothing. Safe to run again and again.
+#
+# Environment: E2E_POSTGRES_URL (default postgres://postgres@127.0.0.1:5432) to use another
+# server; SKIP_SETUP=1 to skip the environment checks; extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '==> %s\n' "$*"; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null 2>&1; then sudo "$@"; else
+    echo "error: need root (or sudo) to run: $*" >&2
+    exit 1
+  fi
+}
+
+apt_updated=0
+apt_install() {
+  if [ "$apt_updated" -eq 0 ]; then
+    say "apt-get update"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    apt_updated=1
+  fi
+  say "apt-get install -y $*"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"
+}
+
+postgres_accepts() {
+  if command -v pg_isready >/dev/null 2>&1; then
+    pg_isready -q -h 127.0.0.1 -p 5432
+  else
+    (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null
+  fi
+}
+
+postgres_trusts() {
+  env -u PGPASSWORD PGPASSFILE=/dev/null PGCONNECT_TIMEOUT=5 psql -h 127.0.0.1 -p 5432 -U postgres -d postgres -w -tAc 'select 1' >/dev/null 2>&1
+}
+
+ensure_nats() {
+  if command -v nats-server >/dev/null 2>&1; then
+    say "nats-server: $(nats-server --version)"
+    return
+  fi
+  apt_install nats-server
+}
+
+ensure_postgres() {
+  if [ -n "${E2E_POSTGRES_URL:-}" ]; then
+    say "PostgreSQL: using E2E_POSTGRES_URL, not checking the local server"
+    return
+  fi
+  if ! command -v pg_ctlcluster >/dev/null 2>&1 && ! postgres_accepts; then
+    apt_install postgresql
+  fi
+  if ! postgres_accepts; then
+    local version
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    [ -n "$version" ] || { echo "error: no cluster under /etc/postgresql" >&2; exit 1; }
+    say "starting PostgreSQL $version/main"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    for _ in $(seq 1 50); do postgres_accepts && break; sleep 0.2; done
+    postgres_accepts || { echo "error: PostgreSQL does not accept on 127.0.0.1:5432" >&2; exit 1; }
+  fi
+  if ! command -v psql >/dev/null 2>&1; then
+    apt_install postgresql-client
+  fi
+  if ! postgres_trusts; then
+    # A fresh install asks for a password over TCP: trust user postgres from 127.0.0.1 (a
+    # test machine; the line goes first so it wins), then reload.
+    local hba
+    hba=$(as_root su postgres -c "psql -tAc 'show hba_file'" | tr -d '[:space:]')
+    [ -n "$hba" ] || { echo "error: cannot find pg_hba.conf" >&2; exit 1; }
+    say "configuring $hba: trust postgres from 127.0.0.1 and ::1"
+    as_root sed -i '1i host all postgres 127.0.0.1/32 trust\nhost all postgres ::1/128 trust' "$hba"
+    as_root su postgres -c "psql -tAc 'select pg_reload_conf()'" >/dev/null
+    sleep 0.5
+    postgres_trusts || { echo "error: user postgres still cannot connect to 127.0.0.1:5432" >&2; exit 1; }
+  fi
+  say "PostgreSQL: accepting user postgres on 127.0.0.1:5432"
+}
+
+if [ "${SKIP_SETUP:-0}" != 1 ]; then
+  ensure_nats
+  ensure_postgres
+fi
+
+say "cargo build --workspace --all-targets"
+cargo build --workspace --all-targets
+say "cargo test --workspace $*"
+cargo test --workspace "$@"
+say "all tests passed"
