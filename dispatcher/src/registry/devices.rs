@@ -1,6 +1,6 @@
 //! Pairing codes, enrollment and devices: minting a code for a user, trading it once for a device
 //! and its token, looking devices up by token or by owner, revoking them, and keeping their
-//! manifest and last-seen time.
+//! manifest, last-seen time and stream epochs.
 //!
 //! Not here: rate-limiting enrollment attempts (HTTP layer), closing a revoked device's stream
 //! or evicting cached tokens (the caller broadcasts that), and whether a device is online.
@@ -57,15 +57,13 @@ impl Registry {
             .bind(now.saturating_sub(PAIRING_CODE_RETENTION_MS))
             .execute(&self.pool)
             .await?;
-        sqlx::query(
-            "INSERT INTO pairing_codes (code_hash, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(secret::hash_secret(&normalized))
-        .bind(user_id)
-        .bind(now)
-        .bind(expires_at)
-        .execute(&self.pool)
-        .await?;
+        sqlx::query("INSERT INTO pairing_codes (code_hash, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
+            .bind(secret::hash_secret(&normalized))
+            .bind(user_id)
+            .bind(now)
+            .bind(expires_at)
+            .execute(&self.pool)
+            .await?;
         Ok(PairingCode { code, expires_at: time_of(expires_at)? })
     }
 
@@ -163,6 +161,25 @@ impl Registry {
                 .execute(&self.pool)
                 .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// The epoch of a stream the device is opening: larger than every epoch handed out before
+    /// for this device, by any replica sharing the database (one UPDATE increments the device's
+    /// counter and reads it back). [`RegistryError::NotFound`] when the device is unknown or
+    /// revoked.
+    pub async fn next_stream_epoch(&self, device_id: &str) -> Result<u64, RegistryError> {
+        if !is_uuid(device_id) {
+            return Err(RegistryError::NotFound);
+        }
+        let row: Option<(i64,)> = sqlx::query_as(
+            "UPDATE devices SET stream_epoch = stream_epoch + 1 \
+             WHERE id = $1 AND revoked_at IS NULL RETURNING stream_epoch",
+        )
+        .bind(device_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let (epoch,) = row.ok_or(RegistryError::NotFound)?;
+        u64::try_from(epoch).map_err(|_| RegistryError::Corrupt(format!("negative stream epoch {epoch}")))
     }
 
     /// Stores the manifest a device announced. [`RegistryError::NotFound`] when the device is

@@ -32,8 +32,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::any::AnyPoolOptions;
-use sqlx::AnyPool;
 use sqlx::migrate::Migrator;
+use sqlx::AnyPool;
 
 pub use secret::{API_TOKEN_PREFIX, DEVICE_TOKEN_PREFIX};
 
@@ -50,6 +50,8 @@ pub const MAX_PAIRING_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 /// database lives in exactly one connection.
 const POSTGRES_MAX_CONNECTIONS: u32 = 10;
 const SQLITE_MAX_CONNECTIONS: u32 = 8;
+/// How many times SQLite migrations are tried before giving up (see [`migrate`]).
+const SQLITE_MIGRATE_ATTEMPTS: u32 = 5;
 /// How long a query waits for a free connection before it fails.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -213,7 +215,7 @@ impl Registry {
             // Readers no longer block the writer; the mode is stored in the file.
             sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await?;
         }
-        migrate(&pool).await?;
+        migrate(&pool, engine).await?;
         Ok(Self { pool, engine, clock: Arc::new(Clock::default()) })
     }
 
@@ -239,16 +241,29 @@ impl Registry {
     }
 }
 
-/// Runs the embedded migrations on a connection of its own. If they fail, that connection is
-/// closed rather than returned to the pool, so an advisory lock the migrator may still hold goes
-/// with it.
-async fn migrate(pool: &AnyPool) -> Result<(), RegistryError> {
-    let mut conn = pool.acquire().await?;
-    if let Err(error) = MIGRATOR.run(&mut *conn).await {
-        conn.close_on_drop();
-        return Err(error.into());
+/// Runs the embedded migrations.
+///
+/// On PostgreSQL the migrator holds an advisory lock meanwhile, so replicas starting together
+/// take turns. Should a migration fail, [`Registry::connect`] fails and drops the pool: its
+/// connections close, and any lock still held goes with them.
+///
+/// SQLite has no such lock: two processes opening a fresh file at once (a server and a
+/// `dispatcher token create`) may both try to apply a migration, and the loser's transaction
+/// fails and rolls back whole. It then tries again, and finds the migration applied.
+async fn migrate(pool: &AnyPool, engine: Engine) -> Result<(), RegistryError> {
+    let mut attempt = 1;
+    loop {
+        // Through the pool rather than `&mut conn`, whose `Acquire` bound makes the future
+        // impossible to spawn ("implementation of `Acquire` is not general enough").
+        match MIGRATOR.run(pool).await {
+            Ok(()) => return Ok(()),
+            Err(_) if engine == Engine::Sqlite && attempt < SQLITE_MIGRATE_ATTEMPTS => {
+                tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                attempt += 1;
+            }
+            Err(error) => return Err(error.into()),
+        }
     }
-    Ok(())
 }
 
 /// A stored time back as a UTC time.

@@ -16,8 +16,7 @@ use super::{NewProposal, Registry, RegistryError, StoredProposal};
 const PROPOSAL_COLUMNS: &str =
     "id, device_id, owner, tool, input, plan, preconditions, status, created_at, decided_at, result";
 
-type ProposalRow =
-    (String, String, String, String, String, String, String, String, i64, Option<i64>, Option<String>);
+type ProposalRow = (String, String, String, String, String, String, String, String, i64, Option<i64>, Option<String>);
 
 fn proposal_of_row(row: ProposalRow) -> Result<StoredProposal, RegistryError> {
     let (id, device_id, owner, tool, input, plan, preconditions, status, created_at, decided_at, result) = row;
@@ -107,8 +106,9 @@ impl Registry {
                 sqlx::query_as(&sql).bind(owner).bind(status.as_str()).fetch_all(&self.pool).await?
             }
             None => {
-                let sql =
-                    format!("SELECT {PROPOSAL_COLUMNS} FROM proposals WHERE owner = $1 ORDER BY created_at DESC, id DESC");
+                let sql = format!(
+                    "SELECT {PROPOSAL_COLUMNS} FROM proposals WHERE owner = $1 ORDER BY created_at DESC, id DESC"
+                );
                 sqlx::query_as(&sql).bind(owner).fetch_all(&self.pool).await?
             }
         };
