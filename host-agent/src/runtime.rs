@@ -146,6 +146,11 @@ impl RunError {
     }
 }
 
+/// A server URL as logs show it: without the trailing `/` of an empty path.
+fn shown(url: &Url) -> &str {
+    url.as_str().trim_end_matches('/')
+}
+
 /// The platform this agent reports (`linux`, `macos`, `windows`, ...).
 pub fn platform() -> String {
     std::env::consts::OS.to_owned()
@@ -173,6 +178,9 @@ pub async fn run(
 
     let credentials = match find_credentials(&store, &origins)? {
         Some(found) => {
+            if config.code.is_some() {
+                info!("already enrolled: --code is not needed and was not used");
+            }
             info!("using the cached credentials of device {} (from {})", found.device_id, store.dir().display());
             found
         }
@@ -299,15 +307,16 @@ async fn enroll(
     let mut backoff = Backoff::new(config.backoff_base, config.backoff_cap);
     let mut index = 0usize;
     loop {
-        let server = &config.servers[index % config.servers.len()];
+        let url = &config.servers[index % config.servers.len()];
+        let server = shown(url);
         info!("enrolling as {:?} with {server}", config.name);
         let answer = tokio::select! {
-            answer = transport::enroll(client, server, &request) => answer,
+            answer = transport::enroll(client, url, &request) => answer,
             () = shutdown.cancelled() => return Ok(Enrollment::Cancelled),
         };
         let err = match answer {
             Ok(enrolled) => {
-                let enrolled_origin = origin_of(server).unwrap_or_else(|| server.to_string());
+                let enrolled_origin = origin_of(url).unwrap_or_else(|| server.to_owned());
                 let mut saved = None;
                 for origin in origins {
                     let credentials = Credentials {
@@ -415,7 +424,7 @@ async fn hold_stream(
                 return Outcome::Shutdown;
             }
         };
-        let server = &shared.servers[server_index];
+        let server = shown(&shared.servers[server_index]);
         index += 1;
         let delay = match end {
             SessionEnd::Superseded => return Outcome::Superseded,
@@ -449,9 +458,10 @@ async fn hold_stream(
 
 /// One stream: open it, read frames until it ends, dispatching calls as they come.
 async fn session(shared: &Arc<Shared>, server_index: usize, silence: Duration, tracker: &TaskTracker) -> SessionEnd {
-    let server = &shared.servers[server_index];
+    let url = &shared.servers[server_index];
+    let server = shown(url);
     debug!("opening the stream at {server}");
-    let response = match transport::open_stream(&shared.client, server, &shared.token).await {
+    let response = match transport::open_stream(&shared.client, url, &shared.token).await {
         Ok(response) => response,
         Err(err) if err.status() == Some(StatusCode::UNAUTHORIZED) => {
             error!(
@@ -525,8 +535,9 @@ async fn session(shared: &Arc<Shared>, server_index: usize, silence: Duration, t
 fn send_manifest(shared: &Arc<Shared>, server_index: usize) {
     let shared = Arc::clone(shared);
     tokio::spawn(async move {
-        let server = &shared.servers[server_index];
-        match transport::put_manifest(&shared.client, server, &shared.token, &shared.manifest).await {
+        let url = &shared.servers[server_index];
+        let server = shown(url);
+        match transport::put_manifest(&shared.client, url, &shared.token, &shared.manifest).await {
             Ok(()) => info!("manifest sent to {server}: {} tools", shared.manifest.tools.len()),
             Err(err) => warn!("could not send the manifest to {server}: {err}"),
         }
@@ -614,9 +625,10 @@ async fn deliver(
             warn!("result of call {id} not sent: its deadline passed");
             return;
         }
-        let server = &shared.servers[(first_server + attempt) % shared.servers.len()];
+        let url = &shared.servers[(first_server + attempt) % shared.servers.len()];
+        let server = shown(url);
         attempt += 1;
-        let err = match transport::post_result(&shared.client, server, &shared.token, &result, traceparent).await {
+        let err = match transport::post_result(&shared.client, url, &shared.token, &result, traceparent).await {
             Ok(Delivery::Delivered) => {
                 info!("result of call {id} delivered");
                 return;

@@ -72,7 +72,7 @@ async fn enrolls_runs_calls_and_posts_results() {
     }
     let token = fake.state.devices.lock().expect("lock").keys().next().cloned().expect("token");
     assert!(!agent.stderr().contains(&token) && !agent.stdout().contains(&token), "the token is never printed");
-    assert!(agent.stderr().contains(&format!("as device {device_id}")));
+    assert!(agent.stderr().contains(&format!("connected to {} as device {device_id}", fake.url)), "{}", agent.stderr());
 
     // The manifest follows the ready frame.
     wait_until("the manifest", WAIT, || !fake.state.manifests().is_empty()).await;
@@ -357,6 +357,23 @@ async fn tools_and_call_work_without_a_server() {
     assert_eq!(call.wait_exit(WAIT).await, 0);
     let result: protocol::HostResult = serde_json::from_str(&call.stdout()).expect("result JSON");
     assert!(result.ok, "{result:?}");
+
+    // A mutation proposes without --apply, and applies with it (planned and applied at once).
+    let write = r#"{"path":"new.txt","content":"written\n"}"#;
+    let mut plan =
+        AgentProcess::spawn(&["call".into(), "write_file".into(), write.into(), "--root".into(), root.clone()], &[]);
+    assert_eq!(plan.wait_exit(WAIT).await, 0);
+    let result: protocol::HostResult = serde_json::from_str(&plan.stdout()).expect("result JSON");
+    assert!(result.ok && result.is_proposal(), "{result:?}");
+    assert!(!dirs.root.path().join("new.txt").exists(), "a proposal changes nothing");
+    let mut apply = AgentProcess::spawn(
+        &["call".into(), "write_file".into(), write.into(), "--root".into(), root.clone(), "--apply".into()],
+        &[],
+    );
+    assert_eq!(apply.wait_exit(WAIT).await, 0);
+    let result: protocol::HostResult = serde_json::from_str(&apply.stdout()).expect("result JSON");
+    assert!(result.ok && !result.is_proposal(), "{result:?}");
+    assert_eq!(std::fs::read_to_string(dirs.root.path().join("new.txt")).expect("written"), "written\n");
 
     let mut bad = AgentProcess::spawn(&["call".into(), "no_such_tool".into(), "{}".into(), "--root".into(), root], &[]);
     assert_eq!(bad.wait_exit(WAIT).await, 1);

@@ -109,7 +109,7 @@ async fn a_ca_cert_makes_a_private_ca_trusted() {
     let ca = ca.display().to_string();
     let args = run_args(&[&url], root.path(), creds.path(), &["--code", "PAIR-TLS", "--ca-cert", &ca]);
     let agent = AgentProcess::spawn(&args, &[]);
-    agent.wait_for_stderr(&format!("connected to {url}"), 1, WAIT).await;
+    agent.wait_for_stderr(&format!("connected to {url} as device"), 1, WAIT).await;
     assert_eq!(fake.state.enrollments().len(), 1);
 }
 
