@@ -544,16 +544,41 @@ fn send_manifest(shared: &Arc<Shared>, server_index: usize) {
     });
 }
 
+/// What becomes of a call that arrives on the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Run,
+    /// Its id was seen before (a redelivery): it ran, or is running, already.
+    Duplicate,
+    /// Its deadline passed before it arrived: nobody waits for the answer.
+    Expired,
+}
+
+/// Decides whether a call runs, remembering its id either way.
+pub fn admit(recent: &mut RecentIds, call: &HostCall, now: DateTime<Utc>) -> Admission {
+    if !recent.insert(&call.call_id) {
+        Admission::Duplicate
+    } else if call.is_expired(now) {
+        Admission::Expired
+    } else {
+        Admission::Run
+    }
+}
+
 /// Accepts a call from the stream: refuses duplicates and expired calls, runs the rest.
 fn dispatch(shared: &Arc<Shared>, call: HostCall, server_index: usize, tracker: &TaskTracker) {
-    let fresh = shared.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(&call.call_id);
-    if !fresh {
-        warn!("call {} {} is a duplicate: not run again", call.call_id, call.tool);
-        return;
-    }
-    if call.is_expired(Utc::now()) {
-        warn!("call {} {} arrived after its deadline: not run", call.call_id, call.tool);
-        return;
+    let admission =
+        admit(&mut shared.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()), &call, Utc::now());
+    match admission {
+        Admission::Run => {}
+        Admission::Duplicate => {
+            warn!("call {} {} is a duplicate: not run again", call.call_id, call.tool);
+            return;
+        }
+        Admission::Expired => {
+            warn!("call {} {} arrived after its deadline: not run", call.call_id, call.tool);
+            return;
+        }
     }
     info!("call {} {} received{}", call.call_id, call.tool, if call.is_apply() { " (apply)" } else { "" });
     tracker.spawn(run_call(Arc::clone(shared), call, server_index));
@@ -671,6 +696,32 @@ mod tests {
         assert_eq!(Outcome::Revoked.exit_code(), 4);
         assert_eq!(Outcome::Superseded.exit_code(), 5);
         assert_eq!(RunError::Usage(String::new()).exit_code(), 2);
+    }
+
+    #[test]
+    fn admission_of_calls() {
+        let now = Utc::now();
+        let call = |id: &str, deadline_secs: Option<i64>| HostCall {
+            call_id: id.into(),
+            tool: "stat".into(),
+            input: serde_json::json!({}),
+            mode: None,
+            preconditions: None,
+            deadline: deadline_secs.map(|s| now + chrono::Duration::seconds(s)),
+            traceparent: None,
+        };
+        let mut recent = RecentIds::new(8);
+        let cases = [
+            (call("a", None), Admission::Run),
+            (call("b", Some(30)), Admission::Run),
+            (call("a", None), Admission::Duplicate),
+            (call("c", Some(-1)), Admission::Expired),
+            (call("c", Some(30)), Admission::Duplicate),
+            (call("d", Some(0)), Admission::Expired),
+        ];
+        for (input, want) in cases {
+            assert_eq!(admit(&mut recent, &input, now), want, "{} {:?}", input.call_id, input.deadline);
+        }
     }
 
     #[test]
