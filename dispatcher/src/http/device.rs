@@ -155,6 +155,9 @@ pub async fn manifest(
     if manifest.tools.iter().any(|tool| tool.name.is_empty()) {
         return Err(ApiError::BadRequest("tools: every tool needs a name".into()));
     }
-    state.registry.set_manifest(&caller.device_id, &manifest).await?;
+    match state.registry.set_manifest(&caller.device_id, &manifest).await {
+        Err(RegistryError::NotFound) => return Err(ApiError::Unauthorized),
+        other => other?,
+    }
     Ok(StatusCode::NO_CONTENT)
 }

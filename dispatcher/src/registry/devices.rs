@@ -172,9 +172,10 @@ impl Registry {
             return Err(RegistryError::NotFound);
         }
         let row: Option<(i64,)> = sqlx::query_as(
-            "UPDATE devices SET stream_epoch = stream_epoch + 1 \
-             WHERE id = $1 AND revoked_at IS NULL RETURNING stream_epoch",
+            "UPDATE devices SET stream_epoch = stream_epoch + 1, last_seen_at = $1 \
+             WHERE id = $2 AND revoked_at IS NULL RETURNING stream_epoch",
         )
+        .bind(self.now_ms())
         .bind(device_id)
         .fetch_optional(&self.pool)
         .await?;
