@@ -3,7 +3,7 @@
 //!
 //! Two implementations share one contract and one test suite:
 //! - [`memory::MemoryBus`]: one process, no broker. The embedded default.
-//! - `nats::NatsBus`: many replicas on NATS (the scheme is in `protocol::subject`).
+//! - [`nats::NatsBus`]: many replicas on NATS (the scheme is in `protocol::subject`).
 //!
 //! A bus moves bytes and acts on this replica's [`Hub`] for what arrives; it makes no
 //! decisions of its own about streams or calls.
@@ -15,7 +15,7 @@ use protocol::subject::{DeliverAck, Holder};
 use protocol::{HostCall, HostResult};
 
 pub mod memory;
-// pub mod nats;  (cluster mode: lands with the NATS bus)
+pub mod nats;
 
 pub use crate::core::Hub;
 

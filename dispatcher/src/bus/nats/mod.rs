@@ -1,0 +1,820 @@
+//! The NATS bus: cluster mode, many replicas sharing a NATS cluster. It carries out the scheme
+//! of [`protocol::subject`] and acts on this replica's [`Hub`] for what arrives.
+//!
+//! Subscriptions of a replica, each read by its own task bound to the bus's cancel token:
+//! - `{p}.result.{tag}`: results for the calls this replica dispatched ([`Hub::resolve`]);
+//! - `{p}.revoked`: revocations from any replica ([`Hub::revoke`]);
+//! - `{p}.presence.all`: the scatter-gather of online devices ([`Hub::held_devices`]);
+//! - its own reply inbox ([`inbox`]), which answers every request this bus makes;
+//! - per held device, `{p}.device.{id}.call` in queue group `holders` ([`Hub::push`]) and
+//!   `{p}.device.{id}.control` (takeovers, presence), in one task per device.
+//!
+//! Requests never go through async-nats's request multiplexer (it keeps state for requests
+//! that get no reply, nats.rs issue 1617): they use [`inbox::Inbox`], whose entries leave on
+//! every path. Connection events and the broker grace live in [`link`].
+//!
+//! Not here: any decision about streams or calls (the [`Hub`] makes them), retries (the
+//! dispatcher core retries `NotHeld` and `Unreachable`), or epochs (the registry issues them).
+
+mod inbox;
+mod link;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::{Client, ConnectOptions, HeaderMap, Message, StatusCode, Subject, Subscriber};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use parking_lot::Mutex;
+use protocol::subject::{
+    is_uuid, route_tag, CallAck, Control, DeliverAck, HeldDevices, Holder, Revoked, Subjects, HEADER_DEVICE_ID,
+    HEADER_TRACEPARENT, HOLDERS_QUEUE,
+};
+use protocol::{HostCall, HostResult};
+use serde::Serialize;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use self::inbox::Inbox;
+use super::{Bus, BusError, Health, Hub, Routed};
+
+/// Longest a fire-and-forget publish (a reply, a takeover, a revocation) may wait for room in
+/// the client's command queue, which fills while the broker is unreachable.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Replies a scatter-gather accepts; more are dropped.
+const GATHER_CAPACITY: usize = 1024;
+
+/// Settings of the NATS bus.
+#[derive(Debug, Clone)]
+pub struct NatsOptions {
+    /// How long NATS may be unreachable before this replica closes its streams with
+    /// `reconnect` so its devices move to a healthy replica.
+    pub broker_grace: Duration,
+    /// Client pings; two unanswered in a row (about three intervals) mark the server dead.
+    pub ping_interval: Duration,
+    /// Cap of the (jittered, exponential) delay between reconnect attempts.
+    pub max_reconnect_delay: Duration,
+    /// Longest a TCP connect plus handshake to one server may take.
+    pub connection_timeout: Duration,
+    /// How long `holder` waits for a holder to answer a presence request.
+    pub presence_timeout: Duration,
+    /// How long `send_result` waits for the dispatching replica's answer.
+    pub result_timeout: Duration,
+    /// Longest `online_devices` collects replies.
+    pub gather_window: Duration,
+    /// `online_devices` stops early once no reply came for this long after the last one.
+    pub gather_idle: Duration,
+}
+
+impl Default for NatsOptions {
+    fn default() -> Self {
+        Self {
+            broker_grace: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(1),
+            max_reconnect_delay: Duration::from_secs(1),
+            connection_timeout: Duration::from_secs(2),
+            presence_timeout: Duration::from_millis(500),
+            result_timeout: Duration::from_secs(2),
+            gather_window: Duration::from_millis(250),
+            gather_idle: Duration::from_millis(50),
+        }
+    }
+}
+
+/// The bus of cluster mode. Built by [`NatsBus::connect`]; dropping it stops its tasks.
+pub struct NatsBus {
+    shared: Arc<Shared>,
+    /// Child of the caller's token: cancelled when the bus is dropped.
+    cancel: CancellationToken,
+}
+
+/// State shared by the bus and its subscription tasks.
+struct Shared {
+    client: Client,
+    subjects: Subjects,
+    hub: Arc<Hub>,
+    replica: String,
+    inbox: Inbox,
+    /// Devices held here: the epoch their subscriptions were made for, and what stops them.
+    held: Mutex<HashMap<String, Held>>,
+    options: NatsOptions,
+    cancel: CancellationToken,
+}
+
+#[derive(Debug)]
+struct Held {
+    epoch: u64,
+    stop: CancellationToken,
+}
+
+/// How a request failed.
+#[derive(Debug, thiserror::Error)]
+enum RequestFailure {
+    #[error("no responders")]
+    NoResponders,
+    #[error("timed out")]
+    TimedOut,
+    #[error("not connected to NATS")]
+    Disconnected,
+    #[error("publish failed: {0}")]
+    Publish(String),
+    #[error("the bus is shutting down")]
+    Closed,
+}
+
+impl fmt::Debug for NatsBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsBus")
+            .field("replica", &self.shared.replica)
+            .field("state", &self.shared.client.connection_state())
+            .field("held", &self.held_devices())
+            .field("pending_requests", &self.pending_requests())
+            .finish()
+    }
+}
+
+impl NatsBus {
+    /// Connects to the NATS servers in `urls` (comma-separated: several servers of one
+    /// cluster), subscribes this replica's subjects and starts its tasks. Returns without
+    /// waiting for the broker: the client keeps trying, and [`Bus::health`] is `Down` until it
+    /// connects. Fails only on unusable settings.
+    pub async fn connect(
+        urls: &str,
+        subjects: Subjects,
+        hub: Arc<Hub>,
+        options: NatsOptions,
+        cancel: CancellationToken,
+    ) -> Result<Arc<NatsBus>, BusError> {
+        let servers: Vec<&str> = urls.split(',').map(str::trim).filter(|url| !url.is_empty()).collect();
+        if servers.is_empty() {
+            return Err(BusError::Unavailable("no NATS server URL given".into()));
+        }
+        if !protocol::subject::is_valid_prefix(subjects.prefix()) {
+            return Err(BusError::Unavailable(format!("invalid subject prefix {:?}", subjects.prefix())));
+        }
+        let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let max_delay = options.max_reconnect_delay;
+        let client = ConnectOptions::new()
+            .name(hub.replica_id())
+            .max_reconnects(None)
+            .retry_on_initial_connect()
+            .ping_interval(options.ping_interval)
+            .connection_timeout(options.connection_timeout)
+            .reconnect_delay_callback(move |attempts| reconnect_delay(attempts, max_delay))
+            .event_callback(move |event| {
+                let events_tx = events_tx.clone();
+                async move {
+                    let _ = events_tx.send(event);
+                }
+            })
+            .connect(servers)
+            .await
+            .map_err(|error| BusError::Unavailable(format!("NATS client: {error}")))?;
+
+        let cancel = cancel.child_token();
+        let shared = Arc::new(Shared {
+            inbox: Inbox::new(client.new_inbox()),
+            replica: hub.replica_id().to_owned(),
+            client,
+            subjects,
+            hub,
+            held: Mutex::default(),
+            options,
+            cancel: cancel.clone(),
+        });
+
+        let route = route_tag(shared.hub.route_tag());
+        let inbox = shared.subscribe(shared.inbox.subject()).await?;
+        let results = shared.subscribe(shared.subjects.result(&route)).await?;
+        let revoked = shared.subscribe(shared.subjects.revoked()).await?;
+        let presence = shared.subscribe(shared.subjects.presence_all()).await?;
+        tokio::spawn(serve(shared.clone(), inbox, cancel.clone(), |shared, message| async move {
+            shared.inbox.route(message);
+        }));
+        tokio::spawn(serve(shared.clone(), results, cancel.clone(), Shared::on_result));
+        tokio::spawn(serve(shared.clone(), revoked, cancel.clone(), Shared::on_revoked));
+        tokio::spawn(serve(shared.clone(), presence, cancel.clone(), Shared::on_presence_all));
+        tokio::spawn(link::watch(shared.clone(), events_rx, shared.options.broker_grace, cancel.clone()));
+        tracing::info!(replica = %shared.replica, route = %route, servers = urls, "NATS bus started");
+        Ok(Arc::new(NatsBus { shared, cancel }))
+    }
+
+    /// The underlying client (server info, statistics).
+    pub fn client(&self) -> &Client {
+        &self.shared.client
+    }
+
+    /// Requests this bus still waits for a reply to: zero when nothing is in flight.
+    pub fn pending_requests(&self) -> usize {
+        self.shared.inbox.waiting()
+    }
+
+    /// Devices this bus holds subscriptions for.
+    pub fn held_devices(&self) -> usize {
+        self.shared.held.lock().len()
+    }
+
+    /// Waits until the client is connected, at most `timeout`. True when it is.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.shared.is_connected() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for NatsBus {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    async fn send_call(&self, device_id: &str, call: &HostCall, ack_timeout: Duration) -> Routed {
+        let span = tracing::debug_span!(
+            "nats.send_call",
+            device_id = %device_id,
+            call_id = %call.call_id,
+            traceparent = call.traceparent.as_deref(),
+            routed = tracing::field::Empty,
+        );
+        let routed = self.shared.send_call(device_id, call, ack_timeout).instrument(span.clone()).await;
+        span.record("routed", tracing::field::debug(routed));
+        routed
+    }
+
+    async fn send_result(&self, route: &str, device_id: &str, result: &HostResult) -> DeliverAck {
+        let span = tracing::debug_span!(
+            "nats.send_result",
+            device_id = %device_id,
+            call_id = %result.call_id,
+            route = %route,
+            ack = tracing::field::Empty,
+        );
+        let ack = self.shared.send_result(route, device_id, result).instrument(span.clone()).await;
+        span.record("ack", tracing::field::debug(ack));
+        ack
+    }
+
+    async fn hold(&self, device_id: &str, epoch: u64) -> Result<(), BusError> {
+        self.shared.hold(device_id, epoch).await
+    }
+
+    async fn release(&self, device_id: &str, epoch: u64) {
+        self.shared.release(device_id, epoch);
+    }
+
+    async fn holder(&self, device_id: &str) -> Result<Option<Holder>, BusError> {
+        self.shared.holder(device_id).await
+    }
+
+    async fn online_devices(&self) -> Result<Vec<(String, String)>, BusError> {
+        self.shared.online_devices().await
+    }
+
+    async fn revoke(&self, device_id: &str) -> Result<(), BusError> {
+        self.shared.revoke(device_id).await
+    }
+
+    fn health(&self) -> Health {
+        if self.shared.is_connected() {
+            Health::Up
+        } else {
+            Health::Down
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+}
+
+impl Shared {
+    fn is_connected(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+
+    async fn subscribe(&self, subject: String) -> Result<Subscriber, BusError> {
+        self.client.subscribe(subject).await.map_err(|error| BusError::Unavailable(format!("subscribe: {error}")))
+    }
+
+    // ---- outgoing ----
+
+    async fn send_call(&self, device_id: &str, call: &HostCall, ack_timeout: Duration) -> Routed {
+        if !is_uuid(device_id) {
+            // No device with such an id can hold a stream.
+            return Routed::Offline;
+        }
+        let payload = match encode(call) {
+            Ok(payload) => payload,
+            Err(error) => {
+                tracing::error!(%error, "cannot encode a call");
+                return Routed::Unreachable;
+            }
+        };
+        let mut headers = HeaderMap::new();
+        if let Some(traceparent) = call.traceparent.as_deref().filter(|value| is_header_safe(value)) {
+            headers.insert(HEADER_TRACEPARENT, traceparent);
+        }
+        match self.request(self.subjects.device_call(device_id), headers, payload, ack_timeout).await {
+            Ok(reply) => match serde_json::from_slice::<CallAck>(&reply.payload) {
+                Ok(CallAck::Accepted) => Routed::Accepted,
+                Ok(CallAck::NotHeld) => Routed::NotHeld,
+                Ok(CallAck::Expired) => Routed::Expired,
+                Err(error) => {
+                    tracing::warn!(%error, "malformed call ack");
+                    Routed::Unreachable
+                }
+            },
+            Err(RequestFailure::NoResponders) => Routed::Offline,
+            Err(failure) => {
+                tracing::debug!(%failure, "call not acknowledged");
+                Routed::Unreachable
+            }
+        }
+    }
+
+    async fn send_result(&self, route: &str, device_id: &str, result: &HostResult) -> DeliverAck {
+        if !is_route(route) || !is_uuid(device_id) {
+            return DeliverAck::Unknown;
+        }
+        let payload = match encode(result) {
+            Ok(payload) => payload,
+            Err(error) => {
+                tracing::error!(%error, "cannot encode a result");
+                return DeliverAck::Unknown;
+            }
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_DEVICE_ID, device_id);
+        match self.request(self.subjects.result(route), headers, payload, self.options.result_timeout).await {
+            Ok(reply) => serde_json::from_slice::<DeliverAck>(&reply.payload).unwrap_or_else(|error| {
+                tracing::warn!(%error, "malformed deliver ack");
+                DeliverAck::Unknown
+            }),
+            // The dispatching replica is gone (a restart takes a new tag): nobody waits.
+            Err(RequestFailure::NoResponders) => DeliverAck::Unknown,
+            Err(failure) => {
+                tracing::warn!(%failure, "result not handed over; answering unknown");
+                DeliverAck::Unknown
+            }
+        }
+    }
+
+    async fn hold(self: &Arc<Self>, device_id: &str, epoch: u64) -> Result<(), BusError> {
+        if !is_uuid(device_id) {
+            return Err(BusError::Malformed(format!("device id {device_id:?} is not a UUID")));
+        }
+        if !self.is_connected() {
+            return Err(BusError::Unavailable("not connected to NATS".into()));
+        }
+        let calls = self
+            .client
+            .queue_subscribe(self.subjects.device_call(device_id), HOLDERS_QUEUE.to_owned())
+            .await
+            .map_err(|error| BusError::Unavailable(format!("subscribe: {error}")))?;
+        let control = self.subscribe(self.subjects.device_control(device_id)).await?;
+        let stop = self.cancel.child_token();
+        let replaced = {
+            let mut held = self.held.lock();
+            match held.get(device_id) {
+                // A newer stream of the device re-held it meanwhile: its subscriptions serve.
+                Some(newer) if newer.epoch > epoch => None,
+                _ => Some(held.insert(device_id.to_owned(), Held { epoch, stop: stop.clone() })),
+            }
+        };
+        match replaced {
+            None => stop.cancel(),
+            Some(previous) => {
+                if let Some(previous) = previous {
+                    previous.stop.cancel();
+                }
+                tokio::spawn(serve_device(self.clone(), device_id.to_owned(), epoch, calls, control, stop));
+            }
+        }
+        // Older streams anywhere close; a newer one re-announces itself and closes ours.
+        self.announce(device_id, epoch).await?;
+        // One round trip: the server has taken our subscriptions before we say we hold it.
+        self.round_trip().await.map_err(|failure| BusError::Unavailable(format!("hold: {failure}")))
+    }
+
+    /// Stops answering for `device_id` if its subscriptions are still those of `epoch`.
+    fn release(&self, device_id: &str, epoch: u64) -> bool {
+        let mut held = self.held.lock();
+        match held.get(device_id) {
+            Some(entry) if entry.epoch == epoch => {
+                if let Some(entry) = held.remove(device_id) {
+                    entry.stop.cancel();
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Releases the device's subscriptions of `epoch` when the hub has no stream of it any
+    /// more (closed by a takeover, a revocation, a stall or a broker outage).
+    fn release_if_gone(&self, device_id: &str, epoch: u64) {
+        if self.hub.holder(device_id).is_none() && self.release(device_id, epoch) {
+            tracing::debug!(device_id, epoch, "released the subscriptions of a stream that is gone");
+        }
+    }
+
+    /// Releases every device's subscriptions (the streams were all closed). Returns how many.
+    fn release_all(&self) -> usize {
+        let drained: Vec<Held> = self.held.lock().drain().map(|(_, held)| held).collect();
+        for held in &drained {
+            held.stop.cancel();
+        }
+        drained.len()
+    }
+
+    /// Releases subscriptions whose stream the hub no longer has.
+    fn sweep(&self) {
+        let entries: Vec<(String, u64)> =
+            self.held.lock().iter().map(|(device, held)| (device.clone(), held.epoch)).collect();
+        for (device_id, epoch) in entries {
+            self.release_if_gone(&device_id, epoch);
+        }
+    }
+
+    /// Publishes a takeover for `device_id` with `epoch`.
+    async fn announce(&self, device_id: &str, epoch: u64) -> Result<(), BusError> {
+        let control = Control::Takeover { epoch, replica: self.replica.clone() };
+        let payload = encode(&control).map_err(|error| BusError::Malformed(error.to_string()))?;
+        self.publish(self.subjects.device_control(device_id), payload)
+            .await
+            .map_err(|failure| BusError::Unavailable(format!("takeover: {failure}")))
+    }
+
+    /// Re-announces every stream held here (after a reconnection). Returns how many.
+    async fn announce_held(&self) -> usize {
+        let entries: Vec<(String, u64)> =
+            self.held.lock().iter().map(|(device, held)| (device.clone(), held.epoch)).collect();
+        for (device_id, epoch) in &entries {
+            if let Err(error) = self.announce(device_id, *epoch).await {
+                tracing::warn!(%error, device_id, "could not re-announce a held stream");
+            }
+        }
+        entries.len()
+    }
+
+    async fn holder(&self, device_id: &str) -> Result<Option<Holder>, BusError> {
+        if !is_uuid(device_id) {
+            return Ok(None);
+        }
+        let payload = encode(&Control::Presence).map_err(|error| BusError::Malformed(error.to_string()))?;
+        let subject = self.subjects.device_control(device_id);
+        match self.request(subject, HeaderMap::new(), payload, self.options.presence_timeout).await {
+            Ok(reply) => serde_json::from_slice::<Holder>(&reply.payload)
+                .map(Some)
+                .map_err(|error| BusError::Malformed(format!("holder: {error}"))),
+            Err(RequestFailure::NoResponders) => Ok(None),
+            // Subscribed, but nobody claims a live stream.
+            Err(RequestFailure::TimedOut) => Ok(None),
+            Err(failure) => Err(BusError::Unavailable(format!("presence: {failure}"))),
+        }
+    }
+
+    async fn online_devices(&self) -> Result<Vec<(String, String)>, BusError> {
+        if !self.is_connected() {
+            return Err(BusError::Unavailable("not connected to NATS".into()));
+        }
+        let mut waiter = self.inbox.waiter(GATHER_CAPACITY);
+        let reply_to = waiter.reply_to().to_owned();
+        let started = Instant::now();
+        let window_end = started + self.options.gather_window;
+        tokio::time::timeout_at(
+            window_end,
+            self.client.publish_with_reply(self.subjects.presence_all(), reply_to, Bytes::new()),
+        )
+        .await
+        .map_err(|_| BusError::Unavailable("presence: publish timed out".into()))?
+        .map_err(|error| BusError::Unavailable(format!("presence: {error}")))?;
+        let mut devices = Vec::new();
+        let mut replies = 0usize;
+        loop {
+            let until =
+                if replies == 0 { window_end } else { window_end.min(Instant::now() + self.options.gather_idle) };
+            let message = match tokio::time::timeout_at(until, waiter.recv()).await {
+                Ok(Some(message)) => message,
+                Ok(None) | Err(_) => break,
+            };
+            if message.status == Some(StatusCode::NO_RESPONDERS) {
+                break;
+            }
+            replies += 1;
+            match serde_json::from_slice::<HeldDevices>(&message.payload) {
+                Ok(held) => devices.extend(held.devices.into_iter().map(|device| (device, held.replica.clone()))),
+                Err(error) => tracing::warn!(%error, "malformed presence reply"),
+            }
+        }
+        if replies == 0 {
+            return Err(BusError::Unavailable("presence: no replica answered".into()));
+        }
+        devices.sort();
+        devices.dedup();
+        tracing::debug!(
+            replies,
+            devices = devices.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "presence gathered"
+        );
+        Ok(devices)
+    }
+
+    async fn revoke(&self, device_id: &str) -> Result<(), BusError> {
+        let payload = encode(&Revoked { device_id: device_id.to_owned() })
+            .map_err(|error| BusError::Malformed(error.to_string()))?;
+        self.publish(self.subjects.revoked(), payload)
+            .await
+            .map_err(|failure| BusError::Unavailable(format!("revoke: {failure}")))?;
+        tokio::time::timeout(PUBLISH_TIMEOUT, self.client.flush())
+            .await
+            .map_err(|_| BusError::Unavailable("revoke: flush timed out".into()))?
+            .map_err(|error| BusError::Unavailable(format!("revoke: {error}")))
+    }
+
+    // ---- transport ----
+
+    /// One request through the bus's own inbox; the waiter leaves the table on every path.
+    async fn request(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Message, RequestFailure> {
+        if !self.is_connected() {
+            return Err(RequestFailure::Disconnected);
+        }
+        let mut waiter = self.inbox.waiter(1);
+        let reply_to = waiter.reply_to().to_owned();
+        let exchange = async {
+            let published = if headers.is_empty() {
+                self.client.publish_with_reply(subject, reply_to, payload).await
+            } else {
+                self.client.publish_with_reply_and_headers(subject, reply_to, headers, payload).await
+            };
+            published.map_err(|error| RequestFailure::Publish(error.to_string()))?;
+            waiter.recv().await.ok_or(RequestFailure::Closed)
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Err(_) => Err(RequestFailure::TimedOut),
+            Ok(Err(failure)) => Err(failure),
+            Ok(Ok(message)) if message.status == Some(StatusCode::NO_RESPONDERS) => Err(RequestFailure::NoResponders),
+            Ok(Ok(message)) => Ok(message),
+        }
+    }
+
+    /// Publishes to our own inbox and waits for it to come back: everything this client sent
+    /// before (subscriptions included) has been processed by its server.
+    async fn round_trip(&self) -> Result<(), RequestFailure> {
+        let mut waiter = self.inbox.waiter(1);
+        let subject = waiter.reply_to().to_owned();
+        let exchange = async {
+            self.client
+                .publish(subject, Bytes::new())
+                .await
+                .map_err(|error| RequestFailure::Publish(error.to_string()))?;
+            waiter.recv().await.ok_or(RequestFailure::Closed)
+        };
+        match tokio::time::timeout(PUBLISH_TIMEOUT, exchange).await {
+            Err(_) => Err(RequestFailure::TimedOut),
+            Ok(result) => result.map(|_| ()),
+        }
+    }
+
+    async fn publish(&self, subject: impl Into<Subject>, payload: Bytes) -> Result<(), RequestFailure> {
+        let subject: Subject = subject.into();
+        match tokio::time::timeout(PUBLISH_TIMEOUT, self.client.publish(subject, payload)).await {
+            Err(_) => Err(RequestFailure::TimedOut),
+            Ok(result) => result.map_err(|error| RequestFailure::Publish(error.to_string())),
+        }
+    }
+
+    /// Answers a request, if it asked for an answer.
+    async fn reply(&self, request: &Message, body: &impl Serialize) {
+        let Some(reply_to) = request.reply.clone() else {
+            return;
+        };
+        let payload = match encode(body) {
+            Ok(payload) => payload,
+            Err(error) => {
+                tracing::error!(%error, "cannot encode a reply");
+                return;
+            }
+        };
+        if let Err(failure) = self.publish(reply_to, payload).await {
+            tracing::debug!(%failure, "reply not sent");
+        }
+    }
+
+    // ---- incoming ----
+
+    /// `{p}.result.{tag}`: a result for a call this replica dispatched.
+    async fn on_result(self: Arc<Self>, message: Message) {
+        let device_id = message.headers.as_ref().and_then(|headers| headers.get(HEADER_DEVICE_ID)).map(|v| v.as_str());
+        let ack = match (device_id, serde_json::from_slice::<HostResult>(&message.payload)) {
+            (Some(device_id), Ok(result)) => {
+                let span = tracing::debug_span!("nats.on_result", device_id = %device_id, call_id = %result.call_id);
+                let _entered = span.enter();
+                let ack = self.hub.resolve(device_id, result);
+                tracing::debug!(?ack, "result handed in");
+                ack
+            }
+            (None, _) => {
+                tracing::warn!("result without a device id header");
+                DeliverAck::Unknown
+            }
+            (_, Err(error)) => {
+                tracing::warn!(%error, "malformed result");
+                DeliverAck::Unknown
+            }
+        };
+        self.reply(&message, &ack).await;
+    }
+
+    /// `{p}.revoked`: a device was revoked somewhere.
+    async fn on_revoked(self: Arc<Self>, message: Message) {
+        match serde_json::from_slice::<Revoked>(&message.payload) {
+            Ok(Revoked { device_id }) => {
+                tracing::info!(device_id, "device revoked");
+                self.hub.revoke(&device_id);
+                let epoch = self.held.lock().get(&device_id).map(|held| held.epoch);
+                if let Some(epoch) = epoch {
+                    self.release_if_gone(&device_id, epoch);
+                }
+            }
+            Err(error) => tracing::warn!(%error, "malformed revocation"),
+        }
+    }
+
+    /// `{p}.presence.all`: which devices this replica holds.
+    async fn on_presence_all(self: Arc<Self>, message: Message) {
+        let held = HeldDevices { replica: self.replica.clone(), devices: self.hub.held_devices() };
+        self.reply(&message, &held).await;
+    }
+
+    /// `{p}.device.{id}.call`: push the call to the device's stream here.
+    async fn on_call(&self, device_id: &str, epoch: u64, message: Message) {
+        let call = match serde_json::from_slice::<HostCall>(&message.payload) {
+            Ok(call) => call,
+            Err(error) => {
+                tracing::warn!(%error, device_id, "malformed call; not answered");
+                return;
+            }
+        };
+        let traceparent = message.headers.as_ref().and_then(|headers| headers.get(HEADER_TRACEPARENT));
+        let span = tracing::debug_span!(
+            "nats.on_call",
+            device_id = %device_id,
+            call_id = %call.call_id,
+            traceparent = traceparent.map(|value| value.as_str()),
+        );
+        let ack = span.in_scope(|| self.hub.push(device_id, call));
+        self.reply(&message, &ack).instrument(span).await;
+        if ack == CallAck::NotHeld {
+            self.release_if_gone(device_id, epoch);
+        }
+    }
+
+    /// `{p}.device.{id}.control`: a takeover from another replica, or a presence query.
+    async fn on_control(&self, device_id: &str, epoch: u64, message: Message) {
+        match serde_json::from_slice::<Control>(&message.payload) {
+            Ok(Control::Takeover { replica, .. }) if replica == self.replica => {
+                // Our own announcement: the hub already settled local streams.
+            }
+            Ok(Control::Takeover { epoch: theirs, replica }) => match self.hub.takeover(device_id, theirs) {
+                Some(mine) => {
+                    tracing::info!(device_id, mine, theirs, %replica, "an older stream announced itself; re-announcing ours");
+                    if let Err(error) = self.announce(device_id, mine).await {
+                        tracing::warn!(%error, device_id, "could not re-announce");
+                    }
+                }
+                None => {
+                    if self.hub.holder(device_id).is_none() {
+                        tracing::info!(device_id, theirs, %replica, "stream superseded by a newer one elsewhere");
+                        self.release(device_id, epoch);
+                    }
+                }
+            },
+            Ok(Control::Presence) => {
+                if let Some(holder) = self.hub.holder(device_id) {
+                    self.reply(&message, &holder).await;
+                }
+            }
+            Err(error) => tracing::warn!(%error, device_id, "malformed control message"),
+        }
+    }
+}
+
+/// Reads one replica-wide subscription until cancelled, handling messages in order.
+async fn serve<F, Fut>(shared: Arc<Shared>, mut subscriber: Subscriber, cancel: CancellationToken, handle: F)
+where
+    F: Fn(Arc<Shared>, Message) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    loop {
+        let message = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            message = subscriber.next() => message,
+        };
+        match message {
+            Some(message) => handle(shared.clone(), message).await,
+            None => break,
+        }
+    }
+}
+
+/// Answers for one held device until its subscriptions are released.
+async fn serve_device(
+    shared: Arc<Shared>,
+    device_id: String,
+    epoch: u64,
+    mut calls: Subscriber,
+    mut control: Subscriber,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            message = calls.next() => match message {
+                Some(message) => shared.on_call(&device_id, epoch, message).await,
+                None => break,
+            },
+            message = control.next() => match message {
+                Some(message) => shared.on_control(&device_id, epoch, message).await,
+                None => break,
+            },
+        }
+    }
+    // Dropping the subscribers unsubscribes them.
+}
+
+fn encode(body: &impl Serialize) -> Result<Bytes, serde_json::Error> {
+    serde_json::to_vec(body).map(Bytes::from)
+}
+
+/// Eight hex digits: the only form of a route tag allowed into a subject.
+fn is_route(route: &str) -> bool {
+    route.len() == 8 && route.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Visible ASCII only: nothing that could break a header line.
+fn is_header_safe(value: &str) -> bool {
+    !value.is_empty() && value.len() <= 512 && value.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Exponential backoff from 25 ms up to `max`, jittered to half..full, first attempt at once.
+fn reconnect_delay(attempts: usize, max: Duration) -> Duration {
+    if attempts <= 1 {
+        return Duration::ZERO;
+    }
+    let exponent = u32::try_from(attempts - 2).unwrap_or(u32::MAX).min(16);
+    let base = Duration::from_millis(25u64 << exponent).min(max);
+    base.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_delays_grow_and_stay_capped() {
+        let max = Duration::from_secs(1);
+        assert_eq!(reconnect_delay(0, max), Duration::ZERO);
+        assert_eq!(reconnect_delay(1, max), Duration::ZERO);
+        let second = reconnect_delay(2, max);
+        assert!(second >= Duration::from_millis(12) && second <= Duration::from_millis(25), "{second:?}");
+        for attempts in [10, 100, usize::MAX] {
+            assert!(reconnect_delay(attempts, max) <= max);
+        }
+    }
+
+    #[test]
+    fn routes_and_header_values() {
+        assert!(is_route("deadbeef"));
+        for bad in ["", "deadbee", "deadbeef0", "dead.eef", "dead*eef", "deadbeeg"] {
+            assert!(!is_route(bad), "{bad:?}");
+        }
+        assert!(is_header_safe("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        for bad in ["", "a b", "a\r\nb: c"] {
+            assert!(!is_header_safe(bad), "{bad:?}");
+        }
+    }
+}
