@@ -1,7 +1,8 @@
 //! `run(settings, listener, shutdown)`: builds a replica (registry, hub, bus, dispatcher),
 //! serves the router on the listener, and on shutdown drains in the order a load balancer
 //! needs: fail readiness, keep serving through the drain delay, close the streams with
-//! `reconnect`, stop accepting, wait for calls in flight within the grace period.
+//! `reconnect`, keep accepting results until the calls pending here resolve, then stop
+//! accepting and let requests in flight finish, all within the grace period.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -135,13 +136,20 @@ pub async fn serve(state: AppState, listener: TcpListener, shutdown: Cancellatio
     Ok(())
 }
 
-/// The shutdown sequence up to closing the listener.
+/// The shutdown sequence up to closing the listener: readiness fails, the replica keeps
+/// serving through the drain delay, streams close with `reconnect`, and results for the calls
+/// still pending here are accepted until they resolve or the grace period ends.
 async fn drain_on(shutdown: CancellationToken, state: AppState, stop_accepting: CancellationToken) {
     shutdown.cancelled().await;
     state.draining.store(true, Ordering::Release);
     tracing::info!(delay_secs = state.settings.drain_delay.as_secs(), "draining: readiness fails from now");
     tokio::time::sleep(state.settings.drain_delay).await;
-    let closed = state.dispatcher.hub().close_all(Close::Reconnect(ReconnectReason::Shutdown));
-    tracing::info!(closed, "streams closed with reconnect");
+    let hub = state.dispatcher.hub();
+    let closed = hub.close_all(Close::Reconnect(ReconnectReason::Shutdown));
+    tracing::info!(closed, pending = hub.pending_calls(), "streams closed with reconnect");
+    let deadline = tokio::time::Instant::now() + state.settings.shutdown_grace;
+    while hub.pending_calls() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     stop_accepting.cancel();
 }
