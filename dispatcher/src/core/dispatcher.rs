@@ -132,7 +132,19 @@ impl Dispatcher {
 
     /// Sends a call to a device and waits for its result, `device offline` or `device timed
     /// out`. Never fails otherwise.
+    #[tracing::instrument(name = "dispatch", skip_all, fields(device_id, tool = %request.tool, call_id, traceparent = request.traceparent.as_deref(), outcome))]
     pub async fn dispatch(&self, device_id: &str, request: DispatchRequest) -> HostResult {
+        let span = tracing::Span::current();
+        span.record("device_id", device_id);
+        let result = self.dispatch_inner(device_id, request).await;
+        span.record("call_id", result.call_id.as_str());
+        let outcome = if result.ok { "ok" } else { result.error.as_deref().unwrap_or("error") };
+        span.record("outcome", outcome);
+        tracing::debug!("dispatch resolved");
+        result
+    }
+
+    async fn dispatch_inner(&self, device_id: &str, request: DispatchRequest) -> HostResult {
         let started = Instant::now();
         let deadline = started + request.timeout;
         let call_id = new_call_id(self.hub.route_tag(), rand::random());

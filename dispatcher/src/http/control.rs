@@ -122,8 +122,14 @@ fn result_status(result: &HostResult) -> StatusCode {
     }
 }
 
-fn traceparent(headers: &HeaderMap) -> Option<String> {
-    headers.get("traceparent").and_then(|v| v.to_str().ok()).filter(|v| v.len() <= 128).map(str::to_owned)
+/// The caller's W3C trace context when it sent a valid one, else a new trace: every dispatch
+/// carries one to the device, whose result POST comes back under it.
+fn traceparent(headers: &HeaderMap) -> String {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| crate::telemetry::is_traceparent(v))
+        .map_or_else(crate::telemetry::new_traceparent, str::to_owned)
 }
 
 /// `POST /api/devices/{id}/calls`: run a tool; a mutation's proposal is stored.
@@ -152,7 +158,7 @@ pub async fn call_device(
     let device = owned_device(&state, &caller, &id).await?;
     let mut dispatch =
         DispatchRequest::new(request.tool.clone(), request.input.clone(), Duration::from_millis(timeout_ms));
-    dispatch.traceparent = traceparent(&headers);
+    dispatch.traceparent = Some(traceparent(&headers));
     let result = state.metrics.observe_dispatch(state.dispatcher.dispatch(&device.id, dispatch)).await;
 
     let mut proposal_id = None;
@@ -227,6 +233,7 @@ fn not_pending(status: ProposalStatus) -> ApiError {
 pub async fn approve(
     State(state): State<AppState>,
     caller: UserCaller,
+    headers: HeaderMap,
     JsonBody(decision): JsonBody<ProposalDecision>,
 ) -> Result<Response, ApiError> {
     let stored = owned_proposal(&state, &caller, &decision.proposal_id).await?;
@@ -251,6 +258,7 @@ pub async fn approve(
     );
     dispatch.mode = Some(CallMode::Apply);
     dispatch.preconditions = Some(stored.preconditions);
+    dispatch.traceparent = Some(traceparent(&headers));
     let result = state.metrics.observe_dispatch(state.dispatcher.dispatch(&proposal.device_id, dispatch)).await;
 
     let next = if result.is_offline() {
