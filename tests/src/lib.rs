@@ -14,17 +14,20 @@
 //! - [`device`]: [`device::TestDevice`], a small device speaking the contract over HTTP, and
 //!   [`device::Control`], the control API as an app backend uses it.
 //! - [`sse`]: a minimal Server-Sent-Events frame parser that keeps comment lines.
+//! - [`cluster`]: [`cluster::LocalCluster`], NATS, a database and N dispatcher replicas as one.
 //!
 //! Everything spawned is killed when its handle is dropped; every port is picked free, so
 //! suites run in parallel.
 
 pub mod bin;
+pub mod cluster;
 pub mod device;
 pub mod nats;
 pub mod postgres;
 pub mod process;
 pub mod sse;
 
+pub use cluster::LocalCluster;
 pub use device::{Answer, Control, DeviceConn, TestDevice};
 pub use nats::{NatsCluster, NatsServer};
 pub use postgres::TestDatabase;
