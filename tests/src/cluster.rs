@@ -165,7 +165,7 @@ impl ClusterBuilder {
         anyhow::ensure!(self.replicas >= 1, "a cluster needs a replica");
         anyhow::ensure!(self.nats_nodes >= 1, "a cluster needs a NATS server");
         let nats = if self.nats_nodes == 1 {
-            Nats::Single(NatsServer::start().await.context("starting nats-server")?)
+            Nats::Single(Box::new(NatsServer::start().await.context("starting nats-server")?))
         } else {
             Nats::Cluster(NatsCluster::start(self.nats_nodes).await.context("starting the NATS cluster")?)
         };
@@ -209,7 +209,7 @@ pub enum ReplicaState {
 /// The NATS side: one server or a routed cluster.
 #[derive(Debug)]
 enum Nats {
-    Single(NatsServer),
+    Single(Box<NatsServer>),
     Cluster(NatsCluster),
 }
 
