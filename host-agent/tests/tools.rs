@@ -742,3 +742,26 @@ fn actions_report_a_failing_or_missing_program() {
     let reveal = toolbox.run(&tool_support::call("reveal_in_os", json!({"path": "."})));
     assert!(reveal.error.expect("error").contains("cannot start"));
 }
+
+#[test]
+fn apply_reports_a_change_when_the_target_can_no_longer_be_observed() {
+    let fx = Fixture::new();
+    fx.write("d/f.txt", "one\n");
+    let input = json!({"path": "d/f.txt", "content": "two\n"});
+    let plan = fx.propose("write_file", input.clone());
+    std::fs::remove_dir_all(fx.path("d")).expect("rm");
+    fx.write("d", "now a file");
+    let refused = fx.apply("write_file", input, &plan["preconditions"]);
+    let error = refused.error.expect("error");
+    assert!(error.contains("changed since the proposal"), "{error}");
+    assert_eq!(fx.read("d"), "now a file");
+
+    std::fs::create_dir(fx.path("e")).expect("mkdir");
+    let input = json!({"path": "e"});
+    let plan = fx.propose("delete", input.clone());
+    fx.write("e/late.txt", "late");
+    let refused = fx.apply("delete", input, &plan["preconditions"]);
+    let error = refused.error.expect("error");
+    assert!(error.contains("changed since the proposal") && error.contains("not empty"), "{error}");
+    assert!(fx.path("e/late.txt").exists());
+}

@@ -202,9 +202,17 @@ fn run_mutation<T: Mutation>(ctx: &Context, call: &HostCall) -> Result<Outcome, 
         let expected = call.preconditions.as_ref().ok_or(ToolError::MissingPreconditions)?;
         let expected = Preconditions::deserialize(expected)
             .map_err(|error| ToolError::InvalidInput { tool: T::NAME, message: format!("preconditions: {error}") })?;
-        let (current, snapshot) = input.observe(ctx)?;
+        // The proposal observed its targets without error, so a target that cannot be observed
+        // now, or a re-check that refuses after the preconditions held, is a change too.
+        let (current, snapshot) = input.observe(ctx).map_err(|error| match error {
+            ToolError::Io { .. } => ToolError::Changed(error.to_string()),
+            other => other,
+        })?;
         expected.verify(&current)?;
-        input.apply(ctx, snapshot).map(Outcome::Done)
+        input.apply(ctx, snapshot).map(Outcome::Done).map_err(|error| match error {
+            ToolError::Refused(detail) => ToolError::Changed(detail),
+            other => other,
+        })
     } else {
         let (preconditions, snapshot) = input.observe(ctx)?;
         let change = input.plan(ctx, &snapshot)?;
