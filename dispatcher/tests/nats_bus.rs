@@ -237,27 +237,26 @@ async fn no_frame(stream: &mut DeviceStream, within: Duration) {
     }
 }
 
-/// Plays a device: answers every call with an echo, posting through the replicas in turn.
-/// Returns the call ids it saw and the delivery acks it got.
-fn answer(
-    mut stream: DeviceStream,
-    device: String,
-    via: Vec<Dispatcher>,
-) -> JoinHandle<(Vec<String>, Vec<DeliverAck>)> {
+/// Plays a device: answers every call with an echo, posting through the replicas in turn,
+/// each post on its own task as an agent runs calls side by side. Returns the call ids it saw
+/// and the delivery acks it got.
+fn answer(stream: DeviceStream, device: String, via: Vec<Dispatcher>) -> JoinHandle<(Vec<String>, Vec<DeliverAck>)> {
     tokio::spawn(async move {
         // Move the whole stream in (not just its frames): its guard keeps it registered.
         let mut stream = stream;
-        let (mut seen, mut acks) = (Vec::new(), Vec::new());
+        let mut seen = Vec::new();
+        let mut posts = tokio::task::JoinSet::new();
         while let Some(frame) = stream.frames.recv().await {
             match frame {
                 Frame::Call(call) => {
                     seen.push(call.call_id.clone());
-                    let poster = &via[seen.len() % via.len()];
-                    acks.push(poster.deliver(&device, echo(&call)).await);
+                    let (poster, device) = (via[seen.len() % via.len()].clone(), device.clone());
+                    posts.spawn(async move { poster.deliver(&device, echo(&call)).await });
                 }
                 Frame::Close(_) => break,
             }
         }
+        let acks = posts.join_all().await;
         (seen, acks)
     })
 }
@@ -344,7 +343,8 @@ async fn an_offline_device_is_answered_at_once_from_every_replica() {
     let gone = device_id();
     let stream = b.connect(&gone, 1).await;
     drop(stream);
-    eventually("the released device's subscriptions go", Duration::from_secs(2), || b.bus.held_devices() == 0).await;
+    eventually("the released device's subscriptions go", Duration::from_secs(2), || b.bus.held_device_count() == 0)
+        .await;
 
     for replica in [&a, &b, &c] {
         for device in [&never_seen, &gone] {
@@ -372,7 +372,7 @@ async fn the_newest_stream_wins_across_replicas_in_either_order() {
     let mut on_b = b.connect(&device, 2).await;
     assert!(matches!(next_frame(&mut on_a, Duration::from_secs(2)).await, Frame::Close(Close::Superseded)));
     eprintln!("takeover closed the older stream in {:.2} ms", ms(started.elapsed()));
-    eventually("A lets go of the device", Duration::from_secs(2), || a.bus.held_devices() == 0).await;
+    eventually("A lets go of the device", Duration::from_secs(2), || a.bus.held_device_count() == 0).await;
     for n in 0..10 {
         let pending = c.dispatch(&device, request(n, Duration::from_secs(5)));
         let call = next_call(&mut on_b).await;
@@ -391,7 +391,7 @@ async fn the_newest_stream_wins_across_replicas_in_either_order() {
     let mut on_a = a.connect(&device, 1).await;
     assert!(matches!(next_frame(&mut on_a, Duration::from_secs(2)).await, Frame::Close(Close::Superseded)));
     no_frame(&mut on_b, Duration::from_millis(200)).await;
-    eventually("A lets go of the device", Duration::from_secs(2), || a.bus.held_devices() == 0).await;
+    eventually("A lets go of the device", Duration::from_secs(2), || a.bus.held_device_count() == 0).await;
     for n in 0..10 {
         let pending = c.dispatch(&device, request(n, Duration::from_secs(5)));
         let call = next_call(&mut on_b).await;
@@ -461,7 +461,7 @@ async fn revocation_closes_the_stream_and_fails_pending_calls_within_a_second() 
 
     // The late result finds nothing; the device is offline everywhere.
     assert_eq!(b.dispatcher.deliver(&device, echo(&call)).await, DeliverAck::Unknown);
-    eventually("B lets go of the device", Duration::from_secs(2), || b.bus.held_devices() == 0).await;
+    eventually("B lets go of the device", Duration::from_secs(2), || b.bus.held_device_count() == 0).await;
     for replica in [&a, &b, &c] {
         assert!(replica.dispatcher.dispatch(&device, request(2, Duration::from_secs(5))).await.is_offline());
         assert_eq!(replica.hub.pending_calls(), 0);
@@ -538,7 +538,7 @@ async fn losing_nats_closes_streams_after_the_grace_and_a_restart_recovers() {
     let to_close = killed.elapsed();
     assert!(to_close >= Duration::from_millis(900), "closed before the grace: {to_close:?}");
     assert_eq!(b.hub.connected(), 0);
-    assert_eq!(b.bus.held_devices(), 0);
+    assert_eq!(b.bus.held_device_count(), 0);
     assert!(matches!(b.dispatcher.connect(&device, 2).await, Err(BusError::Unavailable(_))), "no stream while down");
 
     let restarted = Instant::now();
@@ -653,7 +653,7 @@ async fn a_three_server_cluster_keeps_dispatching_when_one_server_dies() {
         ms(killed.elapsed()),
         ms(recovered.elapsed())
     );
-    assert_eq!(b.bus.held_devices(), 2, "B kept its streams through the reconnect");
+    assert_eq!(b.bus.held_device_count(), 2, "B kept its streams through the reconnect");
     for answerer in answerers {
         answerer.abort();
     }
@@ -779,5 +779,18 @@ async fn device_ids_that_are_not_uuids_never_reach_a_subject() {
         assert_eq!(a.bus.holder(bad).await.expect("presence"), None);
     }
     assert_eq!(a.hub.connected(), 0);
-    assert_eq!(a.bus.held_devices(), 0);
+    assert_eq!(a.bus.held_device_count(), 0);
+}
+
+#[tokio::test]
+async fn unusable_settings_are_refused() {
+    let hub = Hub::new("r", 1);
+    let cancel = CancellationToken::new();
+    for (urls, prefix) in
+        [("", "pulsn.host"), (" , ", "pulsn.host"), ("nats://127.0.0.1:4222", "a.*"), ("nats://[::1", "p")]
+    {
+        let bus =
+            NatsBus::connect(urls, Subjects::new(prefix), hub.clone(), NatsOptions::default(), cancel.clone()).await;
+        assert!(matches!(bus, Err(BusError::Unavailable(_))), "{urls:?} {prefix:?}");
+    }
 }

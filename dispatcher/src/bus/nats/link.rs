@@ -22,9 +22,10 @@ use super::Shared;
 use crate::core::Close;
 
 /// How often the connection state is polled besides the events (which async-nats may drop
-/// when its event queue is full), and stale device subscriptions are swept.
+/// when its event queue is full).
 const POLL: Duration = Duration::from_millis(250);
-const SWEEP_EVERY: u32 = 4;
+/// How often subscriptions of streams the hub no longer has (closed by a stall, say) go.
+const SWEEP: Duration = Duration::from_secs(1);
 
 /// What the watch tracks between events.
 #[derive(Debug, Default)]
@@ -47,7 +48,8 @@ pub(super) async fn watch(
     let mut outage = Outage::default();
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut ticks: u32 = 0;
+    let mut sweep = tokio::time::interval(SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let grace_end = outage.down_since.filter(|_| !outage.gave_up).map(|since| since + grace);
         tokio::select! {
@@ -76,11 +78,8 @@ pub(super) async fn watch(
                     (State::Disconnected, true) => on_down(&mut outage),
                     _ => {}
                 }
-                ticks = ticks.wrapping_add(1);
-                if ticks % SWEEP_EVERY == 0 {
-                    shared.sweep();
-                }
             }
+            _ = sweep.tick() => shared.sweep(),
         }
     }
 }

@@ -48,6 +48,8 @@ use super::{Bus, BusError, Health, Hub, Routed};
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
 /// Replies a scatter-gather accepts; more are dropped.
 const GATHER_CAPACITY: usize = 1024;
+/// How often a wait for the connection looks at the client's state.
+const CONNECTED_POLL: Duration = Duration::from_millis(10);
 
 /// Settings of the NATS bus.
 #[derive(Debug, Clone)]
@@ -132,7 +134,7 @@ impl fmt::Debug for NatsBus {
         f.debug_struct("NatsBus")
             .field("replica", &self.shared.replica)
             .field("state", &self.shared.client.connection_state())
-            .field("held", &self.held_devices())
+            .field("held", &self.held_device_count())
             .field("pending_requests", &self.pending_requests())
             .finish()
     }
@@ -214,23 +216,14 @@ impl NatsBus {
         self.shared.inbox.waiting()
     }
 
-    /// Devices this bus holds subscriptions for.
-    pub fn held_devices(&self) -> usize {
+    /// Devices this bus holds subscriptions for (zero once every stream here has ended).
+    pub fn held_device_count(&self) -> usize {
         self.shared.held.lock().len()
     }
 
     /// Waits until the client is connected, at most `timeout`. True when it is.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.shared.is_connected() {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.shared.connected_by(Instant::now() + timeout).await
     }
 }
 
@@ -243,7 +236,7 @@ impl Drop for NatsBus {
 #[async_trait]
 impl Bus for NatsBus {
     async fn send_call(&self, device_id: &str, call: &HostCall, ack_timeout: Duration) -> Routed {
-        let span = tracing::debug_span!(
+        let span = tracing::info_span!(
             "nats.send_call",
             device_id = %device_id,
             call_id = %call.call_id,
@@ -256,7 +249,7 @@ impl Bus for NatsBus {
     }
 
     async fn send_result(&self, route: &str, device_id: &str, result: &HostResult) -> DeliverAck {
-        let span = tracing::debug_span!(
+        let span = tracing::info_span!(
             "nats.send_result",
             device_id = %device_id,
             call_id = %result.call_id,
@@ -304,6 +297,19 @@ impl Bus for NatsBus {
 impl Shared {
     fn is_connected(&self) -> bool {
         self.client.connection_state() == State::Connected
+    }
+
+    /// Waits until the client is connected, at most until `deadline`. True when it is.
+    async fn connected_by(&self, deadline: Instant) -> bool {
+        loop {
+            if self.is_connected() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(CONNECTED_POLL).await;
+        }
     }
 
     async fn subscribe(&self, subject: String) -> Result<Subscriber, BusError> {
@@ -359,7 +365,15 @@ impl Shared {
         };
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_DEVICE_ID, device_id);
-        match self.request(self.subjects.result(route), headers, payload, self.options.result_timeout).await {
+        // A result is worth waiting for through a short reconnection: the device will not post
+        // it twice. (A call is not: the dispatcher retries it, and buffered copies would pile up.)
+        let deadline = Instant::now() + self.options.result_timeout;
+        if !self.connected_by(deadline).await {
+            tracing::warn!("result not handed over: NATS unreachable; answering unknown");
+            return DeliverAck::Unknown;
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match self.request(self.subjects.result(route), headers, payload, remaining).await {
             Ok(reply) => serde_json::from_slice::<DeliverAck>(&reply.payload).unwrap_or_else(|error| {
                 tracing::warn!(%error, "malformed deliver ack");
                 DeliverAck::Unknown
@@ -629,7 +643,7 @@ impl Shared {
         let device_id = message.headers.as_ref().and_then(|headers| headers.get(HEADER_DEVICE_ID)).map(|v| v.as_str());
         let ack = match (device_id, serde_json::from_slice::<HostResult>(&message.payload)) {
             (Some(device_id), Ok(result)) => {
-                let span = tracing::debug_span!("nats.on_result", device_id = %device_id, call_id = %result.call_id);
+                let span = tracing::info_span!("nats.on_result", device_id = %device_id, call_id = %result.call_id);
                 let _entered = span.enter();
                 let ack = self.hub.resolve(device_id, result);
                 tracing::debug!(?ack, "result handed in");
@@ -678,7 +692,7 @@ impl Shared {
             }
         };
         let traceparent = message.headers.as_ref().and_then(|headers| headers.get(HEADER_TRACEPARENT));
-        let span = tracing::debug_span!(
+        let span = tracing::info_span!(
             "nats.on_call",
             device_id = %device_id,
             call_id = %call.call_id,
