@@ -105,6 +105,11 @@ impl NatsServer {
         self.port
     }
 
+    /// `http://127.0.0.1:<monitoring port>` (`/connz`, `/routez`, `/healthz`).
+    pub fn monitor_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.monitor_port)
+    }
+
     /// The server's name (`-n`).
     pub fn name(&self) -> &str {
         &self.name
