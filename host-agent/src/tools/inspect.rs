@@ -12,8 +12,9 @@ use protocol::ToolClass;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 
+use super::state::hash_content;
 use super::walk::{self, Flow, Kind, Limits};
 use super::{to_json, Context, Immediate, Tool, ToolError};
 
@@ -370,24 +371,12 @@ impl Immediate for HashFile {
         let file = ctx.scope.open_file(&path).map_err(&io_error)?;
         let algorithm = self.algorithm.unwrap_or_default();
         let hash = match algorithm {
-            Algorithm::Sha256 => digest::<Sha256>(file),
-            Algorithm::Md5 => digest::<Md5>(file),
+            Algorithm::Sha256 => hash_content::<Sha256>(file, 0),
+            Algorithm::Md5 => hash_content::<Md5>(file, 0),
         }
-        .map_err(&io_error)?;
+        .map_err(&io_error)?
+        .hash;
         to_json(&HashOutput { algorithm, hash })
-    }
-}
-
-fn digest<D: Digest>(mut reader: impl Read) -> std::io::Result<String> {
-    let mut hasher = D::new();
-    let mut buffer = vec![0u8; 64 * 1024];
-    loop {
-        match reader.read(&mut buffer) {
-            Ok(0) => return Ok(hex::encode(hasher.finalize())),
-            Ok(read) => hasher.update(&buffer[..read]),
-            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(error) => return Err(error),
-        }
     }
 }
 

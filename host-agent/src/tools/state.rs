@@ -156,8 +156,8 @@ pub fn observe(ctx: &Context, path: &ScopedPath, depth: Depth, keep: usize) -> R
         }
         Kind::File => {
             let file = ctx.scope.open_file(path).map_err(&io_error)?;
-            let hashed = hash_content(file, keep).map_err(&io_error)?;
-            (State::File { size: hashed.size, sha256: hashed.sha256 }, hashed.content)
+            let hashed = hash_content::<Sha256>(file, keep).map_err(&io_error)?;
+            (State::File { size: hashed.size, sha256: hashed.hash }, hashed.content)
         }
         Kind::Other => (State::Other, None),
     };
@@ -166,13 +166,14 @@ pub fn observe(ctx: &Context, path: &ScopedPath, depth: Depth, keep: usize) -> R
 
 pub struct Hashed {
     pub size: u64,
-    pub sha256: String,
+    /// Lowercase hex.
+    pub hash: String,
     pub content: Option<Vec<u8>>,
 }
 
-/// Streams a reader through SHA-256, keeping the bytes when there are at most `keep` of them.
-pub fn hash_content(mut reader: impl Read, keep: usize) -> io::Result<Hashed> {
-    let mut hasher = Sha256::new();
+/// Streams a reader through a digest, keeping the bytes when there are at most `keep` of them.
+pub fn hash_content<D: Digest>(mut reader: impl Read, keep: usize) -> io::Result<Hashed> {
+    let mut hasher = D::new();
     let mut kept = Some(Vec::new());
     let mut size = 0u64;
     let mut buffer = vec![0u8; 64 * 1024];
@@ -193,7 +194,7 @@ pub fn hash_content(mut reader: impl Read, keep: usize) -> io::Result<Hashed> {
             }
         }
     }
-    Ok(Hashed { size, sha256: hex::encode(hasher.finalize()), content: kept })
+    Ok(Hashed { size, hash: hex::encode(hasher.finalize()), content: kept })
 }
 
 /// A digest of a directory's tree listing: every entry's relative path, type, size, modification
@@ -312,9 +313,9 @@ mod tests {
 
     #[test]
     fn hashing_keeps_small_content_only() {
-        let hashed = hash_content(&b"hello"[..], 5).expect("hash");
+        let hashed = hash_content::<Sha256>(&b"hello"[..], 5).expect("hash");
         assert_eq!(hashed.content.as_deref(), Some(&b"hello"[..]));
-        assert_eq!(hashed.sha256, "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
-        assert!(hash_content(&b"hello"[..], 4).expect("hash").content.is_none());
+        assert_eq!(hashed.hash, "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
+        assert!(hash_content::<Sha256>(&b"hello"[..], 4).expect("hash").content.is_none());
     }
 }
