@@ -159,6 +159,7 @@ impl NatsBus {
         if !protocol::subject::is_valid_prefix(subjects.prefix()) {
             return Err(BusError::Unavailable(format!("invalid subject prefix {:?}", subjects.prefix())));
         }
+        let server_count = servers.len();
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let max_delay = options.max_reconnect_delay;
         let client = ConnectOptions::new()
@@ -202,7 +203,8 @@ impl NatsBus {
         tokio::spawn(serve(shared.clone(), revoked, cancel.clone(), Shared::on_revoked));
         tokio::spawn(serve(shared.clone(), presence, cancel.clone(), Shared::on_presence_all));
         tokio::spawn(link::watch(shared.clone(), events_rx, shared.options.broker_grace, cancel.clone()));
-        tracing::info!(replica = %shared.replica, route = %route, servers = urls, "NATS bus started");
+        // Server URLs may carry credentials: log how many, not what.
+        tracing::info!(replica = %shared.replica, route = %route, servers = server_count, "NATS bus started");
         Ok(Arc::new(NatsBus { shared, cancel }))
     }
 
