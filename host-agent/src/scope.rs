@@ -227,7 +227,11 @@ impl Scope {
 fn open_root(path: &Path) -> Result<Root, ScopeError> {
     let shown = path.to_string_lossy().into_owned();
     let unavailable = |source| ScopeError::RootUnavailable { path: shown.clone(), source };
-    let display = std::path::absolute(path).map_err(unavailable)?;
+    let mut display = std::path::absolute(path).map_err(unavailable)?;
+    if display.components().any(|component| component == Component::ParentDir) {
+        // `../x` as given: show where it really is rather than a path with `..` in it.
+        display = strip_verbatim(std::fs::canonicalize(&display).map_err(unavailable)?);
+    }
     let metadata = std::fs::metadata(&display).map_err(unavailable)?;
     if !metadata.is_dir() {
         return Err(ScopeError::RootNotDirectory { path: shown });
@@ -479,6 +483,18 @@ mod tests {
         assert!(scope.resolve(&format!("{}/x", base.path().display())).is_err());
         assert!(scope.resolve("/etc/passwd").is_err());
         assert_eq!(scope.display(&inside), format!("{}/a/b", one.display()));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_root_given_with_dot_dot_is_shown_resolved() {
+        let base = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(base.path().join("one")).expect("mkdir");
+        std::fs::create_dir_all(base.path().join("two")).expect("mkdir");
+        let scope = Scope::open(&[base.path().join("one/../two")]).expect("scope");
+        let shown = std::fs::canonicalize(base.path().join("two")).expect("canonical");
+        assert_eq!(scope.roots_display(), vec![shown.display().to_string()]);
+        assert!(scope.resolve(&format!("{}/x", shown.display())).is_ok());
     }
 
     #[test]
