@@ -154,6 +154,7 @@ suite!(
     approval_while_offline_stays_pending,
     another_users_devices_do_not_exist,
     pending_table_returns_to_zero,
+    large_results_arrive_or_fail_clearly,
 );
 
 async fn round_trip_and_presence(c: Cluster) {
@@ -467,6 +468,35 @@ async fn pending_table_returns_to_zero(c: Cluster) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(c.pending_calls(), 0, "pending entries left after timeouts and cancelled callers");
+}
+
+/// A 1.5 MiB result: delivered whole in memory; in cluster mode larger than NATS's default
+/// 1 MB `max_payload`, so the dispatch answers a clear failure at once instead of timing out.
+async fn large_results_arrive_or_fail_clearly(c: Cluster) {
+    let device = c.pair("verbose").await;
+    let big = "z".repeat(1_500_000);
+    let answer = Answer::with(move |call| Some(HostResult::success(&call.call_id, json!({"content": big}))));
+    let _conn = device.connect(c.stream_url(), c.answer(answer)).await.unwrap();
+    let started = Instant::now();
+    let (status, body) =
+        c.control.call(&device.device_id, "read_file", json!({"path": "big"}), Some(10_000)).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5), "answered after {:?}", started.elapsed());
+    assert_eq!(status, StatusCode::OK);
+    let bus_limit = c.replicas[0].state.dispatcher.bus().max_message_bytes();
+    match bus_limit {
+        Some(limit) if limit < 1_600_000 => {
+            assert_eq!(body["ok"], false, "{}", &body.to_string()[..200]);
+            assert!(body["error"].as_str().is_some_and(|e| e.contains("max_payload")), "{body}");
+            // And a call too large for the bus is refused before it is sent.
+            let (status, body) = c
+                .control
+                .call(&device.device_id, "write_file", json!({"content": "y".repeat(limit)}), None)
+                .await
+                .unwrap();
+            assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+        }
+        _ => assert_eq!(body["result"]["content"].as_str().map(str::len), Some(1_500_000)),
+    }
 }
 
 // ---- one replica's HTTP surface ----

@@ -80,6 +80,12 @@ pub trait Bus: Send + Sync + 'static {
 
     fn health(&self) -> Health;
 
+    /// The largest message the bus carries, when it has a limit (NATS `max_payload`). A call
+    /// that cannot fit is refused before it is dispatched.
+    fn max_message_bytes(&self) -> Option<usize> {
+        None
+    }
+
     /// Short name for logs and metrics.
     fn kind(&self) -> &'static str;
 }

@@ -126,7 +126,8 @@ mod tests {
     #[test]
     fn accept_decisions() {
         // (existing epoch, new epoch, new owns?, old superseded?)
-        let cases = [(None, 5, true, false), (Some(4), 5, true, true), (Some(6), 5, false, false), (Some(5), 5, true, true)];
+        let cases =
+            [(None, 5, true, false), (Some(4), 5, true, true), (Some(6), 5, false, false), (Some(5), 5, true, true)];
         for (existing, new, owns, superseded) in cases {
             let mut table = ConnectionTable::default();
             if let Some(epoch) = existing {

@@ -77,12 +77,13 @@ impl std::fmt::Debug for StreamGuard {
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        if self.hub.release(&self.device_id, self.conn_id) {
-            let bus = self.bus.clone();
-            let (device_id, epoch) = (std::mem::take(&mut self.device_id), self.epoch);
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move { bus.release(&device_id, epoch).await });
-            }
+        self.hub.release(&self.device_id, self.conn_id);
+        // Also when the hub already forgot the stream (takeover, revocation, shutdown): the bus
+        // releases only what it holds for this epoch, so a newer stream here is untouched.
+        let bus = self.bus.clone();
+        let (device_id, epoch) = (std::mem::take(&mut self.device_id), self.epoch);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { bus.release(&device_id, epoch).await });
         }
     }
 }

@@ -132,6 +132,20 @@ fn traceparent(headers: &HeaderMap) -> String {
         .map_or_else(crate::telemetry::new_traceparent, str::to_owned)
 }
 
+/// A call must fit in one bus message (in cluster mode, NATS `max_payload`), with room to
+/// spare for the call's other fields: otherwise no replica could carry it to the device.
+fn fits_the_bus(state: &AppState, input: &Value) -> Result<(), ApiError> {
+    const ENVELOPE: usize = 4096;
+    let Some(limit) = state.dispatcher.bus().max_message_bytes() else {
+        return Ok(());
+    };
+    let size = serde_json::to_vec(input).map_or(usize::MAX, |bytes| bytes.len());
+    if size.saturating_add(ENVELOPE) > limit {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    Ok(())
+}
+
 /// `POST /api/devices/{id}/calls`: run a tool; a mutation's proposal is stored.
 pub async fn call_device(
     State(state): State<AppState>,
@@ -156,6 +170,7 @@ pub async fn call_device(
         return Err(ApiError::BadRequest(format!("timeoutMs: between 1 and {CALL_TIMEOUT_MAX_MS}")));
     }
     let device = owned_device(&state, &caller, &id).await?;
+    fits_the_bus(&state, &request.input)?;
     let mut dispatch =
         DispatchRequest::new(request.tool.clone(), request.input.clone(), Duration::from_millis(timeout_ms));
     dispatch.traceparent = Some(traceparent(&headers));

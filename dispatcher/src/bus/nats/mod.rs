@@ -283,6 +283,10 @@ impl Bus for NatsBus {
         self.shared.revoke(device_id).await
     }
 
+    fn max_message_bytes(&self) -> Option<usize> {
+        Some(self.shared.client.max_payload())
+    }
+
     fn health(&self) -> Health {
         if self.shared.is_connected() {
             Health::Up
@@ -359,6 +363,13 @@ impl Shared {
             return DeliverAck::Unknown;
         }
         let payload = match encode(result) {
+            Ok(payload) => payload,
+            Err(error) => {
+                tracing::error!(%error, "cannot encode a result");
+                return DeliverAck::Unknown;
+            }
+        };
+        let payload = match fit_result(result, payload, self.client.max_payload()) {
             Ok(payload) => payload,
             Err(error) => {
                 tracing::error!(%error, "cannot encode a result");
@@ -784,6 +795,23 @@ async fn serve_device(
 
 fn encode(body: &impl Serialize) -> Result<Bytes, serde_json::Error> {
     serde_json::to_vec(body).map(Bytes::from)
+}
+
+/// Room left in a message for headers and protocol framing.
+const HEADER_ROOM: usize = 1024;
+
+/// A result too large for the broker cannot reach the replica that waits for it; in its place
+/// travels a failure that says so, so the dispatch answers at once instead of timing out.
+fn fit_result(result: &HostResult, payload: Bytes, max_payload: usize) -> Result<Bytes, serde_json::Error> {
+    if payload.len() + HEADER_ROOM <= max_payload {
+        return Ok(payload);
+    }
+    tracing::warn!(bytes = payload.len(), max_payload, "result larger than NATS max_payload; sending a failure");
+    let error = format!(
+        "the device's result ({} bytes) exceeds the cluster bus limit ({max_payload} bytes); raise NATS max_payload",
+        payload.len()
+    );
+    encode(&HostResult::failure(result.call_id.clone(), error))
 }
 
 /// Eight hex digits: the only form of a route tag allowed into a subject.
