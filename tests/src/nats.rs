@@ -255,3 +255,49 @@ impl NatsCluster {
         self.nodes[index].restart().await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    async fn round_trip(sub_url: &str, pub_url: &str) -> anyhow::Result<()> {
+        let subscriber = async_nats::connect(sub_url).await?;
+        let publisher = async_nats::connect(pub_url).await?;
+        let mut subscription = subscriber.subscribe("e2e.ping").await?;
+        subscriber.flush().await?;
+        // Interest may take a moment to cross a route: publish until it arrives.
+        for _ in 0..100 {
+            publisher.publish("e2e.ping", "x".into()).await?;
+            publisher.flush().await?;
+            if let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(100), subscription.next()).await {
+                anyhow::ensure!(message.payload.as_ref() == b"x");
+                return Ok(());
+            }
+        }
+        bail!("no message from {pub_url} to {sub_url}")
+    }
+
+    #[tokio::test]
+    async fn server_kill_and_restart_on_the_same_port() {
+        let mut server = NatsServer::start().await.expect("nats-server starts");
+        round_trip(&server.url(), &server.url()).await.unwrap();
+        let url = server.url();
+        server.kill();
+        assert!(async_nats::connect(&url).await.is_err(), "killed");
+        server.restart().await.unwrap();
+        assert_eq!(server.url(), url);
+        round_trip(&url, &url).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn cluster_routes_messages_between_nodes() {
+        let mut cluster = NatsCluster::start(3).await.expect("cluster starts");
+        assert_eq!(cluster.urls().split(',').count(), 3);
+        round_trip(&cluster.url(0), &cluster.url(2)).await.unwrap();
+        cluster.kill(1);
+        round_trip(&cluster.url(2), &cluster.url(0)).await.unwrap();
+        cluster.restart(1).await.unwrap();
+        round_trip(&cluster.url(1), &cluster.url(0)).await.unwrap();
+    }
+}

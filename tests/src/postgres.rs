@@ -74,3 +74,34 @@ impl Drop for TestDatabase {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn exists(name: &str) -> bool {
+        let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", server_url())).await.unwrap();
+        let found: Option<(i32,)> = sqlx::query_as("SELECT 1 FROM pg_database WHERE datname = $1")
+            .bind(name)
+            .fetch_optional(&mut admin)
+            .await
+            .unwrap();
+        found.is_some()
+    }
+
+    #[tokio::test]
+    async fn created_then_dropped_even_with_open_connections() {
+        let db = TestDatabase::create().await.unwrap();
+        let name = db.name().to_owned();
+        let mut open = sqlx::PgConnection::connect(db.url()).await.unwrap();
+        sqlx::query("CREATE TABLE t (x int)").execute(&mut open).await.unwrap();
+        assert!(exists(&name).await);
+        db.cleanup().await.unwrap();
+        assert!(!exists(&name).await);
+
+        let db = TestDatabase::create().await.unwrap();
+        let name = db.name().to_owned();
+        drop(db);
+        assert!(!exists(&name).await, "dropped on drop");
+    }
+}
