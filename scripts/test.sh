@@ -93,6 +93,6 @@ fi
 
 say "cargo build --workspace --all-targets"
 cargo build --workspace --all-targets
-say "cargo test --workspace $*"
-cargo test --workspace "$@"
+say "cargo test --workspace --no-fail-fast $*"
+cargo test --workspace --no-fail-fast "$@"
 say "all tests passed"
