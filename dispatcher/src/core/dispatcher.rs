@@ -159,7 +159,7 @@ impl Dispatcher {
             deadline: Some(wall_deadline),
             traceparent: request.traceparent,
         };
-        let Some(result) = self.hub.register_call(&call_id, device_id) else {
+        let Some(mut result) = self.hub.register_call(&call_id, device_id) else {
             // 122 random bits collided with a call in flight: treat like a lost push.
             return HostResult::timed_out(call_id);
         };
@@ -171,7 +171,14 @@ impl Dispatcher {
             if remaining.is_zero() {
                 return HostResult::timed_out(call_id);
             }
-            match self.bus.send_call(device_id, &call, remaining.min(ACK_TIMEOUT)).await {
+            // The result may come back before a late acknowledgement does: then the call was
+            // pushed, and asking again would push it twice.
+            let routed = tokio::select! {
+                biased;
+                answered = &mut result => return answered.unwrap_or_else(|_| HostResult::timed_out(call_id)),
+                routed = self.bus.send_call(device_id, &call, remaining.min(ACK_TIMEOUT)) => routed,
+            };
+            match routed {
                 Routed::Accepted => break,
                 Routed::Offline => return HostResult::offline(call_id),
                 Routed::Expired => return HostResult::timed_out(call_id),

@@ -6,6 +6,7 @@
 //! tables it holds ([`ConnectionTable`], [`PendingTable`]) and the frames they produce are
 //! handed to the streams' channels without waiting.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -67,6 +68,41 @@ pub struct Hub {
     last_tick_ms: AtomicU64,
     device_tokens: Mutex<TtlCache<[u8; 32], CachedDevice>>,
     api_tokens: Mutex<TtlCache<[u8; 32], String>>,
+    pushed: Mutex<PushedCalls>,
+}
+
+/// How long the id of a call without a deadline is remembered after its push (the longest
+/// call timeout).
+const PUSHED_TTL: chrono::Duration = chrono::Duration::seconds(300);
+/// Entries below which the pushed-call log is never swept.
+const PUSHED_SWEEP_MIN: usize = 1024;
+
+/// The ids of the calls this replica pushed, each until its deadline: the dispatcher retries a
+/// call whose acknowledgement did not come in time, and the retry must not push it twice.
+#[derive(Debug, Default)]
+struct PushedCalls {
+    until: HashMap<String, chrono::DateTime<chrono::Utc>>,
+    /// Size at which entries past their deadline are next swept.
+    sweep_at: usize,
+}
+
+impl PushedCalls {
+    fn contains(&self, call_id: &str) -> bool {
+        self.until.contains_key(call_id)
+    }
+
+    /// Records a push; sweeps the entries past their time when the log has doubled.
+    fn insert(&mut self, call_id: String, until: chrono::DateTime<chrono::Utc>, now: chrono::DateTime<chrono::Utc>) {
+        if self.until.len() >= self.sweep_at.max(PUSHED_SWEEP_MIN) {
+            self.until.retain(|_, kept| *kept > now);
+            self.sweep_at = self.until.len() * 2;
+        }
+        self.until.insert(call_id, until);
+    }
+
+    fn len(&self) -> usize {
+        self.until.len()
+    }
 }
 
 impl std::fmt::Debug for Hub {
@@ -91,6 +127,7 @@ impl Hub {
             last_tick_ms: AtomicU64::new(0),
             device_tokens: Mutex::new(TtlCache::new(AUTH_CACHE_TTL, AUTH_CACHE_CAPACITY)),
             api_tokens: Mutex::new(TtlCache::new(AUTH_CACHE_TTL, AUTH_CACHE_CAPACITY)),
+            pushed: Mutex::default(),
         })
     }
 
@@ -141,19 +178,30 @@ impl Hub {
 
     /// Pushes a call to the device's stream here, if it has one and this replica can vouch
     /// for it: not expired, and not frozen since the stream may have moved.
+    /// A call pushed here already (the dispatcher asked again because the acknowledgement was
+    /// late or lost) is acknowledged again and not pushed a second time.
     pub fn push(&self, device_id: &str, call: HostCall) -> CallAck {
-        if call.is_expired(chrono::Utc::now()) {
+        let now = chrono::Utc::now();
+        if call.is_expired(now) {
             return CallAck::Expired;
         }
         if self.is_stalled() {
             return CallAck::NotHeld;
         }
+        let mut pushed = self.pushed.lock();
+        if pushed.contains(&call.call_id) {
+            return CallAck::Accepted;
+        }
         let tx = match self.conns.lock().get(device_id) {
             Some(conn) => conn.tx.clone(),
             None => return CallAck::NotHeld,
         };
+        let (call_id, keep_until) = (call.call_id.clone(), call.deadline.unwrap_or(now + PUSHED_TTL));
         match tx.try_send(Frame::Call(call)) {
-            Ok(()) => CallAck::Accepted,
+            Ok(()) => {
+                pushed.insert(call_id, keep_until, now);
+                CallAck::Accepted
+            }
             Err(_) => CallAck::NotHeld,
         }
     }
@@ -314,6 +362,40 @@ mod tests {
         assert!(!hub.release("d", first.conn_id));
         assert!(hub.release("d", second.conn_id));
         assert_eq!(hub.push("d", call("c2")), CallAck::NotHeld);
+    }
+
+    #[test]
+    fn a_call_asked_again_is_acknowledged_but_pushed_once() {
+        let hub = Hub::new("r", 1);
+        hub.tick();
+        let mut opened = hub.open("d", 1);
+        let mut again = call("c");
+        again.deadline = Some(chrono::Utc::now() + chrono::Duration::seconds(30));
+        assert_eq!(hub.push("d", again.clone()), CallAck::Accepted);
+        assert_eq!(hub.push("d", again.clone()), CallAck::Accepted);
+        assert!(matches!(next_frame(&mut opened.rx), Some(Frame::Call(c)) if c.call_id == "c"));
+        assert!(next_frame(&mut opened.rx).is_none(), "pushed twice");
+        // Not even to a newer stream of the device.
+        let mut newer = hub.open("d", 2);
+        assert_eq!(hub.push("d", again), CallAck::Accepted);
+        assert!(next_frame(&mut newer.rx).is_none(), "pushed to a second stream");
+        // A call that was never pushed (no stream) is not remembered.
+        assert_eq!(hub.push("e", call("x")), CallAck::NotHeld);
+        let _e = hub.open("e", 1);
+        assert_eq!(hub.push("e", call("x")), CallAck::Accepted);
+    }
+
+    #[test]
+    fn pushed_calls_are_forgotten_after_their_deadline() {
+        let now = chrono::Utc::now();
+        let mut log = PushedCalls::default();
+        for i in 0..PUSHED_SWEEP_MIN {
+            log.insert(format!("old-{i}"), now - chrono::Duration::seconds(1), now);
+        }
+        log.insert("live".into(), now + chrono::Duration::seconds(30), now);
+        // The insert that found the log full swept the expired entries first.
+        assert_eq!(log.len(), 1);
+        assert!(log.contains("live") && !log.contains("old-0"));
     }
 
     #[test]
