@@ -100,6 +100,7 @@ impl PushedCalls {
         self.until.insert(call_id, until);
     }
 
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.until.len()
     }
