@@ -56,9 +56,17 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// Gives error responses made outside the handlers (body limit, unknown method, timeouts)
-/// the contract's `{"error": …}` body.
+/// the contract's `{"error": …}` body. A 413 also says `Connection: close`: the unread rest of
+/// the body makes the connection unusable, and a client that pools connections must know.
 async fn json_errors(request: Request<Body>, next: Next) -> Response {
-    let response = next.run(request).await;
+    let mut response = with_json_error(next.run(request).await);
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+fn with_json_error(response: Response) -> Response {
     let status = response.status();
     let is_json = response
         .headers()
