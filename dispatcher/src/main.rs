@@ -10,7 +10,6 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    dispatcher::telemetry::init_logging();
     match cli.command {
         Command::Serve(args) => {
             let host =
@@ -23,6 +22,7 @@ async fn main() -> anyhow::Result<()> {
                     std::process::exit(2);
                 }
             };
+            let _telemetry = dispatcher::telemetry::init(&settings.replica_id);
             let listener = tokio::net::TcpListener::bind(settings.listen)
                 .await
                 .with_context(|| format!("binding {}", settings.listen))?;
@@ -31,6 +31,7 @@ async fn main() -> anyhow::Result<()> {
             dispatcher::server::run(settings, listener, shutdown).await?;
         }
         Command::Token { command: TokenCommand::Create { user, name, database } } => {
+            dispatcher::telemetry::init_logging();
             let user = user.trim();
             anyhow::ensure!(!user.is_empty(), "--user must not be empty");
             let registry = Registry::connect(&database.database_url).await.context("opening the database")?;
@@ -39,6 +40,7 @@ async fn main() -> anyhow::Result<()> {
             registry.close().await;
         }
         Command::Token { command: TokenCommand::Revoke { prefix, database } } => {
+            dispatcher::telemetry::init_logging();
             let registry = Registry::connect(&database.database_url).await.context("opening the database")?;
             let revoked = registry.revoke_api_token(&prefix).await?;
             registry.close().await;

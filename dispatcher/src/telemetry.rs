@@ -1,10 +1,24 @@
-//! Telemetry: log setup for the binary and the Prometheus metrics served at `/metrics`
-//! (dispatches by outcome, dispatch latency, device streams, pending calls, broker state).
+//! Telemetry: logs, traces and the Prometheus metrics served at `/metrics` (dispatches by
+//! outcome, dispatch latency, device streams, pending calls, broker state).
+//!
+//! Traces: every dispatch is a span, parented on the caller's W3C `traceparent` when it sent
+//! one; the call carries the span's context to the device (in the HostCall, and across NATS in
+//! a header), and the device's result POST comes back under it, so one trace shows every
+//! replica a call crossed. Spans are exported over OTLP/HTTP when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the standard `OTEL_*` variables apply); without it
+//! the context still travels as text.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::AtomicI64;
 use std::time::Instant;
 
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::KeyValue;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -12,19 +26,108 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use protocol::HostResult;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-/// Logs to stderr; `RUST_LOG` filters (default `info`), `LOG_FORMAT=json` for JSON lines.
-pub fn init_logging() {
-    use tracing_subscriber::{fmt, EnvFilter};
+/// Flushes exported spans when dropped (at the end of `main`).
+#[derive(Debug, Default)]
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            let flushed = std::thread::spawn(move || provider.shutdown()).join();
+            if let Ok(Err(error)) = flushed {
+                eprintln!("dispatcher: flushing traces failed: {error}");
+            }
+        }
+    }
+}
+
+/// Logs to stderr (`RUST_LOG` filters, default `info`; `LOG_FORMAT=json` for JSON lines), and
+/// exports traces over OTLP/HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+pub fn init(replica_id: &str) -> TelemetryGuard {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{fmt, EnvFilter, Layer};
+
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let result = if std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().try_init()
+    let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json");
+    let logs = if json {
+        fmt::layer().json().with_writer(std::io::stderr).boxed()
     } else {
-        builder.try_init()
+        fmt::layer().with_writer(std::io::stderr).boxed()
+    };
+    // The exporter's HTTP client is a blocking one, which must not be built (or dropped) on
+    // an async runtime's thread: build it on a thread of its own.
+    let replica_id = replica_id.to_owned();
+    let built = std::thread::spawn(move || otlp_provider(&replica_id)).join().unwrap_or(None);
+    let (provider, traces) = match built {
+        Some(Ok(provider)) => {
+            let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("dispatcher"));
+            (Some(provider), Some(layer))
+        }
+        Some(Err(error)) => {
+            eprintln!("dispatcher: OTLP export disabled: {error}");
+            (None, None)
+        }
+        None => (None, None),
     };
     // Already initialised (tests, embedding apps): keep theirs.
-    drop(result);
+    let _ = tracing_subscriber::registry().with(filter).with(logs).with(traces).try_init();
+    TelemetryGuard { provider }
+}
+
+/// Logs only, for tests and tools.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn otlp_provider(replica_id: &str) -> Option<Result<SdkTracerProvider, String>> {
+    if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_none()
+        && std::env::var_os("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_none()
+    {
+        return None;
+    }
+    let exporter = match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
+        Ok(exporter) => exporter,
+        Err(error) => return Some(Err(error.to_string())),
+    };
+    let resource = Resource::builder()
+        .with_service_name("dispatcher")
+        .with_attribute(KeyValue::new("service.instance.id", replica_id.to_owned()))
+        .build();
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    Some(Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build()))
+}
+
+/// Makes `span` a child of the trace context in `traceparent` (when spans are exported).
+pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>) {
+    let Some(traceparent) = traceparent.filter(|t| is_traceparent(t)) else {
+        return;
+    };
+    let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let parent = TraceContextPropagator::new().extract(&carrier);
+    let _ = span.set_parent(parent);
+}
+
+/// The `traceparent` of `span` when spans are exported, else `fallback` (the caller's, passed
+/// on as it came) or a new one.
+pub fn traceparent_of(span: &tracing::Span, fallback: Option<&str>) -> String {
+    let context = span.context();
+    let span_ref = context.span();
+    let own = span_ref.span_context();
+    if own.is_valid() {
+        return format!("00-{}-{}-{:02x}", own.trace_id(), own.span_id(), own.trace_flags().to_u8());
+    }
+    fallback.filter(|t| is_traceparent(t)).map_or_else(new_traceparent, str::to_owned)
 }
 
 /// True for a well-formed W3C `traceparent` (version 00): `00-<32 hex>-<16 hex>-<2 hex>`, with

@@ -16,6 +16,7 @@ use protocol::{
 };
 use serde::Deserialize;
 use serde_json::Value;
+use tracing::Instrument;
 
 use super::auth::UserCaller;
 use super::{ApiError, AppState, JsonBody};
@@ -122,14 +123,26 @@ fn result_status(result: &HostResult) -> StatusCode {
     }
 }
 
-/// The caller's W3C trace context when it sent a valid one, else a new trace: every dispatch
-/// carries one to the device, whose result POST comes back under it.
-fn traceparent(headers: &HeaderMap) -> String {
-    headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| crate::telemetry::is_traceparent(v))
-        .map_or_else(crate::telemetry::new_traceparent, str::to_owned)
+/// The caller's `traceparent` header, if any.
+fn caller_traceparent(headers: &HeaderMap) -> Option<String> {
+    headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+/// Dispatches in a span parented on the caller's trace; the call carries the span's context
+/// (or, when spans are not exported, the caller's own, or a new one) to the device, whose
+/// result POST comes back under it.
+async fn traced_dispatch(
+    state: &AppState,
+    kind: &'static str,
+    device_id: &str,
+    headers: &HeaderMap,
+    mut request: DispatchRequest,
+) -> HostResult {
+    let caller = caller_traceparent(headers);
+    let span = tracing::info_span!("api.dispatch", kind, device_id = %device_id, tool = %request.tool);
+    crate::telemetry::set_parent(&span, caller.as_deref());
+    request.traceparent = Some(crate::telemetry::traceparent_of(&span, caller.as_deref()));
+    state.metrics.observe_dispatch(state.dispatcher.dispatch(device_id, request)).instrument(span).await
 }
 
 /// A call must fit in one bus message (in cluster mode, NATS `max_payload`), with room to
@@ -171,10 +184,8 @@ pub async fn call_device(
     }
     let device = owned_device(&state, &caller, &id).await?;
     fits_the_bus(&state, &request.input)?;
-    let mut dispatch =
-        DispatchRequest::new(request.tool.clone(), request.input.clone(), Duration::from_millis(timeout_ms));
-    dispatch.traceparent = Some(traceparent(&headers));
-    let result = state.metrics.observe_dispatch(state.dispatcher.dispatch(&device.id, dispatch)).await;
+    let dispatch = DispatchRequest::new(request.tool.clone(), request.input.clone(), Duration::from_millis(timeout_ms));
+    let result = traced_dispatch(&state, "call", &device.id, &headers, dispatch).await;
 
     let mut proposal_id = None;
     if result.ok && result.is_proposal() {
@@ -273,8 +284,7 @@ pub async fn approve(
     );
     dispatch.mode = Some(CallMode::Apply);
     dispatch.preconditions = Some(stored.preconditions);
-    dispatch.traceparent = Some(traceparent(&headers));
-    let result = state.metrics.observe_dispatch(state.dispatcher.dispatch(&proposal.device_id, dispatch)).await;
+    let result = traced_dispatch(&state, "apply", &proposal.device_id, &headers, dispatch).await;
 
     let next = if result.is_offline() {
         // Nothing was pushed: the proposal may be approved again later.

@@ -14,6 +14,7 @@ use futures::Stream;
 use protocol::sse::{self, Ready, Reconnect};
 use protocol::subject::DeliverAck;
 use protocol::{Delivered, EnrollRequest, HostResult, Manifest};
+use tracing::Instrument;
 
 use super::auth::DeviceCaller;
 use super::{ApiError, AppState, JsonBody};
@@ -137,9 +138,13 @@ fn frames(ready: Ready, stream: DeviceStream, end: StreamEnd) -> impl Stream<Ite
 pub async fn result(
     State(state): State<AppState>,
     caller: DeviceCaller,
+    headers: axum::http::HeaderMap,
     JsonBody(result): JsonBody<HostResult>,
 ) -> Result<Response, ApiError> {
-    match state.dispatcher.deliver(&caller.device_id, result).await {
+    // The agent posts under the call's trace context: the hand-over joins the dispatch's trace.
+    let span = tracing::info_span!("api.result", device_id = %caller.device_id, call_id = %result.call_id);
+    crate::telemetry::set_parent(&span, headers.get("traceparent").and_then(|v| v.to_str().ok()));
+    match state.dispatcher.deliver(&caller.device_id, result).instrument(span).await {
         DeliverAck::Delivered => Ok(Json(Delivered { delivered: true }).into_response()),
         DeliverAck::Forbidden => Err(ApiError::Forbidden("the call was dispatched to another device".into())),
         DeliverAck::Unknown => Ok((StatusCode::NOT_FOUND, Json(Delivered { delivered: false })).into_response()),

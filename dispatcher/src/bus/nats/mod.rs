@@ -711,6 +711,7 @@ impl Shared {
             call_id = %call.call_id,
             traceparent = traceparent.map(|value| value.as_str()),
         );
+        crate::telemetry::set_parent(&span, traceparent.map(|value| value.as_str()));
         let ack = span.in_scope(|| self.hub.push(device_id, call));
         self.reply(&message, &ack).instrument(span).await;
         if ack == CallAck::NotHeld {
