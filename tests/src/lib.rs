@@ -14,6 +14,8 @@
 //! - [`device`]: [`device::TestDevice`], a small device speaking the contract over HTTP, and
 //!   [`device::Control`], the control API as an app backend uses it.
 //! - [`sse`]: a minimal Server-Sent-Events frame parser that keeps comment lines.
+//! - [`swarm`]: thousands of simulated devices in one process, for the measurement tools.
+//! - [`load`]: a load generator (closed and open loop) with latency percentiles.
 //! - [`cluster`]: [`cluster::LocalCluster`], NATS, a database and N dispatcher replicas as one.
 //!
 //! Everything spawned is killed when its handle is dropped; every port is picked free, so
@@ -22,10 +24,12 @@
 pub mod bin;
 pub mod cluster;
 pub mod device;
+pub mod load;
 pub mod nats;
 pub mod postgres;
 pub mod process;
 pub mod sse;
+pub mod swarm;
 
 pub use cluster::LocalCluster;
 pub use device::{Answer, Control, DeviceConn, TestDevice};

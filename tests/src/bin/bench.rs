@@ -1,0 +1,858 @@
+//! `bench`: measures the dispatcher on this machine in one run, and prints every figure with
+//! its target (met or missed; nothing is asserted).
+//!
+//! ```text
+//! cargo build --release -p dispatcher -p e2e && target/release/bench [--quick]
+//! ```
+//!
+//! Sections, in order:
+//! 1. baselines built from the same crate versions: raw async-nats request-reply against a
+//!    local nats-server, and a bare axum SSE push answered by a POST (an in-process server);
+//! 2. the embedded dispatcher (one replica process, in-memory bus, SQLite) end to end over HTTP
+//!    with swarm devices;
+//! 3. a three-replica cluster (NATS + PostgreSQL) end to end, the stream on replica 1, the
+//!    dispatch on replica 2, the result POSTed to replica 3;
+//!
+//!    each at 1 call in flight (p50/p99) and 64 in flight (throughput); then the offline
+//!    answer, memory per idle device stream (VmRSS before and after connecting the streams),
+//!    and the time for the devices of a replica to be back after `kill -9` of it.
+//!
+//! `--quick` runs the same sections with small counts in seconds (the CI smoke test).
+//!
+//! Not here: invariants under faults (the `chaos` binary).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use axum::extract::State;
+use axum::response::sse::{Event, Sse};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use clap::Parser;
+use e2e::cluster::LocalCluster;
+use e2e::load::{closed_loop, ms, CallTarget, Latencies, LoadReport, Outcome, Stop};
+use e2e::swarm::{enroll_many, Placement, PostTo, Swarm, SwarmConfig, DEVICES_PER_ADDRESS};
+use e2e::{Control, Dispatcher, NatsServer, TestDevice};
+use futures::StreamExt;
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+#[derive(Debug, Parser)]
+#[command(name = "bench", about = "Measures the dispatcher on this machine and prints each figure against its target.")]
+struct Args {
+    /// A smoke run with small counts (seconds), as CI runs it.
+    #[arg(long)]
+    quick: bool,
+    /// Only these sections (comma-separated): baselines, embedded, cluster, memory, kill.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Streams for the memory figure (default 10000; 200 with --quick).
+    #[arg(long)]
+    streams: Option<usize>,
+    /// Devices for the kill -9 recovery figure (default 1000; 50 with --quick).
+    #[arg(long)]
+    kill_devices: Option<usize>,
+    /// Seconds of each 64-in-flight throughput run (default 10; 1 with --quick).
+    #[arg(long)]
+    seconds: Option<u64>,
+}
+
+/// The counts of a run.
+#[derive(Debug, Clone)]
+struct Plan {
+    quick: bool,
+    /// Calls measured at 1 in flight (after `warmup` calls).
+    serial_calls: u64,
+    warmup: u64,
+    /// Calls in flight for throughput, and devices sharing them.
+    parallel: usize,
+    parallel_for: Duration,
+    devices: usize,
+    offline_calls: u64,
+    streams: usize,
+    kill_devices: usize,
+}
+
+impl Plan {
+    fn new(args: &Args) -> Plan {
+        let quick = args.quick;
+        Plan {
+            quick,
+            serial_calls: if quick { 200 } else { 5000 },
+            warmup: if quick { 20 } else { 500 },
+            parallel: 64,
+            parallel_for: Duration::from_secs(args.seconds.unwrap_or(if quick { 1 } else { 10 })),
+            devices: if quick { 8 } else { 64 },
+            offline_calls: if quick { 100 } else { 2000 },
+            streams: args.streams.unwrap_or(if quick { 200 } else { 10_000 }),
+            kill_devices: args.kill_devices.unwrap_or(if quick { 50 } else { 1000 }),
+        }
+    }
+}
+
+/// A figure at 1 in flight and at 64 in flight.
+#[derive(Debug, Clone, Default)]
+struct Pair {
+    serial: Latencies,
+    parallel: LoadReport,
+}
+
+/// Every figure measured, for the targets at the end.
+#[derive(Debug, Default)]
+struct Figures {
+    nats: Option<Pair>,
+    sse: Option<Pair>,
+    sse_http: Option<Pair>,
+    embedded: Option<Pair>,
+    cluster: Option<Pair>,
+    offline_embedded: Option<Latencies>,
+    offline_cluster: Option<Latencies>,
+    memory_embedded: Option<f64>,
+    memory_cluster: Option<f64>,
+    kill: Option<KillFigures>,
+    failures: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+struct KillFigures {
+    devices: usize,
+    back: usize,
+    times: Latencies,
+    largest_window: f64,
+    reachable: usize,
+}
+
+/// Hands out loopback source-address indexes so every enrollment batch uses fresh addresses.
+#[derive(Debug, Default)]
+struct Addresses {
+    next: usize,
+}
+
+impl Addresses {
+    fn take(&mut self, devices: usize) -> usize {
+        let first = self.next;
+        self.next += devices.div_ceil(DEVICES_PER_ADDRESS) * DEVICES_PER_ADDRESS;
+        first
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    use_sibling_dispatcher()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let code = runtime.block_on(run(args))?;
+    drop(runtime);
+    std::process::exit(code);
+}
+
+/// Points the harness at the `dispatcher` binary next to this one (same profile), building it
+/// when it is missing.
+fn use_sibling_dispatcher() -> anyhow::Result<()> {
+    if std::env::var_os("CARGO_BIN_EXE_dispatcher").is_some() {
+        return Ok(());
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("bench has no directory")?.to_path_buf();
+    let name = format!("dispatcher{}", std::env::consts::EXE_SUFFIX);
+    let path: PathBuf = dir.join(&name);
+    if !path.is_file() {
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        eprintln!("bench: {} is missing; building it", path.display());
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut command = std::process::Command::new(cargo);
+        command.current_dir(e2e::bin::workspace_root()).args(["build", "-p", "dispatcher"]);
+        if release {
+            command.arg("--release");
+        }
+        let status = command.status().context("running cargo build -p dispatcher")?;
+        anyhow::ensure!(status.success() && path.is_file(), "could not build {}", path.display());
+    }
+    std::env::set_var("CARGO_BIN_EXE_dispatcher", &path);
+    Ok(())
+}
+
+fn wants(args: &Args, section: &str) -> bool {
+    args.only.is_empty() || args.only.iter().any(|s| s == section)
+}
+
+async fn run(args: Args) -> anyhow::Result<i32> {
+    let plan = Plan::new(&args);
+    let started = Instant::now();
+    print_machine(&plan).await;
+    let mut figures = Figures::default();
+    let mut addresses = Addresses::default();
+
+    if wants(&args, "baselines") {
+        section("baseline: raw NATS request-reply (async-nats, one local nats-server)");
+        match baseline_nats(&plan).await {
+            Ok(pair) => {
+                print_pair(&pair);
+                figures.nats = Some(pair);
+            }
+            Err(error) => fail(&mut figures, "baseline NATS", error),
+        }
+        section("baseline: bare axum SSE push answered by a POST (in-process server)");
+        match baseline_sse(&plan).await {
+            Ok((pair, http)) => {
+                print_pair(&pair);
+                println!("  variant with the push triggered by an HTTP request (like POST /calls):");
+                print_pair(&http);
+                figures.sse = Some(pair);
+                figures.sse_http = Some(http);
+            }
+            Err(error) => fail(&mut figures, "baseline SSE", error),
+        }
+    }
+    if wants(&args, "embedded") || wants(&args, "memory") {
+        section("embedded dispatcher: one replica, in-memory bus, SQLite; calls over HTTP");
+        if let Err(error) = embedded(&plan, &args, &mut figures, &mut addresses).await {
+            fail(&mut figures, "embedded", error);
+        }
+    }
+    if wants(&args, "cluster") || wants(&args, "memory") || wants(&args, "kill") {
+        section("cluster: three replicas, NATS + PostgreSQL; stream on replica 1, dispatch on 2, result to 3");
+        if let Err(error) = cluster(&plan, &args, &mut figures, &mut addresses).await {
+            fail(&mut figures, "cluster", error);
+        }
+    }
+    print_targets(&figures);
+    println!("\nbench finished in {:.1} s", started.elapsed().as_secs_f64());
+    if figures.failures.is_empty() {
+        Ok(0)
+    } else {
+        println!("sections that failed: {}", figures.failures.join("; "));
+        Ok(1)
+    }
+}
+
+fn section(title: &str) {
+    println!("\n== {title}");
+}
+
+fn fail(figures: &mut Figures, what: &str, error: anyhow::Error) {
+    println!("  FAILED: {error:#}");
+    figures.failures.push(format!("{what}: {error:#}"));
+}
+
+fn print_pair(pair: &Pair) {
+    println!("  1 in flight:  {} calls; {}", pair.serial.len(), pair.serial.summary());
+    println!("  64 in flight: {}", pair.parallel.summary());
+}
+
+async fn print_machine(plan: &Plan) {
+    section("machine");
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| text.lines().find(|l| l.starts_with("model name")).map(|l| l.to_owned()))
+        .and_then(|line| line.split_once(':').map(|(_, v)| v.trim().to_owned()))
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| text.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned()))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0))
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let nats = std::process::Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|_| "not found".into());
+    println!("  cpu: {cpu}, {cores} cores; memory {memory}; linux {}", kernel.trim());
+    println!("  {nats}; profile: {}", if cfg!(debug_assertions) { "debug (not for figures)" } else { "release" });
+    println!(
+        "  plan: {} calls at 1 in flight, {} s at {} in flight over {} devices, {} streams, {} devices killed{}",
+        plan.serial_calls,
+        plan.parallel_for.as_secs(),
+        plan.parallel,
+        plan.devices,
+        plan.streams,
+        plan.kill_devices,
+        if plan.quick { " (--quick)" } else { "" }
+    );
+}
+
+/// Runs `call` at 1 in flight (after a warm-up) and at 64 in flight.
+async fn measure_pair<F, Fut>(plan: &Plan, call: F) -> Pair
+where
+    F: Fn(u64) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = Outcome> + Send + 'static,
+{
+    closed_loop(1, Stop::Calls(plan.warmup), call.clone()).await;
+    let serial = closed_loop(1, Stop::Calls(plan.serial_calls), call.clone()).await;
+    closed_loop(plan.parallel, Stop::After(plan.parallel_for / 5), call.clone()).await;
+    let parallel = closed_loop(plan.parallel, Stop::After(plan.parallel_for), call).await;
+    Pair { serial: serial.ok, parallel }
+}
+
+// ---- baselines ----
+
+/// A payload the size of a small call.
+fn call_payload() -> Bytes {
+    let call = json!({
+        "callId": "0000000a-1b2c3d4e5f60718293a4b5c6d7e8f901",
+        "tool": "echo",
+        "input": {"text": "hello"},
+        "deadline": "2030-01-01T00:00:00Z",
+    });
+    Bytes::from(serde_json::to_vec(&call).unwrap_or_default())
+}
+
+async fn baseline_nats(plan: &Plan) -> anyhow::Result<Pair> {
+    let server = NatsServer::start().await?;
+    let responder = async_nats::connect(server.url()).await?;
+    let requester = async_nats::connect(server.url()).await?;
+    let mut subscription = responder.subscribe("bench.echo").await?;
+    responder.flush().await?;
+    let echo = tokio::spawn(async move {
+        while let Some(message) = subscription.next().await {
+            if let Some(reply) = message.reply {
+                let _ = responder.publish(reply, message.payload).await;
+            }
+        }
+    });
+    let payload = call_payload();
+    let pair = measure_pair(plan, move |_| {
+        let requester = requester.clone();
+        let payload = payload.clone();
+        async move {
+            match requester.request("bench.echo", payload).await {
+                Ok(_) => Outcome::Ok,
+                Err(_) => Outcome::Transport("nats"),
+            }
+        }
+    })
+    .await;
+    echo.abort();
+    drop(server);
+    Ok(pair)
+}
+
+/// The bare SSE server's state: the streams, and the calls waiting for a POST.
+#[derive(Default)]
+struct Bare {
+    streams: Mutex<Vec<mpsc::Sender<Event>>>,
+    pending: Mutex<std::collections::HashMap<String, oneshot::Sender<()>>>,
+    next: AtomicU64,
+}
+
+impl Bare {
+    /// Pushes a call to a stream and waits for its POST.
+    async fn call(&self, seq: u64) -> Outcome {
+        let tx = {
+            let streams = self.streams.lock();
+            if streams.is_empty() {
+                return Outcome::Offline;
+            }
+            streams[(seq % streams.len() as u64) as usize].clone()
+        };
+        let id = format!("{:016x}", self.next.fetch_add(1, Ordering::Relaxed));
+        let (done_tx, done_rx) = oneshot::channel();
+        self.pending.lock().insert(id.clone(), done_tx);
+        let call = protocol::HostCall {
+            call_id: id.clone(),
+            tool: "echo".into(),
+            input: json!({"text": "hello"}),
+            mode: None,
+            preconditions: None,
+            deadline: None,
+            traceparent: None,
+        };
+        let data = serde_json::to_string(&call).unwrap_or_default();
+        if tx.send(Event::default().event("call").id(id.clone()).data(data)).await.is_err() {
+            self.pending.lock().remove(&id);
+            return Outcome::Offline;
+        }
+        match tokio::time::timeout(Duration::from_secs(10), done_rx).await {
+            Ok(Ok(())) => Outcome::Ok,
+            _ => {
+                self.pending.lock().remove(&id);
+                Outcome::TimedOut
+            }
+        }
+    }
+}
+
+async fn bare_stream(
+    State(bare): State<Arc<Bare>>,
+) -> Sse<impl futures::Stream<Item = Result<Event, std::convert::Infallible>>> {
+    let (tx, rx) = mpsc::channel(256);
+    bare.streams.lock().push(tx);
+    let ready = Event::default().event("ready").data(r#"{"deviceId":"bare","replica":"bare"}"#);
+    let events = futures::stream::once(async move { Ok(ready) })
+        .chain(tokio_stream_from(rx).map(Ok::<_, std::convert::Infallible>));
+    Sse::new(events)
+}
+
+fn tokio_stream_from(mut rx: mpsc::Receiver<Event>) -> impl futures::Stream<Item = Event> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+async fn bare_result(State(bare): State<Arc<Bare>>, Json(body): Json<Value>) -> (axum::http::StatusCode, Json<Value>) {
+    let id = body["callId"].as_str().unwrap_or_default();
+    match bare.pending.lock().remove(id) {
+        Some(done) => {
+            let _ = done.send(());
+            (axum::http::StatusCode::OK, Json(json!({"delivered": true})))
+        }
+        None => (axum::http::StatusCode::NOT_FOUND, Json(json!({"delivered": false}))),
+    }
+}
+
+async fn bare_http_call(State(bare): State<Arc<Bare>>) -> axum::http::StatusCode {
+    match bare.call(bare.next.load(Ordering::Relaxed)).await {
+        Outcome::Ok => axum::http::StatusCode::OK,
+        _ => axum::http::StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+/// The bare server on its own runtime (its own threads, as if another process), until the
+/// returned sender is dropped.
+fn start_bare(bare: Arc<Bare>) -> anyhow::Result<(SocketAddr, oneshot::Sender<()>)> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    std::thread::Builder::new().name("bare-sse".into()).spawn(move || {
+        let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                eprintln!("bench: bare server runtime: {error}");
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            let app = Router::new()
+                .route("/api/host/stream", get(bare_stream))
+                .route("/api/host/result", post(bare_result))
+                .route("/call", post(bare_http_call))
+                .with_state(bare);
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                return;
+            };
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = stop_rx.await;
+            });
+            let _ = tokio::time::timeout(Duration::from_secs(3600), serve).await;
+        });
+        runtime.shutdown_timeout(Duration::from_secs(1));
+    })?;
+    Ok((addr, stop_tx))
+}
+
+async fn baseline_sse(plan: &Plan) -> anyhow::Result<(Pair, Pair)> {
+    let bare = Arc::new(Bare::default());
+    let (addr, stop) = start_bare(bare.clone())?;
+    let base = format!("http://{addr}");
+    let devices: Vec<TestDevice> = (0..plan.devices)
+        .map(|i| TestDevice { device_id: format!("bare-{i}"), token: format!("bare-token-{i}") })
+        .collect();
+    let mut config = SwarmConfig::new(vec![base.clone()]);
+    config.placement = Placement::Pinned(0);
+    let swarm = Swarm::start(devices, config)?;
+    swarm.wait_online(plan.devices, Duration::from_secs(30)).await?;
+    let in_process = {
+        let bare = bare.clone();
+        measure_pair(plan, move |seq| {
+            let bare = bare.clone();
+            async move { bare.call(seq).await }
+        })
+        .await
+    };
+    let client = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(1024).build()?;
+    let url = format!("{base}/call");
+    let over_http = measure_pair(plan, move |_| {
+        let request = client.post(url.clone()).body("x").timeout(Duration::from_secs(15)).send();
+        async move {
+            match request.await {
+                Ok(response) if response.status().is_success() => Outcome::Ok,
+                Ok(response) => Outcome::Http(response.status().as_u16()),
+                Err(_) => Outcome::Transport("request"),
+            }
+        }
+    })
+    .await;
+    swarm.stop(Duration::from_secs(5)).await;
+    drop(stop);
+    Ok((in_process, over_http))
+}
+
+// ---- the dispatcher ----
+
+fn echo_target(replicas: Vec<String>, token: &str, devices: Vec<String>) -> anyhow::Result<CallTarget> {
+    CallTarget::new(replicas, token, devices, "echo", json!({"text": "hello"}), 10_000)
+}
+
+fn target_call(target: &CallTarget) -> impl Fn(u64) -> futures::future::BoxFuture<'static, Outcome> + Clone {
+    let target = target.clone();
+    move |seq| {
+        let target = target.clone();
+        Box::pin(async move { target.call(seq).await.outcome })
+    }
+}
+
+/// VmRSS of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+    line.split_whitespace().nth(1).context("VmRSS without a value")?.parse().context("VmRSS not a number")
+}
+
+/// Connects `devices` streams to replica `replica` and returns KiB of VmRSS per stream.
+async fn memory_per_stream(
+    pid: u32,
+    replicas: Vec<String>,
+    replica: usize,
+    devices: Vec<TestDevice>,
+    first_index: usize,
+) -> anyhow::Result<(f64, Swarm)> {
+    let count = devices.len();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = rss_kib(pid)?;
+    let mut config = SwarmConfig::new(replicas);
+    config.placement = Placement::Pinned(replica);
+    let swarm = Swarm::start_at(devices, first_index, config)?;
+    let took = swarm.wait_online(count, Duration::from_secs(300)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(pid)?;
+    let per = (after.saturating_sub(before)) as f64 / count as f64;
+    println!(
+        "  {count} streams connected in {:.1} s; VmRSS {:.1} MiB -> {:.1} MiB: {:.1} KiB per stream",
+        took.as_secs_f64(),
+        before as f64 / 1024.0,
+        after as f64 / 1024.0,
+        per
+    );
+    Ok((per, swarm))
+}
+
+async fn enroll_timed(
+    replicas: &[String],
+    control: &Control,
+    count: usize,
+    first_index: usize,
+) -> anyhow::Result<Vec<TestDevice>> {
+    let started = Instant::now();
+    let devices = enroll_many(replicas, control, count, first_index, 16).await?;
+    if count >= 100 {
+        println!(
+            "  enrolled {count} devices in {:.1} s ({:.0}/s)",
+            started.elapsed().as_secs_f64(),
+            count as f64 / started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(devices)
+}
+
+async fn offline_figure(target: &CallTarget, control: &Control, base: &str, plan: &Plan) -> anyhow::Result<Latencies> {
+    let device = TestDevice::pair(base, control, "bench-offline").await?;
+    let offline = target.with_devices(vec![device.device_id]);
+    let call = target_call(&offline);
+    closed_loop(1, Stop::Calls(plan.warmup), call.clone()).await;
+    let report = closed_loop(1, Stop::Calls(plan.offline_calls), call).await;
+    let answered = report.outcomes.get(&Outcome::Offline).copied().unwrap_or(0);
+    if answered != plan.offline_calls {
+        bail!("offline calls answered {}", report.errors());
+    }
+    println!("  offline answer (503 device offline), {answered} calls: {}", report.all.summary());
+    Ok(report.all)
+}
+
+async fn embedded(plan: &Plan, args: &Args, figures: &mut Figures, addresses: &mut Addresses) -> anyhow::Result<()> {
+    let dispatcher = Dispatcher::builder().start().await?;
+    let base = dispatcher.base_url();
+    let token = dispatcher.mint_token("bench").await?;
+    let control = Control::new(base.clone(), token.clone());
+    let replicas = vec![base.clone()];
+    if wants(args, "embedded") {
+        let first = addresses.take(plan.devices);
+        let devices = enroll_timed(&replicas, &control, plan.devices, first).await?;
+        let mut config = SwarmConfig::new(replicas.clone());
+        config.placement = Placement::Pinned(0);
+        let swarm = Swarm::start_at(devices, first, config)?;
+        swarm.wait_online(plan.devices, Duration::from_secs(30)).await?;
+        let target = echo_target(replicas.clone(), &token, swarm.device_ids().to_vec())?;
+        let pair = measure_pair(plan, target_call(&target)).await;
+        print_pair(&pair);
+        check_swarm(&swarm, figures, "embedded");
+        figures.embedded = Some(pair);
+        swarm.stop(Duration::from_secs(5)).await;
+        figures.offline_embedded = Some(offline_figure(&target, &control, &base, plan).await?);
+    }
+    if wants(args, "memory") {
+        let first = addresses.take(plan.streams);
+        let devices = enroll_timed(&replicas, &control, plan.streams, first).await?;
+        let (per, swarm) = memory_per_stream(dispatcher.pid(), replicas, 0, devices, first).await?;
+        figures.memory_embedded = Some(per);
+        swarm.stop(Duration::from_secs(30)).await;
+    }
+    Ok(())
+}
+
+/// Records a failure when the swarm executed a call twice.
+fn check_swarm(swarm: &Swarm, figures: &mut Figures, what: &str) {
+    let twice = swarm.double_executions();
+    if !twice.is_empty() {
+        println!("  WARNING: {} calls executed more than once", twice.len());
+        figures.failures.push(format!("{what}: {} calls executed twice", twice.len()));
+    }
+}
+
+async fn cluster(plan: &Plan, args: &Args, figures: &mut Figures, addresses: &mut Addresses) -> anyhow::Result<()> {
+    let mut cluster = LocalCluster::builder().replicas(3).keepalive_secs(15).broker_grace_secs(5).start().await?;
+    let urls = cluster.urls();
+    let token = cluster.token().to_owned();
+    let control = cluster.control().clone();
+    if wants(args, "cluster") {
+        let first = addresses.take(plan.devices);
+        let devices = enroll_timed(&urls, &control, plan.devices, first).await?;
+        let mut config = SwarmConfig::new(urls.clone());
+        config.placement = Placement::Pinned(0);
+        config.post_to = PostTo::Pinned(2);
+        let swarm = Swarm::start_at(devices, first, config)?;
+        swarm.wait_online(plan.devices, Duration::from_secs(30)).await?;
+        // Every replica must see the streams before calls start.
+        for id in swarm.device_ids() {
+            cluster.control_at(1).wait_online(id, true, Duration::from_secs(10)).await?;
+        }
+        let target = echo_target(vec![urls[1].clone()], &token, swarm.device_ids().to_vec())?;
+        let pair = measure_pair(plan, target_call(&target)).await;
+        print_pair(&pair);
+        check_swarm(&swarm, figures, "cluster");
+        figures.cluster = Some(pair);
+        swarm.stop(Duration::from_secs(5)).await;
+        figures.offline_cluster = Some(offline_figure(&target, &control, &urls[0], plan).await?);
+    }
+    let mut spare: Vec<TestDevice> = Vec::new();
+    let mut spare_first = 0;
+    if wants(args, "memory") {
+        let first = addresses.take(plan.streams);
+        let devices = enroll_timed(&urls, &control, plan.streams, first).await?;
+        println!("  memory of replica 1 (NATS bus: two subscriptions per device):");
+        let (per, swarm) = memory_per_stream(cluster.replica(0).pid(), urls.clone(), 0, devices.clone(), first).await?;
+        figures.memory_cluster = Some(per);
+        swarm.stop(Duration::from_secs(30)).await;
+        spare = devices;
+        spare_first = first;
+    }
+    if wants(args, "kill") {
+        section(&format!("recovery: {} devices back after kill -9 of their replica", plan.kill_devices));
+        let (devices, first) = if spare.len() >= plan.kill_devices {
+            (spare[..plan.kill_devices].to_vec(), spare_first)
+        } else {
+            let first = addresses.take(plan.kill_devices);
+            (enroll_timed(&urls, &control, plan.kill_devices, first).await?, first)
+        };
+        let kill = kill_recovery(&mut cluster, &urls, &token, devices, first).await?;
+        figures.kill = Some(kill);
+    }
+    Ok(())
+}
+
+async fn kill_recovery(
+    cluster: &mut LocalCluster,
+    urls: &[String],
+    token: &str,
+    devices: Vec<TestDevice>,
+    first: usize,
+) -> anyhow::Result<KillFigures> {
+    let count = devices.len();
+    let mut config = SwarmConfig::new(urls.to_vec());
+    config.placement = Placement::StartOn(0);
+    let swarm = Swarm::start_at(devices, first, config)?;
+    swarm.wait_online(count, Duration::from_secs(120)).await?;
+    anyhow::ensure!(swarm.devices_on(0).len() == count, "not every device is on replica 1");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let killed_at = Instant::now();
+    cluster.kill(0).await;
+    let deadline = killed_at + Duration::from_secs(60);
+    let mut back: Vec<Duration> = Vec::new();
+    loop {
+        back.clear();
+        for i in 0..count {
+            if let Some(ready) = swarm.last_ready(i).filter(|&t| t > killed_at) {
+                if swarm.replica_of(i).is_some() {
+                    back.push(ready - killed_at);
+                }
+            }
+        }
+        if back.len() == count || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut windows = std::collections::BTreeMap::<u64, usize>::new();
+    for time in &back {
+        *windows.entry(time.as_millis() as u64 / 100).or_default() += 1;
+    }
+    let largest = windows.values().copied().max().unwrap_or(0);
+    let largest_window = largest as f64 / count as f64;
+    let times = Latencies::new(back.clone());
+    println!("  {} of {count} back in {:.1} s; {}", back.len(), times.max().as_secs_f64(), times.summary());
+    let mut histogram = String::new();
+    for (window, n) in &windows {
+        let _ = write!(histogram, " {}-{}ms:{n}", window * 100, window * 100 + 100);
+    }
+    println!("  reconnects per 100 ms window:{histogram}");
+    println!("  largest window: {largest} devices = {:.1}% of them", largest_window * 100.0);
+    println!("  swarm: {:?}", swarm.stats());
+    // Reachable: one call to each through replica 2.
+    let target = echo_target(vec![urls[1].clone()], token, swarm.device_ids().to_vec())?;
+    let reach = closed_loop(32, Stop::Calls(count as u64), target_call(&target)).await;
+    println!("  reachable through replica 2: {} of {count} ({})", reach.succeeded(), reach.errors());
+    swarm.stop(Duration::from_secs(10)).await;
+    Ok(KillFigures {
+        devices: count,
+        back: back.len(),
+        times,
+        largest_window,
+        reachable: usize::try_from(reach.succeeded()).unwrap_or(0),
+    })
+}
+
+// ---- targets ----
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "[met]   "
+    } else {
+        "[MISSED]"
+    }
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    if b.is_zero() {
+        return f64::INFINITY;
+    }
+    a.as_secs_f64() / b.as_secs_f64()
+}
+
+fn print_targets(figures: &Figures) {
+    section("ratios to the baselines");
+    if let (Some(embedded), Some(sse)) = (&figures.embedded, &figures.sse) {
+        println!(
+            "  embedded / bare SSE+POST: p50 {:.2}x, p99 {:.2}x, throughput at 64 {:.2}x",
+            ratio(embedded.serial.p50(), sse.serial.p50()),
+            ratio(embedded.serial.p99(), sse.serial.p99()),
+            embedded.parallel.throughput() / sse.parallel.throughput()
+        );
+    }
+    if let (Some(embedded), Some(sse)) = (&figures.embedded, &figures.sse_http) {
+        println!(
+            "  embedded / bare SSE+POST triggered over HTTP: p50 {:.2}x, p99 {:.2}x, throughput at 64 {:.2}x",
+            ratio(embedded.serial.p50(), sse.serial.p50()),
+            ratio(embedded.serial.p99(), sse.serial.p99()),
+            embedded.parallel.throughput() / sse.parallel.throughput()
+        );
+    }
+    if let (Some(cluster), Some(nats)) = (&figures.cluster, &figures.nats) {
+        println!(
+            "  cross-replica / raw NATS: p50 {:.2}x, p99 {:.2}x, throughput at 64 {:.3}x",
+            ratio(cluster.serial.p50(), nats.serial.p50()),
+            ratio(cluster.serial.p99(), nats.serial.p99()),
+            cluster.parallel.throughput() / nats.parallel.throughput()
+        );
+    }
+    if let (Some(cluster), Some(embedded)) = (&figures.cluster, &figures.embedded) {
+        println!(
+            "  cross-replica / embedded: p50 {:.2}x, throughput at 64 {:.2}x",
+            ratio(cluster.serial.p50(), embedded.serial.p50()),
+            cluster.parallel.throughput() / embedded.parallel.throughput()
+        );
+    }
+
+    section("targets");
+    let missing = |what: &str| println!("  [n/a]    {what}: not measured");
+    match (&figures.cluster, &figures.nats) {
+        (Some(cluster), Some(nats)) => {
+            let r = ratio(cluster.serial.p50(), nats.serial.p50());
+            println!(
+                "  {} cross-replica p50 at 1 in flight <= 2.6x raw NATS: {} = {r:.2}x (NATS {})",
+                verdict(r <= 2.6),
+                ms(cluster.serial.p50()),
+                ms(nats.serial.p50())
+            );
+            let t = cluster.parallel.throughput() / nats.parallel.throughput();
+            println!(
+                "  {} cross-replica throughput at 64 >= 0.14x raw NATS: {:.0}/s = {t:.3}x (NATS {:.0}/s)",
+                verdict(t >= 0.14),
+                cluster.parallel.throughput(),
+                nats.parallel.throughput()
+            );
+        }
+        _ => {
+            missing("cross-replica p50 at 1 in flight <= 2.6x raw NATS");
+            missing("cross-replica throughput at 64 >= 0.14x raw NATS");
+        }
+    }
+    match (&figures.embedded, &figures.sse) {
+        (Some(embedded), Some(sse)) => {
+            let r = ratio(embedded.serial.p50(), sse.serial.p50());
+            println!(
+                "  {} embedded p50 <= 2x bare SSE+POST: {} = {r:.2}x (bare {})",
+                verdict(r <= 2.0),
+                ms(embedded.serial.p50()),
+                ms(sse.serial.p50())
+            );
+        }
+        _ => missing("embedded p50 <= 2x bare SSE+POST"),
+    }
+    for (name, offline) in [("embedded", &figures.offline_embedded), ("cluster", &figures.offline_cluster)] {
+        match offline {
+            Some(latencies) => {
+                let met = latencies.p50() < Duration::from_millis(1) && latencies.p99() < Duration::from_millis(5);
+                println!(
+                    "  {} offline answer ({name}) < 1 ms p50 and < 5 ms p99: p50 {}, p99 {}",
+                    verdict(met),
+                    ms(latencies.p50()),
+                    ms(latencies.p99())
+                );
+            }
+            None => missing(&format!("offline answer ({name})")),
+        }
+    }
+    for (name, memory) in [("embedded", figures.memory_embedded), ("cluster", figures.memory_cluster)] {
+        match memory {
+            Some(kib) => println!(
+                "  {} memory per idle device stream ({name}) <= 24 KB: {:.1} KiB ({:.1} KB)",
+                verdict(kib * 1.024 <= 24.0),
+                kib,
+                kib * 1.024
+            ),
+            None => missing(&format!("memory per idle device stream ({name})")),
+        }
+    }
+    match &figures.kill {
+        Some(kill) => {
+            let all_back = kill.back == kill.devices;
+            println!(
+                "  {} {} devices back after kill -9: p99 < 2 s: p50 {}, p99 {}, max {} ({} of {} back, {} reachable)",
+                verdict(all_back && kill.times.p99() < Duration::from_secs(2)),
+                kill.devices,
+                ms(kill.times.p50()),
+                ms(kill.times.p99()),
+                ms(kill.times.max()),
+                kill.back,
+                kill.devices,
+                kill.reachable
+            );
+            println!(
+                "  {} no 100 ms window holds > 20% of the reconnects: largest {:.1}%",
+                verdict(kill.largest_window <= 0.20),
+                kill.largest_window * 100.0
+            );
+        }
+        None => {
+            missing("devices back after kill -9: p99 < 2 s");
+            missing("no 100 ms window > 20% of the reconnects");
+        }
+    }
+}
