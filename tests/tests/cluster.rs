@@ -453,17 +453,21 @@ fn agent_connected_after(log: &str, since: DateTime<Utc>) -> Option<(DateTime<Ut
 }
 
 /// The agents' failover times after `since`: for each agent in `ids`, the time until its log
-/// says it connected again.
-fn agent_failover_times(agents: &[AgentDevice], ids: &[String], since: DateTime<Utc>) -> Vec<Duration> {
-    agents
-        .iter()
-        .filter(|agent| ids.contains(&agent.id))
-        .map(|agent| {
-            let (at, _) = agent_connected_after(&agent.agent.log(), since)
-                .unwrap_or_else(|| panic!("{} never reconnected\n{}", agent.name, agent.agent.log_tail(20)));
-            (at - since).to_std().unwrap_or_default()
-        })
-        .collect()
+/// says it connected again (waiting up to 15 s for it).
+async fn agent_failover_times(agents: &[AgentDevice], ids: &[String], since: DateTime<Utc>) -> Vec<Duration> {
+    let mut times = Vec::new();
+    for agent in agents.iter().filter(|agent| ids.contains(&agent.id)) {
+        let started = Instant::now();
+        let at = loop {
+            if let Some((at, _)) = agent_connected_after(&agent.agent.log(), since) {
+                break at;
+            }
+            assert!(started.elapsed() < 15 * SECOND, "{} never reconnected\n{}", agent.name, agent.agent.log_tail(20));
+            tokio::time::sleep(50 * MS).await;
+        };
+        times.push((at - since).to_std().unwrap_or_default());
+    }
+    times
 }
 
 /// A real `host-agent` enrolled as `name`, its roots and its device id.
@@ -936,7 +940,7 @@ async fn killing_a_replica_under_load_loses_nothing_twice_and_devices_come_back(
     }
 
     let seen: Vec<Duration> = on_victim.iter().map(|id| back[id]).collect();
-    let moved = agent_failover_times(&agents, &on_victim, killed_at_wall);
+    let moved = agent_failover_times(&agents, &on_victim, killed_at_wall).await;
     let after: Vec<Record> = records.iter().filter(|r| r.start >= killed_at_load).cloned().collect();
     let survivors: Vec<Record> = records.iter().filter(|r| r.replica != victim).cloned().collect();
     let executed: usize = pushes.values().map(HashMap::len).sum();
@@ -983,7 +987,7 @@ async fn a_rolling_restart_loses_no_call() {
         cluster.stop(index, 15 * SECOND).await.expect("graceful stop");
         cluster.restart(index, 30 * SECOND).await.expect("restart");
         windows.push((index, stopped_at, load.now()));
-        moved.extend(agent_failover_times(&agents, &on_replica, stopped_wall));
+        moved.extend(agent_failover_times(&agents, &on_replica, stopped_wall).await);
         tokio::time::sleep(SECOND).await;
     }
     let records = load.finish().await;
