@@ -50,7 +50,8 @@ struct Args {
     /// RUST_LOG of the replicas.
     #[arg(long, default_value = "info")]
     log: String,
-    /// Start a replica again (same port, same id) a few seconds after it died.
+    /// Start a replica (same port, same id) or a NATS server (same port) again a few seconds
+    /// after it died.
     #[arg(long)]
     respawn: bool,
 }
@@ -112,18 +113,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let code = body["code"].as_str().unwrap_or_default().to_owned();
     print_summary(&cluster, &args, &host_agent, &code);
 
-    let mut interval = tokio::time::interval(Duration::from_secs(1));
     let stop = shutdown_signal();
     tokio::pin!(stop);
     let mut dead_since: Vec<Option<tokio::time::Instant>> = vec![None; cluster.len()];
-    loop {
-        tokio::select! {
-            () = &mut stop => break,
-            _ = interval.tick() => {}
+    let mut nats_down_since: Vec<Option<tokio::time::Instant>> = vec![None; cluster.nats_len()];
+    let watch = async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            for (index, down_since) in nats_down_since.iter_mut().enumerate() {
+                watch_nats(&mut cluster, index, down_since, args.respawn).await;
+            }
+            for (index, dead_since) in dead_since.iter_mut().enumerate() {
+                watch_replica(&mut cluster, index, dead_since, args.respawn).await;
+            }
         }
-        for (index, dead_since) in dead_since.iter_mut().enumerate() {
-            watch_replica(&mut cluster, index, dead_since, args.respawn).await;
-        }
+    };
+    // Ctrl-C wins even in the middle of a restart.
+    tokio::select! {
+        () = &mut stop => {}
+        () = watch => {}
     }
     eprintln!("\nstopping the replicas and NATS{}", if args.keep { "" } else { ", dropping the database" });
     let database = cluster.database_url().to_owned();
@@ -153,11 +161,46 @@ async fn watch_replica(
             eprintln!("{id} exited{hint}\n{}", cluster.replica(index).log_tail(5));
         }
         (false, Some(since)) if respawn && since.elapsed() >= Duration::from_secs(3) => {
-            match cluster.restart(index, Duration::from_secs(30)).await {
+            // Healthy is enough: it is ready once NATS and the database answer.
+            match cluster.replica_mut(index).restart().await {
                 Ok(()) => eprintln!("{id} restarted on {} (pid {})", cluster.url(index), cluster.replica(index).pid()),
                 Err(error) => eprintln!("{id} did not restart: {error:#}"),
             }
             *dead_since = None;
+        }
+        (false, Some(_)) => {}
+    }
+}
+
+/// Notices a NATS server that stopped accepting connections (killed by hand), and restarts it
+/// on its port after a pause with `--respawn`.
+async fn watch_nats(
+    cluster: &mut LocalCluster,
+    index: usize,
+    down_since: &mut Option<tokio::time::Instant>,
+    respawn: bool,
+) {
+    let port = cluster.nats_node(index).port();
+    let accepting =
+        tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(("127.0.0.1", port)))
+            .await
+            .is_ok_and(|connected| connected.is_ok());
+    match (accepting, *down_since) {
+        (true, _) => *down_since = None,
+        (false, None) => {
+            *down_since = Some(tokio::time::Instant::now());
+            let hint = if respawn { "; restarting it in 3 s" } else { " (run with --respawn to restart it)" };
+            eprintln!("nats-server {} is down{hint}", cluster.nats_node(index).url());
+        }
+        (false, Some(since)) if respawn && since.elapsed() >= Duration::from_secs(3) => {
+            match cluster.restart_nats(index).await {
+                Ok(()) => {
+                    let node = cluster.nats_node(index);
+                    eprintln!("nats-server {} restarted (pid {})", node.url(), node.pid());
+                }
+                Err(error) => eprintln!("nats-server {} did not restart: {error:#}", cluster.nats_node(index).url()),
+            }
+            *down_since = None;
         }
         (false, Some(_)) => {}
     }
@@ -207,6 +250,7 @@ Failover by hand (the pids are above):
   kill -9 <replica pid>       its devices reconnect to the other replicas within seconds
   kill -STOP <replica pid>    frozen: devices leave after {silence} s of silence; kill -CONT resumes it
   kill -9 <nats pid>          readiness fails (GET /readyz 503); after {grace} s replicas close their streams
+                              (--respawn restarts dead replicas and NATS servers after 3 s)
 
 Ctrl-C stops everything{drop}."#,
         agent = host_agent.display(),
