@@ -13,7 +13,8 @@
 //!   capped, fully jittered exponential delay ([`crate::backoff`]). A stream that stayed up for
 //!   a while resets the delay; a `reconnect` frame skips it (a pause of at most the base delay
 //!   keeps a whole replica's devices from landing on the next one in the same instant).
-//! - Two keepalive intervals without a byte mean the stream is dead: reconnect.
+//! - Two keepalive intervals without a byte mean the stream is dead: reconnect. A stream
+//!   request unanswered for as long is given up too (the server may be frozen): next server.
 //! - Each call runs on the blocking pool, tracked, so reading the stream never waits for a tool;
 //!   a call id seen before is not run again; a call past its deadline on arrival is not run;
 //!   one still running at its deadline is abandoned and nothing is posted for it.
@@ -461,7 +462,16 @@ async fn session(shared: &Arc<Shared>, server_index: usize, silence: Duration, t
     let url = &shared.servers[server_index];
     let server = shown(url);
     debug!("opening the stream at {server}");
-    let response = match transport::open_stream(&shared.client, url, &shared.token).await {
+    // A replica that accepts the connection but never answers (frozen, or behind a stuck
+    // proxy) gets the patience of a silent stream, then the next server is tried.
+    let opened = match tokio::time::timeout(silence, transport::open_stream(&shared.client, url, &shared.token)).await {
+        Ok(opened) => opened,
+        Err(_) => {
+            let reason = format!("no answer to the stream request within {} s", silence.as_secs_f32());
+            return SessionEnd::Lost { reason, was_up: false, untrusted: false };
+        }
+    };
+    let response = match opened {
         Ok(response) => response,
         Err(err) if err.status() == Some(StatusCode::UNAUTHORIZED) => {
             error!(

@@ -1091,6 +1091,56 @@ async fn a_paused_replica_pushes_nothing_stale_when_it_resumes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_passes_over_a_frozen_replica_and_keeps_its_stream_when_it_wakes() {
+    let mut cluster = LocalCluster::builder().keepalive_secs(1).start().await.expect("cluster");
+    let (a, b, c) = (0, 1, 2);
+    // The agent lists A, B, C: when A dies it tries B first, which is frozen.
+    let agents = spawn_agents(&cluster, 1, 1, |_| a).await;
+    let agent = &agents[0];
+    assert_eq!(cluster.wait_presence(&agent.id, true, 5 * SECOND).await.expect("online").as_deref(), Some("replica-a"));
+    cluster.pause(b).expect("SIGSTOP B");
+    let killed_wall = Utc::now();
+    cluster.kill(a).await;
+    let started = Instant::now();
+    let holder = loop {
+        let (status, device) = cluster.control_at(c).device(&agent.id).await.expect("device on C");
+        if status == StatusCode::OK && device["online"] == true {
+            break device["replica"].as_str().unwrap_or_default().to_owned();
+        }
+        assert!(
+            started.elapsed() < 15 * SECOND,
+            "the agent did not get past frozen replica B within 15 s\n{}",
+            agent.agent.log_tail(20)
+        );
+        tokio::time::sleep(100 * MS).await;
+    };
+    assert_eq!(holder, "replica-c");
+    let moved = agent_failover_times(&agents, &[agent.id.clone()], killed_wall).await;
+
+    // B wakes up (frozen for 5 s, past every keepalive) with the agent's abandoned stream
+    // request in its socket buffer: it must not take the device away from its stream on C.
+    tokio::time::sleep((5 * SECOND).saturating_sub(started.elapsed())).await;
+    cluster.resume(b).expect("SIGCONT B");
+    cluster.wait_ready(b, 10 * SECOND).await.expect("B ready");
+    tokio::time::sleep(3 * SECOND).await;
+    let mut agents = agents;
+    let agent = &mut agents[0];
+    assert!(agent.agent.is_running(), "the agent exited after B woke up\n{}", agent.agent.log_tail(20));
+    let holder = cluster.wait_presence(&agent.id, true, 5 * SECOND).await.expect("presence agrees");
+    assert_eq!(holder.as_deref(), Some("replica-c"), "the stream moved off C\n{}", agent.agent.log_tail(20));
+    for index in [b, c] {
+        let record =
+            timed_call(&cluster.control_at(index), &agent.id, "list_directory", json!({"path": "."}), 5 * SECOND).await;
+        assert!(record.ok(), "{record:?}");
+    }
+    println!(
+        "an agent on A (killed) with B frozen: on C after {} ms (its stream request to B given up); B woke up and \
+         left the stream on C",
+        ms(moved[0])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_the_nats_server_under_load() {
     let mut cluster = LocalCluster::start(3).await.expect("cluster");
     let devices = roamers(&cluster, 9, 4 * SECOND).await;

@@ -320,12 +320,22 @@ impl Hub {
                 _ = cancel.cancelled() => return,
                 _ = interval.tick() => {}
             }
-            let gap = self.tick();
-            if gap > stall_after {
-                let closed = self.close_all(Close::Reconnect(ReconnectReason::Stalled));
+            if let Some((gap, closed)) = self.check_stall(stall_after) {
                 tracing::warn!(gap_ms = gap.as_millis() as u64, closed, "replica was frozen; gave up its streams");
             }
         }
+    }
+
+    /// One tick of the stall watch. After a gap longer than `stall_after`, every stream is
+    /// closed *before* the tick is recorded: until then the push fence holds, so a replica
+    /// that wakes up pushes nothing into a stream whose device may have moved. Returns the gap
+    /// and how many streams were closed when it gave them up.
+    pub fn check_stall(&self, stall_after: Duration) -> Option<(Duration, usize)> {
+        let last = self.last_tick_ms.load(Ordering::Acquire);
+        let gap = Duration::from_millis(self.now_ms().saturating_sub(last));
+        let closed = (gap > stall_after).then(|| self.close_all(Close::Reconnect(ReconnectReason::Stalled)));
+        self.tick();
+        closed.map(|closed| (gap, closed))
     }
 }
 
@@ -431,6 +441,27 @@ mod tests {
         assert!(next_frame(&mut opened.rx).is_none());
         hub.tick();
         assert_eq!(hub.push("d", call("c")), CallAck::Accepted);
+    }
+
+    #[test]
+    fn waking_from_a_stall_closes_streams_before_pushing_again() {
+        let hub = Hub::new("r", 1);
+        let mut opened = hub.open("d", 1);
+        hub.last_tick_ms.store(0, Ordering::Release);
+        std::thread::sleep(PUSH_FENCE + Duration::from_millis(50));
+        // Woken, before the watch ran: fenced.
+        assert_eq!(hub.push("d", call("early")), CallAck::NotHeld);
+        let (gap, closed) = hub.check_stall(Duration::from_secs(1)).expect("a stall");
+        assert!(gap > PUSH_FENCE && closed == 1, "{gap:?} {closed}");
+        assert!(matches!(next_frame(&mut opened.rx), Some(Frame::Close(Close::Reconnect(ReconnectReason::Stalled)))));
+        // The fence is lifted only with the stream gone: nothing reaches it.
+        assert!(!hub.is_stalled());
+        assert_eq!(hub.push("d", call("late")), CallAck::NotHeld);
+        assert!(next_frame(&mut opened.rx).is_none());
+        // A short gap closes nothing.
+        let _new = hub.open("d", 2);
+        assert_eq!(hub.check_stall(Duration::from_secs(1)), None);
+        assert_eq!(hub.push("d", call("next")), CallAck::Accepted);
     }
 
     #[test]
