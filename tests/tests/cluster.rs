@@ -1115,7 +1115,7 @@ async fn an_agent_passes_over_a_frozen_replica_and_keeps_its_stream_when_it_wake
         tokio::time::sleep(100 * MS).await;
     };
     assert_eq!(holder, "replica-c");
-    let moved = agent_failover_times(&agents, &[agent.id.clone()], killed_wall).await;
+    let moved = agent_failover_times(&agents, std::slice::from_ref(&agent.id), killed_wall).await;
 
     // B wakes up (frozen for 5 s, past every keepalive) with the agent's abandoned stream
     // request in its socket buffer: it must not take the device away from its stream on C.
