@@ -226,7 +226,7 @@ async fn next_frame(stream: &mut DeviceStream, within: Duration) -> Frame {
 
 async fn next_call(stream: &mut DeviceStream) -> HostCall {
     match next_frame(stream, Duration::from_secs(5)).await {
-        Frame::Call(call) => call,
+        Frame::Call(call) => *call,
         other => panic!("expected a call, got {other:?}"),
     }
 }

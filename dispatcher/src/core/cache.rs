@@ -52,6 +52,10 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         self.entries.insert(key, (value, now));
     }
 
+    pub fn remove(&mut self, key: &K) {
+        self.entries.remove(key);
+    }
+
     pub fn retain(&mut self, mut keep: impl FnMut(&V) -> bool) {
         self.entries.retain(|_, (value, _)| keep(value));
     }

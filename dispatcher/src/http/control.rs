@@ -77,6 +77,19 @@ async fn owned_device(state: &AppState, caller: &UserCaller, id: &str) -> Result
     state.registry.device(&caller.user_id, id).await?.ok_or(ApiError::NotFound)
 }
 
+/// The id of `caller`'s live device `id`: from the hub's owner cache when it was looked up
+/// recently, so a dispatch touches no database (ARCHITECTURE.md, Storage); revocations evict
+/// it on every replica with the device's cached token.
+async fn owned_device_id(state: &AppState, caller: &UserCaller, id: &str) -> Result<String, ApiError> {
+    let hub = state.dispatcher.hub();
+    if hub.cached_owner(id).is_some_and(|owner| owner == caller.user_id) {
+        return Ok(id.to_owned());
+    }
+    let record = owned_device(state, caller, id).await?;
+    hub.cache_owner(record.id.clone(), record.owner);
+    Ok(record.id)
+}
+
 /// `GET /api/devices`.
 pub async fn list_devices(State(state): State<AppState>, caller: UserCaller) -> Result<Json<DeviceList>, ApiError> {
     let records = state.registry.devices(&caller.user_id).await?;
@@ -182,10 +195,10 @@ pub async fn call_device(
     if !(1..=CALL_TIMEOUT_MAX_MS).contains(&timeout_ms) {
         return Err(ApiError::BadRequest(format!("timeoutMs: between 1 and {CALL_TIMEOUT_MAX_MS}")));
     }
-    let device = owned_device(&state, &caller, &id).await?;
+    let device_id = owned_device_id(&state, &caller, &id).await?;
     fits_the_bus(&state, &request.input)?;
     let dispatch = DispatchRequest::new(request.tool.clone(), request.input.clone(), Duration::from_millis(timeout_ms));
-    let result = traced_dispatch(&state, "call", &device.id, &headers, dispatch).await;
+    let result = traced_dispatch(&state, "call", &device_id, &headers, dispatch).await;
 
     let mut proposal_id = None;
     if result.ok && result.is_proposal() {
@@ -196,7 +209,7 @@ pub async fn call_device(
             .registry
             .create_proposal(NewProposal {
                 id: uuid::Uuid::new_v4().to_string(),
-                device_id: device.id.clone(),
+                device_id: device_id.clone(),
                 owner: caller.user_id.clone(),
                 tool: request.tool,
                 input: request.input,
