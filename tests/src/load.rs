@@ -64,6 +64,11 @@ impl Latencies {
         self.sorted.len()
     }
 
+    /// The samples, shortest first.
+    pub fn sorted(&self) -> &[Duration] {
+        &self.sorted
+    }
+
     pub fn is_empty(&self) -> bool {
         self.sorted.is_empty()
     }

@@ -172,6 +172,9 @@ pub struct SwarmConfig {
     /// Pause between starting two devices, so thousands of connects do not overflow the
     /// server's accept queue.
     pub start_interval: Duration,
+    /// Record when each call arrived and when its result POST was answered
+    /// ([`Swarm::timing`]), to break a call's latency into legs.
+    pub record_timings: bool,
 }
 
 impl SwarmConfig {
@@ -190,6 +193,7 @@ impl SwarmConfig {
             open_timeout: Duration::from_secs(10),
             post_attempts: 3,
             start_interval: Duration::from_micros(200),
+            record_timings: false,
         }
     }
 }
@@ -240,6 +244,9 @@ pub struct SwarmStats {
     pub post_retries: u64,
 }
 
+/// When a call arrived, and when its result POST was answered.
+type CallTiming = (Instant, Option<Instant>);
+
 /// One device's state, readable from outside its task.
 #[derive(Debug)]
 struct DeviceState {
@@ -266,6 +273,8 @@ struct Shared {
     filler: String,
     /// The latest reason a stream could not be opened, for diagnostics.
     last_open_error: Mutex<String>,
+    /// Call id to (arrived, result POST answered), when recording.
+    timings: Mutex<HashMap<Box<str>, CallTiming>>,
 }
 
 impl Shared {
@@ -376,6 +385,7 @@ impl Swarm {
             counters: Counters::default(),
             filler: "x".repeat(config.result_bytes),
             last_open_error: Mutex::default(),
+            timings: Mutex::default(),
             config,
         });
         let cancel = CancellationToken::new();
@@ -496,6 +506,12 @@ impl Swarm {
             posts_failed: get(&c.posts_failed),
             post_retries: get(&c.post_retries),
         }
+    }
+
+    /// When call `call_id` arrived, and when its result POST was answered (with
+    /// `record_timings`).
+    pub fn timing(&self, call_id: &str) -> Option<CallTiming> {
+        self.shared.timings.lock().get(call_id).copied()
     }
 
     /// Why the latest failed stream open failed (empty when none did).
@@ -867,6 +883,9 @@ async fn read_stream(
                     continue;
                 };
                 shared.counters.calls.fetch_add(1, Ordering::Relaxed);
+                if shared.config.record_timings {
+                    shared.timings.lock().insert(call_id.clone().into_boxed_str(), (Instant::now(), None));
+                }
                 *shared.executed.lock().entry(call_id.clone().into_boxed_str()).or_default() += 1;
                 posts.push(Box::pin(post_result(shared.clone(), token.clone(), call_id, replica)));
             }
@@ -895,7 +914,7 @@ async fn post_result(shared: Arc<Shared>, token: Arc<str>, call_id: String, stre
     }
     let body = format!(
         r#"{{"callId":{},"ok":true,"result":{{"bytes":{},"data":"{}"}}}}"#,
-        serde_json::Value::String(call_id),
+        serde_json::Value::String(call_id.clone()),
         shared.filler.len(),
         shared.filler
     );
@@ -925,6 +944,11 @@ async fn post_result(shared: Arc<Shared>, token: Arc<str>, call_id: String, stre
         match status {
             StatusCode::OK => {
                 counters.posts_delivered.fetch_add(1, Ordering::Relaxed);
+                if config.record_timings {
+                    if let Some((_, posted)) = shared.timings.lock().get_mut(call_id.as_str()) {
+                        *posted = Some(Instant::now());
+                    }
+                }
                 return;
             }
             StatusCode::NOT_FOUND => {

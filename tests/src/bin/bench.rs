@@ -62,6 +62,11 @@ struct Args {
     /// Seconds of each 64-in-flight throughput run (default 10; 1 with --quick).
     #[arg(long)]
     seconds: Option<u64>,
+    /// The simulated devices' first reconnect window after a lost stream, in milliseconds
+    /// (host-agent's --backoff-base-ms; default 250, host-agent's default), for the kill -9
+    /// figure.
+    #[arg(long, default_value_t = 250)]
+    kill_backoff_base_ms: u64,
 }
 
 /// The counts of a run.
@@ -100,9 +105,27 @@ impl Plan {
 /// A figure at 1 in flight and at 64 in flight.
 #[derive(Debug, Clone, Default)]
 struct Pair {
+    /// Every call at 1 in flight, pooled over the rounds.
     serial: Latencies,
+    /// The p50 of each round at 1 in flight.
+    round_p50s: Vec<Duration>,
     parallel: LoadReport,
+    /// CPU time per call of each watched process: (name, at 1 in flight, at 64 in flight).
+    cpu: Vec<(String, Duration, Duration)>,
 }
+
+impl Pair {
+    /// The p50 at 1 in flight: the median of the rounds' p50s (steadier than one long run on a
+    /// machine whose wake-up latency drifts).
+    fn p50(&self) -> Duration {
+        let mut p50s = self.round_p50s.clone();
+        p50s.sort_unstable();
+        p50s.get(p50s.len() / 2).copied().unwrap_or_else(|| self.serial.p50())
+    }
+}
+
+/// Rounds the calls at 1 in flight are split into.
+const ROUNDS: u64 = 5;
 
 /// Every figure measured, for the targets at the end.
 #[derive(Debug, Default)]
@@ -200,8 +223,9 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         }
         section("baseline: bare axum SSE push answered by a POST (in-process server)");
         match baseline_sse(&plan).await {
-            Ok((pair, http)) => {
+            Ok((pair, http, legs)) => {
                 print_pair(&pair);
+                print_legs(&legs);
                 println!("  variant with the push triggered by an HTTP request (like POST /calls):");
                 print_pair(&http);
                 figures.sse = Some(pair);
@@ -242,8 +266,74 @@ fn fail(figures: &mut Figures, what: &str, error: anyhow::Error) {
 }
 
 fn print_pair(pair: &Pair) {
-    println!("  1 in flight:  {} calls; {}", pair.serial.len(), pair.serial.summary());
+    let rounds: Vec<String> = pair.round_p50s.iter().map(|d| format!("{:.3}", d.as_secs_f64() * 1000.0)).collect();
+    println!(
+        "  1 in flight:  {} calls; p50 {} (median of {} rounds: {} ms); p90 {} p99 {} max {}",
+        pair.serial.len(),
+        ms(pair.p50()),
+        pair.round_p50s.len(),
+        rounds.join(" "),
+        ms(pair.serial.p90()),
+        ms(pair.serial.p99()),
+        ms(pair.serial.max())
+    );
     println!("  64 in flight: {}", pair.parallel.summary());
+    if !pair.cpu.is_empty() {
+        let each = |f: &dyn Fn(&(String, Duration, Duration)) -> Duration| {
+            let parts: Vec<String> =
+                pair.cpu.iter().map(|c| format!("{} {:.0}", c.0, f(c).as_secs_f64() * 1e6)).collect();
+            let total: Duration = pair.cpu.iter().map(f).sum();
+            format!("{} = {:.0} us", parts.join(" + "), total.as_secs_f64() * 1e6)
+        };
+        println!("  CPU per call at 1 in flight:  {}", each(&|c| c.1));
+        println!("  CPU per call at 64 in flight: {}", each(&|c| c.2));
+    }
+}
+
+/// Where the time of a call goes at 1 in flight: (start, arrived at the device, its result
+/// POST answered, answer back at the caller) per call; prints the legs' medians.
+fn print_legs(samples: &[Leg]) {
+    if samples.is_empty() {
+        return;
+    }
+    let leg = |f: &dyn Fn(&Leg) -> Duration| Latencies::new(samples.iter().map(f).collect()).p50();
+    println!(
+        "  where the time goes (medians of {} calls at 1 in flight): to the device {}, the device's result POST {}, \
+         its answer to the caller's {}",
+        samples.len(),
+        ms(leg(&|s| s.1.saturating_duration_since(s.0))),
+        ms(leg(&|s| s.2.saturating_duration_since(s.1))),
+        ms(leg(&|s| s.3.saturating_duration_since(s.2))),
+    );
+}
+
+/// Calls `target` one at a time `count` times and breaks each call into legs.
+async fn dispatcher_legs(target: &CallTarget, swarm: &Swarm, count: u64) -> Legs {
+    let mut samples = Vec::new();
+    for seq in 0..count {
+        let started = Instant::now();
+        let answer = target.call(seq).await;
+        let ended = Instant::now();
+        let Some(id) = answer.call_id.filter(|_| answer.outcome == Outcome::Ok) else {
+            continue;
+        };
+        if let Some((arrived, posted)) = posted_timing(swarm, &id).await {
+            samples.push((started, arrived, posted, ended));
+        }
+    }
+    samples
+}
+
+/// The swarm's timing of call `id`, waiting (50 ms at most) for its result POST's answer.
+async fn posted_timing(swarm: &Swarm, id: &str) -> Option<(Instant, Instant)> {
+    let limit = Instant::now() + Duration::from_millis(50);
+    loop {
+        match swarm.timing(id) {
+            Some((arrived, Some(posted))) => return Some((arrived, posted)),
+            Some(_) if Instant::now() < limit => tokio::time::sleep(Duration::from_millis(1)).await,
+            _ => return None,
+        }
+    }
 }
 
 async fn print_machine(plan: &Plan) {
@@ -280,17 +370,79 @@ async fn print_machine(plan: &Plan) {
     );
 }
 
+/// CPU time (user + system, all threads) process `pid` has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5), counted from after the command name (field 3 is index 0).
+    let utime: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0);
+    let stime: u64 = fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0);
+    utime + stime
+}
+
+fn ticks_to_duration(ticks: u64) -> Duration {
+    // USER_HZ, the unit of stat(5) times, is 100 on every Linux architecture.
+    Duration::from_millis(ticks * 10)
+}
+
+/// Processes whose CPU time is counted per call: (name, pid).
+type Watch = Vec<(String, u32)>;
+
+fn cpu_snapshot(watch: &Watch) -> Vec<u64> {
+    watch.iter().map(|(_, pid)| cpu_ticks(*pid)).collect()
+}
+
+fn cpu_per_call(before: &[u64], after: &[u64], calls: u64) -> Vec<Duration> {
+    before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| ticks_to_duration(a.saturating_sub(*b)) / u32::try_from(calls.max(1)).unwrap_or(u32::MAX))
+        .collect()
+}
+
 /// Runs `call` at 1 in flight (after a warm-up) and at 64 in flight.
 async fn measure_pair<F, Fut>(plan: &Plan, call: F) -> Pair
 where
     F: Fn(u64) -> Fut + Send + Sync + Clone + 'static,
     Fut: std::future::Future<Output = Outcome> + Send + 'static,
 {
+    measure_pair_watching(plan, &Vec::new(), call).await
+}
+
+/// [`measure_pair`], counting the CPU time the `watch`ed processes spend per call (this
+/// process is always watched, as `bench`).
+async fn measure_pair_watching<F, Fut>(plan: &Plan, watch: &Watch, call: F) -> Pair
+where
+    F: Fn(u64) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = Outcome> + Send + 'static,
+{
+    let mut watch = watch.clone();
+    watch.insert(0, ("bench".into(), std::process::id()));
     closed_loop(1, Stop::Calls(plan.warmup), call.clone()).await;
-    let serial = closed_loop(1, Stop::Calls(plan.serial_calls), call.clone()).await;
+    let mut pooled = Vec::new();
+    let mut round_p50s = Vec::new();
+    let before = cpu_snapshot(&watch);
+    for _ in 0..ROUNDS {
+        let round = closed_loop(1, Stop::Calls(plan.serial_calls / ROUNDS), call.clone()).await;
+        round_p50s.push(round.ok.p50());
+        pooled.extend(round.ok.sorted().iter().copied());
+    }
+    let serial_cpu = cpu_per_call(&before, &cpu_snapshot(&watch), pooled.len() as u64);
     closed_loop(plan.parallel, Stop::After(plan.parallel_for / 5), call.clone()).await;
+    let before = cpu_snapshot(&watch);
     let parallel = closed_loop(plan.parallel, Stop::After(plan.parallel_for), call).await;
-    Pair { serial: serial.ok, parallel }
+    let parallel_cpu = cpu_per_call(&before, &cpu_snapshot(&watch), parallel.succeeded());
+    let cpu = watch
+        .into_iter()
+        .zip(serial_cpu.into_iter().zip(parallel_cpu))
+        .map(|((name, _), (serial, parallel))| (name, serial, parallel))
+        .collect();
+    Pair { serial: Latencies::new(pooled), round_p50s, parallel, cpu }
 }
 
 // ---- baselines ----
@@ -320,7 +472,8 @@ async fn baseline_nats(plan: &Plan) -> anyhow::Result<Pair> {
         }
     });
     let payload = call_payload();
-    let pair = measure_pair(plan, move |_| {
+    let watch = vec![("nats-server".to_owned(), server.pid())];
+    let pair = measure_pair_watching(plan, &watch, move |_| {
         let requester = requester.clone();
         let payload = payload.clone();
         async move {
@@ -347,10 +500,15 @@ struct Bare {
 impl Bare {
     /// Pushes a call to a stream and waits for its POST.
     async fn call(&self, seq: u64) -> Outcome {
+        self.call_with_id(seq).await.0
+    }
+
+    /// [`Bare::call`], with the call's id.
+    async fn call_with_id(&self, seq: u64) -> (Outcome, String) {
         let tx = {
             let streams = self.streams.lock();
             if streams.is_empty() {
-                return Outcome::Offline;
+                return (Outcome::Offline, String::new());
             }
             streams[(seq % streams.len() as u64) as usize].clone()
         };
@@ -369,13 +527,13 @@ impl Bare {
         let data = serde_json::to_string(&call).unwrap_or_default();
         if tx.send(Event::default().event("call").id(id.clone()).data(data)).await.is_err() {
             self.pending.lock().remove(&id);
-            return Outcome::Offline;
+            return (Outcome::Offline, id);
         }
         match tokio::time::timeout(Duration::from_secs(10), done_rx).await {
-            Ok(Ok(())) => Outcome::Ok,
+            Ok(Ok(())) => (Outcome::Ok, id),
             _ => {
                 self.pending.lock().remove(&id);
-                Outcome::TimedOut
+                (Outcome::TimedOut, id)
             }
         }
     }
@@ -448,7 +606,11 @@ fn start_bare(bare: Arc<Bare>) -> anyhow::Result<(SocketAddr, oneshot::Sender<()
     Ok((addr, stop_tx))
 }
 
-async fn baseline_sse(plan: &Plan) -> anyhow::Result<(Pair, Pair)> {
+/// One call's (start, arrived at the device, its result POST answered, answer at the caller).
+type Leg = (Instant, Instant, Instant, Instant);
+type Legs = Vec<Leg>;
+
+async fn baseline_sse(plan: &Plan) -> anyhow::Result<(Pair, Pair, Legs)> {
     let bare = Arc::new(Bare::default());
     let (addr, stop) = start_bare(bare.clone())?;
     let base = format!("http://{addr}");
@@ -457,6 +619,7 @@ async fn baseline_sse(plan: &Plan) -> anyhow::Result<(Pair, Pair)> {
         .collect();
     let mut config = SwarmConfig::new(vec![base.clone()]);
     config.placement = Placement::Pinned(0);
+    config.record_timings = true;
     let swarm = Swarm::start(devices, config)?;
     swarm.wait_online(plan.devices, Duration::from_secs(30)).await?;
     let in_process = {
@@ -467,6 +630,17 @@ async fn baseline_sse(plan: &Plan) -> anyhow::Result<(Pair, Pair)> {
         })
         .await
     };
+    let mut legs = Vec::new();
+    for seq in 0..plan.serial_calls / ROUNDS {
+        let started = Instant::now();
+        let (outcome, id) = bare.call_with_id(seq).await;
+        let ended = Instant::now();
+        if outcome == Outcome::Ok {
+            if let Some((arrived, posted)) = posted_timing(&swarm, &id).await {
+                legs.push((started, arrived, posted, ended));
+            }
+        }
+    }
     let client = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(1024).build()?;
     let url = format!("{base}/call");
     let over_http = measure_pair(plan, move |_| {
@@ -482,7 +656,7 @@ async fn baseline_sse(plan: &Plan) -> anyhow::Result<(Pair, Pair)> {
     .await;
     swarm.stop(Duration::from_secs(5)).await;
     drop(stop);
-    Ok((in_process, over_http))
+    Ok((in_process, over_http, legs))
 }
 
 // ---- the dispatcher ----
@@ -577,11 +751,14 @@ async fn embedded(plan: &Plan, args: &Args, figures: &mut Figures, addresses: &m
         let devices = enroll_timed(&replicas, &control, plan.devices, first).await?;
         let mut config = SwarmConfig::new(replicas.clone());
         config.placement = Placement::Pinned(0);
+        config.record_timings = true;
         let swarm = Swarm::start_at(devices, first, config)?;
         swarm.wait_online(plan.devices, Duration::from_secs(30)).await?;
         let target = echo_target(replicas.clone(), &token, swarm.device_ids().to_vec())?;
-        let pair = measure_pair(plan, target_call(&target)).await;
+        let watch = vec![("dispatcher".to_owned(), dispatcher.pid())];
+        let pair = measure_pair_watching(plan, &watch, target_call(&target)).await;
         print_pair(&pair);
+        print_legs(&dispatcher_legs(&target, &swarm, plan.serial_calls / ROUNDS).await);
         check_swarm(&swarm, figures, "embedded");
         figures.embedded = Some(pair);
         swarm.stop(Duration::from_secs(5)).await;
@@ -617,6 +794,7 @@ async fn cluster(plan: &Plan, args: &Args, figures: &mut Figures, addresses: &mu
         let mut config = SwarmConfig::new(urls.clone());
         config.placement = Placement::Pinned(0);
         config.post_to = PostTo::Pinned(2);
+        config.record_timings = true;
         let swarm = Swarm::start_at(devices, first, config)?;
         swarm.wait_online(plan.devices, Duration::from_secs(30)).await?;
         // Every replica must see the streams before calls start.
@@ -624,8 +802,11 @@ async fn cluster(plan: &Plan, args: &Args, figures: &mut Figures, addresses: &mu
             cluster.control_at(1).wait_online(id, true, Duration::from_secs(10)).await?;
         }
         let target = echo_target(vec![urls[1].clone()], &token, swarm.device_ids().to_vec())?;
-        let pair = measure_pair(plan, target_call(&target)).await;
+        let mut watch: Watch = (0..3).map(|i| (format!("replica{}", i + 1), cluster.replica(i).pid())).collect();
+        watch.push(("nats-server".into(), cluster.nats_node(0).pid()));
+        let pair = measure_pair_watching(plan, &watch, target_call(&target)).await;
         print_pair(&pair);
+        print_legs(&dispatcher_legs(&target, &swarm, plan.serial_calls / ROUNDS).await);
         check_swarm(&swarm, figures, "cluster");
         figures.cluster = Some(pair);
         swarm.stop(Duration::from_secs(5)).await;
@@ -651,7 +832,8 @@ async fn cluster(plan: &Plan, args: &Args, figures: &mut Figures, addresses: &mu
             let first = addresses.take(plan.kill_devices);
             (enroll_timed(&urls, &control, plan.kill_devices, first).await?, first)
         };
-        let kill = kill_recovery(&mut cluster, &urls, &token, devices, first).await?;
+        let backoff = Duration::from_millis(args.kill_backoff_base_ms);
+        let kill = kill_recovery(&mut cluster, &urls, &token, devices, first, backoff).await?;
         figures.kill = Some(kill);
     }
     Ok(())
@@ -663,10 +845,16 @@ async fn kill_recovery(
     token: &str,
     devices: Vec<TestDevice>,
     first: usize,
+    backoff_base: Duration,
 ) -> anyhow::Result<KillFigures> {
     let count = devices.len();
     let mut config = SwarmConfig::new(urls.to_vec());
     config.placement = Placement::StartOn(0);
+    config.backoff_base = backoff_base;
+    println!(
+        "  devices reconnect like host-agent: full jitter over [0, {} ms] after a lost stream, then doubling",
+        backoff_base.as_millis()
+    );
     let swarm = Swarm::start_at(devices, first, config)?;
     swarm.wait_online(count, Duration::from_secs(120)).await?;
     anyhow::ensure!(swarm.devices_on(0).len() == count, "not every device is on replica 1");
@@ -740,7 +928,7 @@ fn print_targets(figures: &Figures) {
     if let (Some(embedded), Some(sse)) = (&figures.embedded, &figures.sse) {
         println!(
             "  embedded / bare SSE+POST: p50 {:.2}x, p99 {:.2}x, throughput at 64 {:.2}x",
-            ratio(embedded.serial.p50(), sse.serial.p50()),
+            ratio(embedded.p50(), sse.p50()),
             ratio(embedded.serial.p99(), sse.serial.p99()),
             embedded.parallel.throughput() / sse.parallel.throughput()
         );
@@ -748,7 +936,7 @@ fn print_targets(figures: &Figures) {
     if let (Some(embedded), Some(sse)) = (&figures.embedded, &figures.sse_http) {
         println!(
             "  embedded / bare SSE+POST triggered over HTTP: p50 {:.2}x, p99 {:.2}x, throughput at 64 {:.2}x",
-            ratio(embedded.serial.p50(), sse.serial.p50()),
+            ratio(embedded.p50(), sse.p50()),
             ratio(embedded.serial.p99(), sse.serial.p99()),
             embedded.parallel.throughput() / sse.parallel.throughput()
         );
@@ -756,7 +944,7 @@ fn print_targets(figures: &Figures) {
     if let (Some(cluster), Some(nats)) = (&figures.cluster, &figures.nats) {
         println!(
             "  cross-replica / raw NATS: p50 {:.2}x, p99 {:.2}x, throughput at 64 {:.3}x",
-            ratio(cluster.serial.p50(), nats.serial.p50()),
+            ratio(cluster.p50(), nats.p50()),
             ratio(cluster.serial.p99(), nats.serial.p99()),
             cluster.parallel.throughput() / nats.parallel.throughput()
         );
@@ -764,7 +952,7 @@ fn print_targets(figures: &Figures) {
     if let (Some(cluster), Some(embedded)) = (&figures.cluster, &figures.embedded) {
         println!(
             "  cross-replica / embedded: p50 {:.2}x, throughput at 64 {:.2}x",
-            ratio(cluster.serial.p50(), embedded.serial.p50()),
+            ratio(cluster.p50(), embedded.p50()),
             cluster.parallel.throughput() / embedded.parallel.throughput()
         );
     }
@@ -773,12 +961,12 @@ fn print_targets(figures: &Figures) {
     let missing = |what: &str| println!("  [n/a]    {what}: not measured");
     match (&figures.cluster, &figures.nats) {
         (Some(cluster), Some(nats)) => {
-            let r = ratio(cluster.serial.p50(), nats.serial.p50());
+            let r = ratio(cluster.p50(), nats.p50());
             println!(
                 "  {} cross-replica p50 at 1 in flight <= 2.6x raw NATS: {} = {r:.2}x (NATS {})",
                 verdict(r <= 2.6),
-                ms(cluster.serial.p50()),
-                ms(nats.serial.p50())
+                ms(cluster.p50()),
+                ms(nats.p50())
             );
             let t = cluster.parallel.throughput() / nats.parallel.throughput();
             println!(
@@ -795,12 +983,12 @@ fn print_targets(figures: &Figures) {
     }
     match (&figures.embedded, &figures.sse) {
         (Some(embedded), Some(sse)) => {
-            let r = ratio(embedded.serial.p50(), sse.serial.p50());
+            let r = ratio(embedded.p50(), sse.p50());
             println!(
                 "  {} embedded p50 <= 2x bare SSE+POST: {} = {r:.2}x (bare {})",
                 verdict(r <= 2.0),
-                ms(embedded.serial.p50()),
-                ms(sse.serial.p50())
+                ms(embedded.p50()),
+                ms(sse.p50())
             );
         }
         _ => missing("embedded p50 <= 2x bare SSE+POST"),

@@ -440,6 +440,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     config.backoff_base = Duration::from_millis(args.backoff_base_ms);
     config.backoff_cap = Duration::from_millis(args.max_backoff_ms);
     config.silence = keepalive * 2;
+    // host-agent gives up a stream request unanswered for two keepalives, too.
+    config.open_timeout = keepalive * 2;
     let swarm = Arc::new(Swarm::start(enrolled, config)?);
     swarm.wait_online(swarm.len(), Duration::from_secs(120)).await?;
     println!(
