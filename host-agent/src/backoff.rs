@@ -13,12 +13,15 @@ use std::time::Duration;
 
 use rand::Rng;
 
-/// Default first delay window.
-pub const DEFAULT_BASE: Duration = Duration::from_millis(250);
+/// Default first delay window. One second: when a replica dies, its devices' first reconnects
+/// spread evenly over it (1,000 devices: about 10% in any 100 ms), and 99% are back within about
+/// a second.
+pub const DEFAULT_BASE: Duration = Duration::from_secs(1);
 /// Default largest delay.
 pub const DEFAULT_CAP: Duration = Duration::from_secs(30);
-/// Largest pause before answering a `reconnect` frame.
-pub const RECONNECT_JITTER: Duration = Duration::from_millis(250);
+/// Largest pause before answering a `reconnect` frame: a replica shutting down sends it to all
+/// its devices at once, and they should not land on the next replica in the same instant.
+pub const RECONNECT_JITTER: Duration = Duration::from_secs(1);
 
 /// The delay window after `attempt` consecutive failures (0-based): `min(cap, base * 2^attempt)`.
 pub fn window(base: Duration, cap: Duration, attempt: u32) -> Duration {
@@ -70,7 +73,7 @@ impl Backoff {
         self.cap.max(Duration::from_secs(10))
     }
 
-    /// A short random pause in `[0, min(base, 250 ms)]`: used where the protocol says "go now"
+    /// A short random pause in `[0, min(base, 1 s)]`: used where the protocol says "go now"
     /// (a `reconnect` frame), so a whole replica's devices do not land on the next one in the
     /// same instant.
     pub fn jitter_only(&self) -> Duration {

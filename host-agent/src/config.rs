@@ -4,7 +4,7 @@
 //! ```text
 //! host-agent run   --server <url>... [--root <dir>...] [--code <code>] [--name <name>]
 //!                  [--credentials-dir <dir>] [--ca-cert <pem>] [--keepalive-secs 15]
-//!                  [--backoff-base-ms 250] [--max-backoff-ms 30000] [--shutdown-grace-secs 30]
+//!                  [--backoff-base-ms 1000] [--max-backoff-ms 30000] [--shutdown-grace-secs 30]
 //!                  [--log info]
 //! host-agent tools [--root <dir>...]
 //! host-agent call  <tool> '<json input>' [--root <dir>...] [--apply]
@@ -102,7 +102,7 @@ pub struct RunArgs {
     pub keepalive_secs: u64,
 
     /// First reconnect delay window in milliseconds; it doubles per failure (full jitter).
-    #[arg(long, value_name = "MS", env = "FUSION_HOST_BACKOFF_BASE_MS", default_value_t = 250,
+    #[arg(long, value_name = "MS", env = "FUSION_HOST_BACKOFF_BASE_MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub backoff_base_ms: u64,
 
@@ -270,7 +270,7 @@ mod tests {
         assert_eq!(config.name, "box");
         assert_eq!(config.credentials_dir, PathBuf::from("/home/me/.fusion-host"));
         assert_eq!(config.keepalive, Duration::from_secs(15));
-        assert_eq!(config.backoff_base, Duration::from_millis(250));
+        assert_eq!(config.backoff_base, Duration::from_millis(1000));
         assert_eq!(config.backoff_cap, Duration::from_secs(30));
         assert_eq!(config.code, None);
         assert_eq!(args.roots.resolve(Some("/home/me".into())).expect("roots"), vec![PathBuf::from("/home/me")]);
