@@ -133,7 +133,7 @@ impl Dispatcher {
 
     /// Sends a call to a device and waits for its result, `device offline` or `device timed
     /// out`. Never fails otherwise.
-    #[tracing::instrument(name = "dispatch", skip_all, fields(device_id, tool = %request.tool, call_id, traceparent = request.traceparent.as_deref(), outcome))]
+    #[tracing::instrument(name = "dispatch", level = "debug", skip_all, fields(device_id, tool = %request.tool, call_id, traceparent = request.traceparent.as_deref(), outcome))]
     pub async fn dispatch(&self, device_id: &str, request: DispatchRequest) -> HostResult {
         let span = tracing::Span::current();
         span.record("device_id", device_id);
