@@ -24,7 +24,8 @@
 //! them, leaving restarts to your supervisor); with `--fault-command` it runs the command
 //! (`sh -c`) with `{action}` one of kill, pause, resume, term, restart, `{target}` replica or
 //! nats, and `{index}` the replica's position among the `--replica` URLs (or the NATS
-//! server's). Without either it only measures. The devices it enrolls there are revoked at
+//! server's); a command that exits non-zero for a fault marks that fault as one it cannot
+//! inject, and it is skipped from then on. Without either it only measures. The devices it enrolls there are revoked at
 //! the end. Traffic goes only to 127.0.0.0/8 (reach a remote cluster through port-forwards).
 //!
 //! Not here: throughput and latency figures (the `bench` binary).
@@ -500,6 +501,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let mut healings: Vec<Healing> = Vec::new();
     let mut failures: Vec<String> = Vec::new();
     let mut next = 0usize;
+    let mut faults = faults;
+    let mut skipped: Vec<Fault> = Vec::new();
     while !faults.is_empty() && began.elapsed() + interval < duration {
         tokio::time::sleep(interval).await;
         let fault = faults[next % faults.len()];
@@ -520,7 +523,14 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             if let Some(i) = on_replica {
                 health.down[i].store(false, Ordering::Release);
             }
-            failures.push(format!("{fault}: could not inject: {error:#}"));
+            // A hook that cannot inject this fault says so by failing: skip it, and it is not
+            // tried again.
+            println!(
+                "  t={:5.1} s {fault:<22} skipped: could not inject it ({error:#})",
+                began.elapsed().as_secs_f64()
+            );
+            skipped.push(fault);
+            faults.retain(|f| !(f.action == fault.action && f.target == fault.target));
             continue;
         }
         // Healing is watched from the injection on, while the fault holds and is repaired.
@@ -540,9 +550,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             break;
         }
         println!(
-            "  t={:5.1} s {:<22} {} devices disturbed; back after {}; calls through every running replica ok after {}",
+            "  t={:5.1} s {:<22} {} devices on it, {} moved; back after {}; calls through every running replica ok after {}",
             healing.at.as_secs_f64(),
             healing.fault,
+            disturbed.len(),
             healing.moved,
             healing.devices_back.map_or("NEVER".into(), |d| format!("{:.2} s", d.as_secs_f64())),
             healing.calls_ok.map_or("NEVER".into(), |d| format!("{:.2} s", d.as_secs_f64())),
@@ -635,6 +646,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             calls.p50().as_secs_f64(),
             calls.max().as_secs_f64()
         );
+    }
+    if !skipped.is_empty() {
+        println!("  faults the hook could not inject: {}", skipped.len());
     }
     for failure in &failures {
         println!("  [FAILED] {failure}");
