@@ -14,7 +14,7 @@
 //! - Every call id a device executes is counted, so a call pushed twice is visible
 //!   ([`Swarm::double_executions`]).
 //! - A stream that ends is reopened the way `host-agent` does it (host-agent/src/backoff.rs):
-//!   full jitter in `[0, min(cap, base·2^n)]` after a loss, at most `min(base, 250 ms)` after a
+//!   full jitter in `[0, min(cap, base·2^n)]` after a loss, at most `min(base, 1 s)` after a
 //!   `reconnect` frame, the count reset after a stream stayed up for `max(cap, 10 s)`. The time
 //!   of every `ready` is recorded, so recovery after a kill can be measured.
 //!
@@ -44,7 +44,7 @@ use crate::sse;
 /// Devices enrolled from one loopback source address (the limiter's burst per address).
 pub const DEVICES_PER_ADDRESS: usize = 10;
 /// host-agent's pause before answering a `reconnect` frame is at most this.
-const RECONNECT_JITTER: Duration = Duration::from_millis(250);
+const RECONNECT_JITTER: Duration = Duration::from_secs(1);
 /// How long a replica that refused a connection is skipped by [`Placement::Balanced`].
 const DOWN_FOR: Duration = Duration::from_secs(1);
 /// Largest response head read from a stream.
@@ -159,7 +159,7 @@ pub struct SwarmConfig {
     pub tool_latency: Duration,
     /// Bytes of filler in every result.
     pub result_bytes: usize,
-    /// host-agent's `--backoff-base-ms` (default 250 ms).
+    /// host-agent's `--backoff-base-ms` (default 1 s).
     pub backoff_base: Duration,
     /// host-agent's `--max-backoff-ms` (default 30 s).
     pub backoff_cap: Duration,
@@ -178,8 +178,8 @@ pub struct SwarmConfig {
 }
 
 impl SwarmConfig {
-    /// host-agent's defaults: backoff from 250 ms capped at 30 s, 30 s of silence, results
-    /// to the stream's replica, an immediate tool with a small result.
+    /// host-agent's defaults: backoff from 1 s capped at 30 s, 30 s of silence, results to
+    /// the stream's replica, an immediate tool with a small result.
     pub fn new(replicas: Vec<String>) -> Self {
         Self {
             replicas,
@@ -187,7 +187,7 @@ impl SwarmConfig {
             post_to: PostTo::Stream,
             tool_latency: Duration::ZERO,
             result_bytes: 64,
-            backoff_base: Duration::from_millis(250),
+            backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(30),
             silence: Duration::from_secs(30),
             open_timeout: Duration::from_secs(10),

@@ -63,9 +63,9 @@ struct Args {
     #[arg(long)]
     seconds: Option<u64>,
     /// The simulated devices' first reconnect window after a lost stream, in milliseconds
-    /// (host-agent's --backoff-base-ms; default 250, host-agent's default), for the kill -9
+    /// (host-agent's --backoff-base-ms; default 1000, host-agent's default), for the kill -9
     /// figure.
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = 1000)]
     kill_backoff_base_ms: u64,
 }
 

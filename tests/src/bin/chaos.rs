@@ -77,7 +77,7 @@ struct Args {
     tool_ms: u64,
     /// The devices' reconnect backoff base and cap (host-agent's --backoff-base-ms and
     /// --max-backoff-ms).
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = 1000)]
     backoff_base_ms: u64,
     #[arg(long, default_value_t = 2000)]
     max_backoff_ms: u64,
