@@ -505,6 +505,9 @@ async fn embedded() -> Cluster {
     Cluster::start(Setup::MemorySqlite).await
 }
 
+/// (method, path, headers, body, expected status) of one hostile request.
+type BadRequest<'a> = (&'a str, String, Vec<(&'a str, String)>, String, u16);
+
 #[tokio::test]
 async fn bad_input_is_a_clear_4xx() {
     let c = embedded().await;
@@ -514,7 +517,7 @@ async fn bad_input_is_a_clear_4xx() {
     let http = reqwest::Client::new();
     let token = c.control.token.clone();
     let huge = "x".repeat(8_388_608 + 10);
-    let cases: Vec<(&str, String, Vec<(&str, String)>, String, u16)> = vec![
+    let cases: Vec<BadRequest> = vec![
         ("POST", "/api/host/enroll".into(), vec![], "{not json".into(), 400),
         ("POST", "/api/host/enroll".into(), vec![], r#"{"code": 5, "name": "x"}"#.into(), 400),
         ("POST", "/api/host/enroll".into(), vec![], r#"{"code": "x"}"#.into(), 400),
