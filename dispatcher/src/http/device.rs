@@ -88,6 +88,11 @@ impl Drop for StreamEnd {
         let registry = self.state.registry.clone();
         let device_id = std::mem::take(&mut self.device_id);
         tracing::info!(%device_id, "stream closed");
+        // A draining replica closes every stream at once, and its devices reconnect elsewhere
+        // (which records them as seen): no burst of writes on the way out.
+        if self.state.draining.load(Ordering::Acquire) {
+            return;
+        }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 if let Err(error) = registry.touch_device(&device_id).await {
