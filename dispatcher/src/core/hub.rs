@@ -30,6 +30,10 @@ const AUTH_CACHE_CAPACITY: usize = 100_000;
 /// How often the stall watch ticks, and how stale its last tick may be before pushes stop.
 const TICK: Duration = Duration::from_millis(250);
 const PUSH_FENCE: Duration = Duration::from_secs(2);
+/// After waking from a stall, how long new streams are refused: stream requests that waited in
+/// socket buffers while the process was frozen were given up by their devices long ago, and
+/// opening one now would supersede the device's live stream elsewhere.
+const WAKE_QUARANTINE: Duration = Duration::from_secs(2);
 
 /// What a device stream is sent. The call is boxed: every stream's queue allocates its first
 /// block of slots up front, and an unboxed `HostCall` would make that about 5 KiB per idle
@@ -68,6 +72,8 @@ pub struct Hub {
     started: Instant,
     /// Milliseconds since `started` of the stall watch's last tick.
     last_tick_ms: AtomicU64,
+    /// Milliseconds since `started` until which new streams are refused (after a stall).
+    quarantine_until_ms: AtomicU64,
     device_tokens: Mutex<TtlCache<[u8; 32], CachedDevice>>,
     api_tokens: Mutex<TtlCache<[u8; 32], String>>,
     /// Device id to its owner, for devices seen live in the registry: a dispatch checks
@@ -122,6 +128,8 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
+    /// A hub for one replica. Spawn [`Hub::watch_stalls`] beside it: without its ticks the hub
+    /// soon counts itself frozen and refuses pushes and new streams.
     pub fn new(replica_id: impl Into<String>, route_tag: u32) -> Arc<Self> {
         Arc::new(Self {
             replica_id: replica_id.into(),
@@ -131,6 +139,7 @@ impl Hub {
             next_conn_id: AtomicU64::new(1),
             started: Instant::now(),
             last_tick_ms: AtomicU64::new(0),
+            quarantine_until_ms: AtomicU64::new(0),
             device_tokens: Mutex::new(TtlCache::new(AUTH_CACHE_TTL, AUTH_CACHE_CAPACITY)),
             api_tokens: Mutex::new(TtlCache::new(AUTH_CACHE_TTL, AUTH_CACHE_CAPACITY)),
             device_owners: Mutex::new(TtlCache::new(AUTH_CACHE_TTL, AUTH_CACHE_CAPACITY)),
@@ -348,11 +357,22 @@ impl Hub {
     /// that wakes up pushes nothing into a stream whose device may have moved. Returns the gap
     /// and how many streams were closed when it gave them up.
     pub fn check_stall(&self, stall_after: Duration) -> Option<(Duration, usize)> {
+        let now = self.now_ms();
         let last = self.last_tick_ms.load(Ordering::Acquire);
-        let gap = Duration::from_millis(self.now_ms().saturating_sub(last));
-        let closed = (gap > stall_after).then(|| self.close_all(Close::Reconnect(ReconnectReason::Stalled)));
+        let gap = Duration::from_millis(now.saturating_sub(last));
+        let closed = (gap > stall_after).then(|| {
+            let until = now.saturating_add(u64::try_from(WAKE_QUARANTINE.as_millis()).unwrap_or(u64::MAX));
+            self.quarantine_until_ms.store(until, Ordering::Release);
+            self.close_all(Close::Reconnect(ReconnectReason::Stalled))
+        });
         self.tick();
         closed.map(|closed| (gap, closed))
+    }
+
+    /// False while the replica may be stale: frozen (the stall watch has not ticked), or just
+    /// woken from a stall. A stream request handled then may be a ghost its device gave up.
+    pub fn accepts_streams(&self) -> bool {
+        !self.is_stalled() && self.now_ms() >= self.quarantine_until_ms.load(Ordering::Acquire)
     }
 }
 
@@ -450,10 +470,13 @@ mod tests {
     #[test]
     fn a_stalled_hub_pushes_nothing() {
         let hub = Hub::new("r", 1);
+        hub.tick();
+        assert!(hub.accepts_streams());
         let mut opened = hub.open("d", 1);
         hub.last_tick_ms.store(0, Ordering::Release);
         std::thread::sleep(PUSH_FENCE + Duration::from_millis(50));
         assert!(hub.is_stalled());
+        assert!(!hub.accepts_streams(), "a frozen replica takes no new streams");
         assert_eq!(hub.push("d", call("c")), CallAck::NotHeld);
         assert!(next_frame(&mut opened.rx).is_none());
         hub.tick();
@@ -475,6 +498,8 @@ mod tests {
         assert!(!hub.is_stalled());
         assert_eq!(hub.push("d", call("late")), CallAck::NotHeld);
         assert!(next_frame(&mut opened.rx).is_none());
+        // Stream requests that queued up while frozen are refused for a while.
+        assert!(!hub.accepts_streams());
         // A short gap closes nothing.
         let _new = hub.open("d", 2);
         assert_eq!(hub.check_stall(Duration::from_secs(1)), None);

@@ -64,6 +64,9 @@ pub async fn stream(State(state): State<AppState>, caller: DeviceCaller) -> Resu
     if state.draining.load(Ordering::Acquire) {
         return Err(ApiError::Unavailable("replica is shutting down; reconnect to another".into()));
     }
+    if !state.dispatcher.hub().accepts_streams() {
+        return Err(ApiError::Unavailable("replica is recovering from a stall; reconnect to another".into()));
+    }
     // Revoked since its token was cached: the registry knows no live device by that id.
     let epoch = match state.registry.next_stream_epoch(&caller.device_id).await {
         Err(RegistryError::NotFound) => return Err(ApiError::Unauthorized),
