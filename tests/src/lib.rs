@@ -50,6 +50,21 @@ pub fn free_addr() -> SocketAddr {
     listener.local_addr().expect("local addr")
 }
 
+/// The value of the Prometheus metric whose name ends with `suffix` (labels summed), read
+/// from `{base}/metrics`; `None` when it is absent or the replica does not answer.
+pub async fn metric(base: &str, suffix: &str) -> Option<f64> {
+    let text = reqwest::get(format!("{base}/metrics")).await.ok()?.text().await.ok()?;
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((name, value)) = line.rsplit_once(' ') else { continue };
+        let bare = name.split('{').next().unwrap_or(name);
+        if bare.ends_with(suffix) {
+            *found.get_or_insert(0.0) += value.parse::<f64>().ok()?;
+        }
+    }
+    found
+}
+
 /// The last `lines` lines of a text file (empty when it cannot be read).
 pub fn tail_file(path: &std::path::Path, lines: usize) -> String {
     let text = std::fs::read(path).map(|bytes| String::from_utf8_lossy(&bytes).into_owned()).unwrap_or_default();

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use e2e::{Agent, Answer, Control, LocalCluster, TestDevice};
+use e2e::{metric, Agent, Answer, Control, LocalCluster, TestDevice};
 use futures::future::join_all;
 use parking_lot::Mutex;
 use protocol::{CallMode, HostResult};
@@ -204,20 +204,6 @@ fn percentile(values: &[Duration], p: usize) -> Duration {
 
 fn ms(duration: Duration) -> u128 {
     duration.as_millis()
-}
-
-/// The value of the metric whose name ends with `suffix` (labels summed), from `/metrics`.
-async fn metric(base: &str, suffix: &str) -> Option<f64> {
-    let text = reqwest::get(format!("{base}/metrics")).await.ok()?.text().await.ok()?;
-    let mut found = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((name, value)) = line.rsplit_once(' ') else { continue };
-        let bare = name.split('{').next().unwrap_or(name);
-        if bare.ends_with(suffix) {
-            *found.get_or_insert(0.0) += value.parse::<f64>().ok()?;
-        }
-    }
-    found
 }
 
 /// Waits until replica `index` waits for no dispatch any more (its pending table is empty).

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use e2e::process::{revoke_token, DispatcherBuilder};
-use e2e::{Answer, Control, Dispatcher, TestDatabase, TestDevice};
+use e2e::{metric, Answer, Control, Dispatcher, TestDatabase, TestDevice};
 use futures::StreamExt;
 use protocol::{CallMode, HostCall, HostResult};
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
@@ -103,20 +103,6 @@ fn json_headers(token: Option<&str>) -> HeaderMap {
         headers.insert(AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {token}")).expect("header"));
     }
     headers
-}
-
-/// The value of the first metric whose name ends with `suffix` (labels summed).
-async fn metric(base: &str, suffix: &str) -> Option<f64> {
-    let text = reqwest::get(format!("{base}/metrics")).await.ok()?.text().await.ok()?;
-    let mut found = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((name, value)) = line.rsplit_once(' ') else { continue };
-        let bare = name.split('{').next().unwrap_or(name);
-        if bare.ends_with(suffix) {
-            *found.get_or_insert(0.0) += value.parse::<f64>().ok()?;
-        }
-    }
-    found
 }
 
 /// The `call` frame the connection receives next (skipping keepalives).
