@@ -1,6 +1,7 @@
 //! Smoke runs of the measurement tools, as CI runs them: `bench --quick` must print every
-//! section and exit 0, and `chaos --quick` must keep every invariant (exit 0) and say so.
-//! Both need nats-server and PostgreSQL (scripts/test.sh provides them).
+//! section and exit 0, `chaos --quick` must keep every invariant (exit 0) and say so, and
+//! `soak --quick` must answer every call as it should and print every process's figures.
+//! All need nats-server and PostgreSQL (scripts/test.sh provides them).
 //!
 //! Not here: the figures themselves (BENCHMARKS.md); a smoke run on a debug build measures
 //! nothing worth keeping.
@@ -82,4 +83,25 @@ fn chaos_quick_keeps_the_invariants() {
         assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
     }
     assert!(stdout.contains("kill -9 replica"), "no fault was injected:\n{stdout}");
+}
+
+#[test]
+fn soak_quick_answers_every_call_and_prints_every_process() {
+    let output = run(env!("CARGO_BIN_EXE_soak"), &["--quick", "--settle-secs", "2"], Duration::from_secs(600));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "soak --quick failed ({}):\n{stdout}\n{stderr}", output.status);
+    for line in [
+        "small calls: 2000 ok",
+        "large calls (256 KiB): 40 ok",
+        "errors: offline 20",
+        "errors: timed out 10",
+        "0 executed twice",
+        "dispatcher 2",
+        "nats-server 0",
+        "host-agent 0",
+        "soak done",
+    ] {
+        assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
+    }
 }
