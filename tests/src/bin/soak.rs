@@ -38,7 +38,10 @@ use serde_json::json;
 const KEEPALIVE_SECS: u64 = 5;
 
 #[derive(Debug, Parser)]
-#[command(name = "soak", about = "Runs an hour's worth of calls through a local cluster and prints memory and descriptors.")]
+#[command(
+    name = "soak",
+    about = "Runs an hour's worth of calls through a local cluster and prints memory and descriptors."
+)]
 struct Args {
     /// Small calls in the main phase; the other phases are fractions of it.
     #[arg(long)]
@@ -105,8 +108,7 @@ fn usage(process: &Process, sockets: &HashMap<u64, (u16, u16)>) -> Usage {
         usage.fds += 1;
         let Ok(link) = std::fs::read_link(entry.path()) else { continue };
         let link = link.to_string_lossy();
-        let Some(inode) = link.strip_prefix("socket:[").and_then(|rest| rest.trim_end_matches(']').parse().ok())
-        else {
+        let Some(inode) = link.strip_prefix("socket:[").and_then(|rest| rest.trim_end_matches(']').parse().ok()) else {
             continue;
         };
         match sockets.get(&inode) {
@@ -187,7 +189,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let agents = if args.quick { args.agents.min(1) } else { args.agents };
     let started = Instant::now();
 
-    let cluster = LocalCluster::builder().replicas(3).keepalive_secs(KEEPALIVE_SECS).start().await.context("starting the local cluster")?;
+    let cluster = LocalCluster::builder()
+        .replicas(3)
+        .keepalive_secs(KEEPALIVE_SECS)
+        .start()
+        .await
+        .context("starting the local cluster")?;
     let urls = cluster.urls();
     let control = cluster.control().clone();
     println!("== soak: {calls} calls, {devices} simulated devices, {agents} host-agents, 3 replicas");
@@ -416,12 +423,14 @@ impl AgentOnDisk {
         let root = tempfile::Builder::new().prefix("soak-root-").tempdir()?;
         std::fs::create_dir_all(root.path().join("src"))?;
         std::fs::create_dir_all(root.path().join("out"))?;
-        let text: String = (0..2_000).map(|i| format!("line {i}{}\n", if i % 97 == 0 { " needle" } else { "" })).collect();
+        let text: String =
+            (0..2_000).map(|i| format!("line {i}{}\n", if i % 97 == 0 { " needle" } else { "" })).collect();
         std::fs::write(root.path().join("src/lib.txt"), text)?;
         std::fs::write(root.path().join("blob.bin"), vec![7u8; 4 << 20])?;
         let name = format!("soak-agent-{index}");
         let code = control.pairing_code().await?;
-        let agent = Agent::builder(urls[index % urls.len()].clone()).root(root.path()).code(code).name(&name).spawn()?;
+        let agent =
+            Agent::builder(urls[index % urls.len()].clone()).root(root.path()).code(code).name(&name).spawn()?;
         let started = Instant::now();
         let device_id = loop {
             let (_, list) = control.devices().await?;
