@@ -29,6 +29,9 @@ pub enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// The operator CLI: clients of the control API of any replica.
+    #[command(flatten)]
+    Operator(crate::cli::OperatorCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -201,6 +204,7 @@ mod tests {
         match cli.command {
             Command::Serve(serve) => serve.settings("host", "abcd"),
             Command::Token { .. } => Err("not serve".into()),
+            Command::Operator(_) => Err("not serve".into()),
         }
     }
 

@@ -10,6 +10,8 @@
 //! - [`http`]: the axum handlers of the contract, one [`http::ApiError`].
 //! - [`app`]: `app(state) -> Router`, composing the handlers with limits and timeouts.
 //! - [`config`]: the command line and environment.
+//! - [`cli`]: the operator CLI (`dispatcher pair | devices | call | …`), a client of the
+//!   control API.
 //! - [`telemetry`]: logging, tracing and Prometheus metrics.
 //! - [`server`]: `run(config, listener, shutdown)`: builds the state, serves, drains.
 //!
@@ -18,6 +20,7 @@
 
 pub mod app;
 pub mod bus;
+pub mod cli;
 pub mod config;
 pub mod core;
 pub mod http;

@@ -1,5 +1,6 @@
 //! The `dispatcher` binary: parse the command line, set up logging, then serve (binding the
-//! listener and mapping SIGINT/SIGTERM to a graceful shutdown) or manage api tokens.
+//! listener and mapping SIGINT/SIGTERM to a graceful shutdown), manage api tokens, or run an
+//! operator command against a server's control API (`dispatcher::cli`).
 
 use anyhow::Context;
 use clap::Parser;
@@ -47,6 +48,7 @@ async fn main() -> anyhow::Result<()> {
             anyhow::ensure!(revoked > 0, "no active api token starts with {prefix:?}");
             eprintln!("revoked {revoked} api token(s)");
         }
+        Command::Operator(command) => std::process::exit(dispatcher::cli::run(command).await),
     }
     Ok(())
 }
