@@ -17,7 +17,8 @@
 //!   request unanswered for as long is given up too (the server may be frozen): next server.
 //! - Each call runs on the blocking pool, tracked, so reading the stream never waits for a tool;
 //!   a call id seen before is not run again; a call past its deadline on arrival is not run;
-//!   one still running at its deadline is abandoned and nothing is posted for it.
+//!   one still running at its deadline is abandoned and nothing is posted for it (the tool
+//!   itself notices the same deadline and stops, see [`crate::tools`]).
 //! - Results are posted with the call's `traceparent`, retried briefly on connection errors
 //!   and 5xx, moving across the servers.
 //! - `superseded` ends the run ([`Outcome::Superseded`]); `revoked` or a 401 on connect deletes

@@ -17,6 +17,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::deadline::{is_expired, Deadline, Watched};
 use super::walk::{self, Flow, Kind, Limits};
 use super::{to_json, Context, Immediate, Tool, ToolError};
 use crate::scope::{open_regular, ScopedPath};
@@ -72,7 +73,7 @@ impl Immediate for Glob {
             if self.pattern.contains("**") { walk::MAX_DEPTH } else { self.pattern.matches('/').count() + 1 };
         let mut matches = Vec::new();
         let mut truncated = false;
-        let limits = Limits { max_depth, max_visits: SEARCH_VISIT_LIMIT };
+        let limits = Limits { max_depth, max_visits: SEARCH_VISIT_LIMIT, deadline: ctx.deadline };
         let walked = walk::walk(dir, limits, &io_error, |entry| {
             if matcher.is_match(entry.rel_slash()) {
                 if matches.len() == GLOB_LIMIT {
@@ -182,21 +183,27 @@ impl Immediate for Grep {
             matches: Vec::new(),
             full: false,
             budget: SEARCH_BYTE_LIMIT,
+            deadline: ctx.deadline,
         };
         let io_error = ctx.io(&base);
         let metadata = ctx.scope.metadata(&base).map_err(&io_error)?;
         let mut truncated = false;
         if metadata.is_dir() {
             let dir = ctx.scope.open_dir(&base).map_err(&io_error)?;
-            let limits = Limits { max_depth: walk::MAX_DEPTH, max_visits: SEARCH_VISIT_LIMIT };
+            let limits = Limits { max_depth: walk::MAX_DEPTH, max_visits: SEARCH_VISIT_LIMIT, deadline: ctx.deadline };
             let walked = walk::walk(dir, limits, &io_error, |entry| {
                 if entry.kind != Kind::File || filter.as_ref().is_some_and(|f| !f.matches(entry)) {
                     return Ok(Flow::Continue);
                 }
-                // Files that vanish or cannot be read mid-walk are skipped, as grep does.
+                // Files that vanish or cannot be read mid-walk are skipped, as grep does; a deadline
+                // met inside one stops the search.
                 if let Ok(file) = open_regular(entry.dir, entry.name.as_ref()) {
                     let shown = ctx.scope.display(&base.join(entry.rel));
-                    let _ = search.file(file, shown);
+                    if let Err(error) = search.file(file, shown) {
+                        if is_expired(&error) {
+                            return Err(ToolError::DeadlineExceeded);
+                        }
+                    }
                 }
                 Ok(if search.done() { Flow::Stop } else { Flow::Continue })
             })?;
@@ -246,6 +253,7 @@ struct Search {
     full: bool,
     /// Bytes left to read in all.
     budget: u64,
+    deadline: Deadline,
 }
 
 impl Search {
@@ -262,7 +270,7 @@ impl Search {
             matches: &mut self.matches,
             full: &mut self.full,
         };
-        let reader = Budgeted { inner: file, budget: &mut self.budget };
+        let reader = Budgeted { inner: Watched::new(file, self.deadline), budget: &mut self.budget };
         self.searcher.search_reader(&self.matcher, reader, &mut sink)
     }
 }

@@ -12,6 +12,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::deadline::Watched;
 use super::walk::{self, Flow, Kind, Limits};
 use super::{Context, ToolError};
 use crate::scope::ScopedPath;
@@ -155,7 +156,7 @@ pub fn observe(ctx: &Context, path: &ScopedPath, depth: Depth, keep: usize) -> R
             (State::Dir { entries: Some(entries), sha256: Some(sha256) }, None)
         }
         Kind::File => {
-            let file = ctx.scope.open_file(path).map_err(&io_error)?;
+            let file = Watched::new(ctx.scope.open_file(path).map_err(&io_error)?, ctx.deadline);
             let hashed = hash_content::<Sha256>(file, keep).map_err(&io_error)?;
             (State::File { size: hashed.size, sha256: hashed.hash }, hashed.content)
         }
@@ -204,7 +205,7 @@ fn tree_digest(ctx: &Context, path: &ScopedPath) -> Result<(u64, String), ToolEr
     let io_error = ctx.io(path);
     let dir = ctx.scope.open_dir(path).map_err(&io_error)?;
     let mut hasher = Sha256::new();
-    let limits = Limits { max_depth: walk::MAX_DEPTH, max_visits: TREE_LIMIT };
+    let limits = Limits { max_depth: walk::MAX_DEPTH, max_visits: TREE_LIMIT, deadline: ctx.deadline };
     let walked = walk::walk(dir, limits, &io_error, |entry| {
         let metadata = entry.metadata().map_err(&io_error)?;
         let modified = metadata

@@ -14,6 +14,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::deadline::{Deadline, Watched};
 use super::edit::{ensure_parent, install, install_error, parent_note, Install};
 use super::state::{
     observe, temporary_name, text_diff, Depth, Observation, Preconditions, State, DIFF_LIMIT, TREE_LIMIT,
@@ -259,8 +260,9 @@ fn copy_into(ctx: &Context, pair: &Pair, dir: &Dir, name: &OsStr) -> Result<Copi
     let from_error = ctx.io(&pair.from);
     match pair.source.state() {
         State::File { .. } => {
-            let mut source = ctx.scope.open_file(&pair.from).map_err(&from_error)?;
+            let source = ctx.scope.open_file(&pair.from).map_err(&from_error)?;
             let permissions = source.metadata().map_err(&from_error)?.permissions();
+            let mut source = Watched::new(source, ctx.deadline);
             let bytes = install(dir, name, &mut source, Install::CreateNew, Some(permissions))
                 .map_err(install_error(ctx, &pair.to))?;
             Ok(Copied { files: 1, bytes, ..Default::default() })
@@ -270,13 +272,15 @@ fn copy_into(ctx: &Context, pair: &Pair, dir: &Dir, name: &OsStr) -> Result<Copi
             let temporary = temporary_name(name);
             let to_error = ctx.io(&pair.to);
             dir.create_dir(&temporary).map_err(&to_error)?;
-            let result = dir.open_dir(&temporary).and_then(|target| copy_tree(source, &target)).and_then(|copied| {
-                if dir.symlink_metadata(name).is_ok() {
-                    return Err(io::Error::from(io::ErrorKind::AlreadyExists));
-                }
-                dir.rename(&temporary, dir, name)?;
-                Ok(copied)
-            });
+            let result = dir.open_dir(&temporary).and_then(|target| copy_tree(source, &target, ctx.deadline)).and_then(
+                |copied| {
+                    if dir.symlink_metadata(name).is_ok() {
+                        return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+                    }
+                    dir.rename(&temporary, dir, name)?;
+                    Ok(copied)
+                },
+            );
             if result.is_err() {
                 let _ = dir.remove_dir_all(&temporary);
             }
@@ -286,10 +290,11 @@ fn copy_into(ctx: &Context, pair: &Pair, dir: &Dir, name: &OsStr) -> Result<Copi
     }
 }
 
-/// Copies the tree below `source` into the empty directory `target`, never following a symlink.
-fn copy_tree(source: Dir, target: &Dir) -> io::Result<Copied> {
+/// Copies the tree below `source` into the empty directory `target`, never following a symlink;
+/// stops (with an error) once `deadline` has passed.
+fn copy_tree(source: Dir, target: &Dir, deadline: Deadline) -> io::Result<Copied> {
     let mut copied = Copied { dirs: 1, ..Default::default() };
-    let limits = Limits { max_depth: walk::MAX_DEPTH, max_visits: TREE_LIMIT };
+    let limits = Limits { max_depth: walk::MAX_DEPTH, max_visits: TREE_LIMIT, deadline };
     let walked = walk::walk(
         source,
         limits,
@@ -301,8 +306,9 @@ fn copy_tree(source: Dir, target: &Dir) -> io::Result<Copied> {
                     copied.dirs += 1;
                 }
                 Kind::File => {
-                    let mut from = open_regular(entry.dir, entry.name.as_ref())?;
+                    let from = open_regular(entry.dir, entry.name.as_ref())?;
                     let permissions = from.metadata()?.permissions();
+                    let mut from = Watched::new(from, deadline);
                     let mut to = target.open_with(entry.rel, OpenOptions::new().write(true).create_new(true))?;
                     copied.bytes += io::copy(&mut from, &mut to)?;
                     to.set_permissions(permissions)?;
