@@ -5,16 +5,16 @@
 //! host-agent run   --server <url>... [--root <dir>...] [--code <code>] [--name <name>]
 //!                  [--credentials-dir <dir>] [--ca-cert <pem>] [--keepalive-secs 15]
 //!                  [--backoff-base-ms 1000] [--max-backoff-ms 30000] [--shutdown-grace-secs 30]
-//!                  [--log info]
+//!                  [--log info] [--allow-hardlinked-reads]
 //! host-agent tools [--root <dir>...]
-//! host-agent call  <tool> '<json input>' [--root <dir>...] [--apply]
+//! host-agent call  <tool> '<json input>' [--root <dir>...] [--apply] [--allow-hardlinked-reads]
 //! ```
 //!
 //! Environment: `PULSN_URL` (comma-separated servers), `FUSION_HOST_ROOTS` (roots separated by
 //! the OS path-list separator, `:` or `;`), `FUSION_HOST_CODE`, `FUSION_HOST_NAME`,
 //! `FUSION_HOST_CREDENTIALS_DIR`, `FUSION_HOST_CA_CERT`, `FUSION_HOST_KEEPALIVE_SECS`,
 //! `FUSION_HOST_BACKOFF_BASE_MS`, `FUSION_HOST_MAX_BACKOFF_MS`,
-//! `FUSION_HOST_SHUTDOWN_GRACE_SECS`, `FUSION_HOST_LOG`.
+//! `FUSION_HOST_SHUTDOWN_GRACE_SECS`, `FUSION_HOST_LOG`, `FUSION_HOST_ALLOW_HARDLINKED_READS`.
 //!
 //! Not here: reading files, opening roots, or any network (the runtime and the tools do that).
 
@@ -22,6 +22,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use reqwest::Url;
@@ -67,6 +68,15 @@ pub struct RootArgs {
     pub roots: Vec<PathBuf>,
 }
 
+/// What the tools may do inside the roots, beyond the confinement itself.
+#[derive(Debug, Clone, Default, Args)]
+pub struct PolicyArgs {
+    /// Read the content of files with more than one hard link. Refused by default: another link
+    /// may lie outside the roots. Mutations never write in place through such a file either way.
+    #[arg(long, env = "FUSION_HOST_ALLOW_HARDLINKED_READS", value_parser = BoolishValueParser::new())]
+    pub allow_hardlinked_reads: bool,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Base URL of the server (repeatable, or comma-separated; tried in turn on failure). All of
@@ -76,6 +86,9 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub roots: RootArgs,
+
+    #[command(flatten)]
+    pub policy: PolicyArgs,
 
     /// One-time pairing code: only needed on the first run (no cached credentials).
     #[arg(long, value_name = "CODE", env = "FUSION_HOST_CODE", hide_env_values = true)]
@@ -135,6 +148,8 @@ pub struct CallArgs {
     pub input: String,
     #[command(flatten)]
     pub roots: RootArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
     /// Apply a mutation instead of printing its proposal. The agent plans the change right
     /// then and applies it at once with that fresh plan's preconditions: there is no approval
     /// step, so use it only for changes you would make yourself.
@@ -370,6 +385,14 @@ mod tests {
         let split = split_path_list(&[PathBuf::from(joined)]);
         assert_eq!(split, [PathBuf::from("/a"), PathBuf::from("/b c"), PathBuf::from("/d")]);
         assert!(split_path_list(&[PathBuf::new()]).is_empty());
+    }
+
+    #[test]
+    fn hardlinked_reads_are_refused_unless_asked() {
+        assert!(!run_args(&["--server", "http://a"]).policy.allow_hardlinked_reads);
+        assert!(run_args(&["--server", "http://a", "--allow-hardlinked-reads"]).policy.allow_hardlinked_reads);
+        let call = parse_from(["host-agent", "call", "stat", "{}", "--allow-hardlinked-reads"]).expect("call");
+        assert!(matches!(call.command, Command::Call(args) if args.policy.allow_hardlinked_reads));
     }
 
     #[test]

@@ -277,6 +277,14 @@ impl Toolbox {
         Ok(Self { scope: Scope::open(roots)?, commands: Commands::from_env() })
     }
 
+    /// Allows reading the content of regular files with more than one hard link (refused by
+    /// default: another link may lie outside the roots). Mutations never write in place through
+    /// such a file either way.
+    pub fn with_hardlinked_reads(mut self, allow: bool) -> Self {
+        self.scope = self.scope.allow_hardlinked_reads(allow);
+        self
+    }
+
     /// Replaces the commands `open_path` and `reveal_in_os` start.
     pub fn with_commands(mut self, commands: Commands) -> Self {
         self.commands = commands;
