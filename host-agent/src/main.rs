@@ -52,7 +52,8 @@ fn open_toolbox(roots: &config::RootArgs) -> Result<Toolbox, i32> {
 
 /// The toolbox of `run` and `call`: the roots, and what the tools may do inside them.
 fn open_toolbox_with(roots: &config::RootArgs, policy: &config::PolicyArgs) -> Result<Toolbox, i32> {
-    Ok(open_toolbox(roots)?.with_hardlinked_reads(policy.allow_hardlinked_reads))
+    let rules = policy.launch_rules().map_err(|msg| usage_error(&msg))?;
+    Ok(open_toolbox(roots)?.with_hardlinked_reads(policy.allow_hardlinked_reads).with_launch_rules(rules))
 }
 
 fn run_agent(args: &RunArgs) -> i32 {

@@ -40,7 +40,10 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 
-pub use action::{Commands, Launcher, ENV_OPENER, ENV_REVEALER};
+pub use action::{
+    refusal, Commands, LaunchRules, Launcher, Target, TargetKind, DEFAULT_DENIED, ENV_OPENER, ENV_REVEALER,
+    WINDOWS_DENIED,
+};
 pub use deadline::{Deadline, Expired};
 pub use state::{Condition, Preconditions, State};
 
@@ -101,10 +104,12 @@ fn describe_io(error: &io::Error) -> String {
     }
 }
 
-/// What one call runs with: the scope, the commands the actions start, and its deadline.
+/// What one call runs with: the scope, the commands the actions start and what they refuse to
+/// hand over, and the call's deadline.
 pub(crate) struct Context<'a> {
     pub scope: &'a Scope,
     pub commands: &'a Commands,
+    pub launch: &'a LaunchRules,
     pub deadline: Deadline,
 }
 
@@ -262,6 +267,7 @@ pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> Result<Value, ToolError
 pub struct Toolbox {
     scope: Scope,
     commands: Commands,
+    launch: LaunchRules,
 }
 
 impl std::fmt::Debug for Toolbox {
@@ -274,7 +280,7 @@ impl Toolbox {
     /// Opens each root as a directory handle (`cap_std::fs::Dir`); an error if a root is missing or
     /// not a directory. The actions' commands come from [`Commands::from_env`].
     pub fn new(roots: &[PathBuf]) -> Result<Self, ScopeError> {
-        Ok(Self { scope: Scope::open(roots)?, commands: Commands::from_env() })
+        Ok(Self { scope: Scope::open(roots)?, commands: Commands::from_env(), launch: LaunchRules::default() })
     }
 
     /// Allows reading the content of regular files with more than one hard link (refused by
@@ -282,6 +288,13 @@ impl Toolbox {
     /// such a file either way.
     pub fn with_hardlinked_reads(mut self, allow: bool) -> Self {
         self.scope = self.scope.allow_hardlinked_reads(allow);
+        self
+    }
+
+    /// Replaces what `open_path` and `reveal_in_os` refuse to hand over (default:
+    /// [`LaunchRules::default`]).
+    pub fn with_launch_rules(mut self, rules: LaunchRules) -> Self {
+        self.launch = rules;
         self
     }
 
@@ -342,7 +355,12 @@ impl Toolbox {
             .iter()
             .find(|entry| entry.name == call.tool)
             .ok_or_else(|| ToolError::UnknownTool(call.tool.clone()))?;
-        let ctx = Context { scope: &self.scope, commands: &self.commands, deadline: Deadline::of(call.deadline) };
+        let ctx = Context {
+            scope: &self.scope,
+            commands: &self.commands,
+            launch: &self.launch,
+            deadline: Deadline::of(call.deadline),
+        };
         ctx.deadline.check()?;
         (entry.run)(&ctx, call)
     }
