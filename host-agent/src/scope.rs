@@ -2,7 +2,7 @@
 //! from a tool call becomes something a tool may touch.
 //!
 //! Owns: refusing path input (empty, NUL bytes, Windows drive, UNC and `\\?\` forms, reserved
-//! Windows device names, `..` above a root, absolute paths outside every root); mapping an accepted
+//! device names on Windows, `..` above a root, absolute paths outside every root); mapping an accepted
 //! path to a root and a normalized relative path ([`ScopedPath`]); and opening files and directories
 //! beneath the root handles with cap-std. Ambient authority is used only to open the roots; every
 //! later access resolves beneath a root handle (openat2 `RESOLVE_BENEATH` on Linux, an equivalent
@@ -21,6 +21,9 @@
 //! - A relative path is taken relative to the first root; an absolute one is accepted only when it
 //!   lies lexically under a root (as given, or its canonical form), and is made relative to it.
 //! - Drive-letter prefixes are accepted only on Windows, and only as `X:\…` absolute paths.
+//! - Windows device names (`NUL`, `COM1.txt`, ...) are refused on Windows, where they name devices
+//!   in every directory, and walks there skip entries so named ([`is_reserved_here`]); on other
+//!   systems they are ordinary names, the same in every tool.
 //!
 //! Does not: know tools, inputs or outputs (`tools/`), or walk trees (`tools/walk.rs`).
 
@@ -439,7 +442,7 @@ fn parse_path(input: &str) -> Result<Parsed, ScopeError> {
                 components.pop();
             }
             name => {
-                if let Some(reserved) = reserved_device_name(name) {
+                if let Some(reserved) = reserved_device_name(name).filter(|_| cfg!(windows)) {
                     return Err(ScopeError::ReservedName { path: input.to_owned(), name: reserved.to_owned() });
                 }
                 if cfg!(windows) && name.contains(':') {
@@ -453,8 +456,15 @@ fn parse_path(input: &str) -> Result<Parsed, ScopeError> {
     Ok(if absolute { Parsed::Absolute(components) } else { Parsed::Relative(components) })
 }
 
+/// True when `name` is a device on this system rather than a file: a reserved name, on Windows
+/// only. Walks skip such entries, as path input refuses them.
+pub fn is_reserved_here(name: &OsStr) -> bool {
+    cfg!(windows) && reserved_device_name(&name.to_string_lossy()).is_some()
+}
+
 /// Windows treats these names as devices in every directory, with any extension and trailing
-/// dots or spaces (`nul.txt`, `COM1 .log`). Refused everywhere, so trees stay portable.
+/// dots or spaces (`nul.txt`, `COM1 .log`). The rule itself, the same on every system; it is
+/// applied on Windows only.
 fn reserved_device_name(component: &str) -> Option<&str> {
     const NAMES: [&str; 6] = ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"];
     let stem = component.split('.').next().unwrap_or(component).trim_end_matches([' ', '.']);
@@ -538,17 +548,20 @@ mod tests {
             "\\\\.\\pipe\\x",
             "C:x",
             "c:..\\x",
-            "NUL",
-            "con.txt",
-            "a/COM1/b",
-            "lpt9.log",
-            "Aux .txt",
-            "CONIN$",
             "a:b",
         ];
         for input in refused {
             assert!(parse_path(input).is_err(), "{input:?} should be refused");
         }
+        // Device names: refused on Windows, ordinary names elsewhere.
+        for input in ["NUL", "con.txt", "a/COM1/b", "lpt9.log", "Aux .txt", "CONIN$"] {
+            assert_eq!(parse_path(input).is_err(), cfg!(windows), "{input:?}");
+        }
+        if !cfg!(windows) {
+            assert_eq!(parse("nul"), rel(&["nul"]));
+        }
+        assert_eq!(is_reserved_here(OsStr::new("COM1.txt")), cfg!(windows));
+        assert!(!is_reserved_here(OsStr::new("notes.txt")));
         #[cfg(not(windows))]
         assert!(parse_path("C:\\Windows\\win.ini").is_err());
     }

@@ -1,7 +1,8 @@
 //! Bounded, deterministic walks over a directory tree, entirely through directory handles.
 //!
 //! Owns: visiting the entries below a base `Dir` depth-first, each directory's entries in name
-//! order; never following a symlink (it is reported as one); bounding the work by a visit budget
+//! order; never following a symlink (it is reported as one); skipping device names on Windows (see
+//! [`crate::scope::is_reserved_here`]), as every tool does; bounding the work by a visit budget
 //! and a depth limit, and saying when a bound cut the walk short; stopping with [`Expired`] once
 //! the call's deadline has passed (checked at every entry, and while reading a large directory).
 //!
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 use cap_std::fs::{Dir, FileType, Metadata};
 
 use super::deadline::{is_expired, Deadline, Expired};
+use crate::scope::is_reserved_here;
 
 /// Directories deeper than this below the base are not entered (bounds open handles).
 pub const MAX_DEPTH: usize = 256;
@@ -192,6 +194,9 @@ fn read_entries(dir: &Dir, limit: usize, deadline: Deadline) -> io::Result<Vec<(
         }
         let entry = entry?;
         let name = entry.file_name();
+        if is_reserved_here(&name) {
+            continue;
+        }
         let file_type = entry.file_type()?;
         let mut kind = Kind::of(file_type);
         if kind == Kind::Other && !is_special(file_type) {
