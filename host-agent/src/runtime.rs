@@ -6,6 +6,8 @@
 //! code. Tests drive [`run`] in-process with their own [`ToolRunner`].
 //!
 //! The rules it carries out:
+//! - The credentials directory and files are made private (0700, 0600) first, where others
+//!   could read them.
 //! - Credentials are looked up under every `--server` origin; the first found is used (they
 //!   are valid cluster-wide). Without any, `--code` enrolls with the first server that answers
 //!   and the credentials are cached under every given origin.
@@ -177,6 +179,7 @@ pub async fn run(
     }
     let client = transport::build_client(config.ca_cert.as_deref()).map_err(|e| RunError::Usage(e.to_string()))?;
     let store = CredentialStore::new(&config.credentials_dir);
+    store.tighten();
 
     let credentials = match find_credentials(&store, &origins)? {
         Some(found) => {

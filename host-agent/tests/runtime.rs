@@ -381,6 +381,30 @@ async fn tools_and_call_work_without_a_server() {
     assert!(!result.ok);
 }
 
+/// A credentials directory left open (0755) and a file made readable (0644) are tightened to
+/// 0700 and 0600 when the agent starts.
+#[cfg(unix)]
+#[tokio::test]
+async fn an_open_credentials_directory_is_tightened_on_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &std::path::Path| std::fs::metadata(path).expect("meta").permissions().mode() & 0o777;
+    let fake = Fake::start(&[]).await;
+    let dirs = dirs();
+    fake.state.add_device("dev-open", "tok-open");
+    let file = seed_credentials(dirs.creds.path(), &fake.url, "dev-open", "tok-open");
+    std::fs::set_permissions(dirs.creds.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod file");
+    let before = (mode(dirs.creds.path()), mode(&file));
+    let agent = AgentProcess::spawn(&run_args(&[&fake.url], dirs.root.path(), dirs.creds.path(), &[]), &[]);
+    agent.wait_for_stderr("as device dev-open", 1, WAIT).await;
+    let after = (mode(dirs.creds.path()), mode(&file));
+    println!(
+        "credentials directory and file modes: before {:o}/{:o}, after {:o}/{:o}",
+        before.0, before.1, after.0, after.1
+    );
+    assert_eq!(after, (0o700, 0o600));
+}
+
 /// CPU seconds the process has used so far (user + system), from `/proc/<pid>/stat`.
 #[cfg(target_os = "linux")]
 fn cpu_seconds(pid: u32) -> f64 {
