@@ -63,15 +63,17 @@ fn plant(fx: &Fixture) {
     fx.write("entry", "# a comment\n[Desktop Entry]\nExec=sh\n");
     fx.write("script", "#!/usr/bin/env python3\nprint(1)\n");
     fx.write("elf", "\u{7f}ELF\u{2}\u{1}\u{1}");
-    // A symlink with a harmless name to a launcher.
+    // Symlinks with harmless names to a launcher and to a bundle; and one to the root itself.
     std::os::unix::fs::symlink("run.sh", fx.path("readme.txt")).expect("symlink");
+    std::os::unix::fs::symlink("Tool.app", fx.path("Folder")).expect("symlink");
+    std::os::unix::fs::symlink(".", fx.path("here")).expect("symlink");
     // What must still open.
     fx.write("plan.pdf", "%PDF-1.4\n");
     fx.write("notes.txt", "notes\n");
     fx.write("docs/guide.md", "# guide\n");
 }
 
-const REFUSED: [&str; 20] = [
+const REFUSED: [&str; 21] = [
     "evil.desktop",
     "run.sh",
     "page.html",
@@ -90,11 +92,12 @@ const REFUSED: [&str; 20] = [
     "script",
     "elf",
     "readme.txt",
+    "Folder",
     "Tool.app/",
     "./run.sh",
 ];
 
-const OPENED: [&str; 4] = ["plan.pdf", "notes.txt", "docs", "docs/guide.md"];
+const OPENED: [&str; 5] = ["plan.pdf", "notes.txt", "docs", "docs/guide.md", "here"];
 
 #[test]
 fn actions_refuse_executables_and_launchers() {

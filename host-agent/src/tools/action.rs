@@ -335,13 +335,14 @@ fn check_launchable(ctx: &Context, path: &ScopedPath) -> Result<(), ToolError> {
     let mut names: Vec<String> = own.into_iter().collect();
     let is_link = ctx.scope.symlink_metadata(path).map_err(&io_error)?.file_type().is_symlink();
     if is_link {
+        // Where the link leads, as a path beneath the root (empty for the root itself).
         let target = ctx.scope.root_dir(path).canonicalize(path.beneath()).map_err(&io_error)?;
-        let target = match target.file_name() {
-            Some(name) => name.to_string_lossy().into_owned(),
-            // A link to the root itself: its name is the root's.
-            None => ctx.scope.absolute(&ctx.scope.resolve(".")?).to_string_lossy().into_owned(),
-        };
-        names.push(target);
+        let mut root = ctx.scope.absolute(path);
+        path.rel().components().for_each(|_| {
+            root.pop();
+        });
+        let name = target.file_name().or(root.file_name()).map(|name| name.to_string_lossy().into_owned());
+        names.extend(name);
     }
     let kind = if metadata.is_dir() {
         TargetKind::Dir
