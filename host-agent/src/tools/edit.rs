@@ -8,8 +8,9 @@
 //!
 //! Nothing is written in place through a file with more than one hard link (another link may lie
 //! outside the roots): write_file and edit_file replace the name, and append_file appends in
-//! place only to a file its open handle shows singly linked; otherwise it rewrites the name
-//! through a temporary (when the device reads multiply-linked files) or refuses.
+//! place only when the name, looked up after the open, still names the opened file and that file
+//! has one link; otherwise it rewrites the name through a temporary (when the device reads
+//! multiply-linked files) or refuses.
 //! Does not: create, move, copy or delete trees (`tree`).
 
 use std::ffi::OsStr;

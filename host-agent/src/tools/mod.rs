@@ -11,7 +11,8 @@
 //! - `search`: glob, grep.
 //! - `edit`: write_file, edit_file, append_file (content mutations).
 //! - `tree`: create_directory, move, copy, delete (structure mutations).
-//! - `action`: open_path, reveal_in_os (named commands, never a shell).
+//! - `action`: open_path, reveal_in_os (named commands, never a shell; never a program or a
+//!   launcher handed to the desktop).
 //! - `state`: preconditions, content hashing, tree digests, diffs.
 //! - `walk`: bounded walks that never follow symlinks.
 //! - `deadline`: the call's deadline, checked as the tools go: long work stops when the caller
@@ -40,10 +41,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 
-pub use action::{
-    refusal, Commands, LaunchRules, Launcher, Target, TargetKind, DEFAULT_DENIED, ENV_OPENER, ENV_REVEALER,
-    WINDOWS_DENIED,
-};
+pub use action::{Commands, LaunchRules, Launcher, DEFAULT_DENIED, ENV_OPENER, ENV_REVEALER, WINDOWS_DENIED};
 pub use deadline::{Deadline, Expired};
 pub use state::{Condition, Preconditions, State};
 
