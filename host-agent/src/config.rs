@@ -5,16 +5,19 @@
 //! host-agent run   --server <url>... [--root <dir>...] [--code <code>] [--name <name>]
 //!                  [--credentials-dir <dir>] [--ca-cert <pem>] [--keepalive-secs 15]
 //!                  [--backoff-base-ms 1000] [--max-backoff-ms 30000] [--shutdown-grace-secs 30]
-//!                  [--log info]
+//!                  [--log info] [--allow-hardlinked-reads] [--open-deny-ext <ext,...>]
+//!                  [--open-allow-ext <ext,...>]
 //! host-agent tools [--root <dir>...]
-//! host-agent call  <tool> '<json input>' [--root <dir>...] [--apply]
+//! host-agent call  <tool> '<json input>' [--root <dir>...] [--apply] [--allow-hardlinked-reads]
+//!                  [--open-deny-ext <ext,...>] [--open-allow-ext <ext,...>]
 //! ```
 //!
 //! Environment: `PULSN_URL` (comma-separated servers), `FUSION_HOST_ROOTS` (roots separated by
 //! the OS path-list separator, `:` or `;`), `FUSION_HOST_CODE`, `FUSION_HOST_NAME`,
 //! `FUSION_HOST_CREDENTIALS_DIR`, `FUSION_HOST_CA_CERT`, `FUSION_HOST_KEEPALIVE_SECS`,
 //! `FUSION_HOST_BACKOFF_BASE_MS`, `FUSION_HOST_MAX_BACKOFF_MS`,
-//! `FUSION_HOST_SHUTDOWN_GRACE_SECS`, `FUSION_HOST_LOG`.
+//! `FUSION_HOST_SHUTDOWN_GRACE_SECS`, `FUSION_HOST_LOG`, `FUSION_HOST_ALLOW_HARDLINKED_READS`,
+//! `FUSION_HOST_OPEN_DENY_EXT`, `FUSION_HOST_OPEN_ALLOW_EXT` (comma-separated).
 //!
 //! Not here: reading files, opening roots, or any network (the runtime and the tools do that).
 
@@ -22,12 +25,14 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use reqwest::Url;
 
 use crate::credentials::{home_dir, CredentialStore};
 use crate::runtime::AgentConfig;
+use crate::tools::LaunchRules;
 
 /// The device runtime: dials out to the dispatcher, holds the stream, runs tools inside its
 /// roots. Nothing listens on this machine.
@@ -67,6 +72,33 @@ pub struct RootArgs {
     pub roots: Vec<PathBuf>,
 }
 
+/// What the tools may do inside the roots, beyond the confinement itself.
+#[derive(Debug, Clone, Default, Args)]
+pub struct PolicyArgs {
+    /// Read the content of files with more than one hard link. Refused by default: another link
+    /// may lie outside the roots. Mutations never write in place through such a file either way.
+    #[arg(long, env = "FUSION_HOST_ALLOW_HARDLINKED_READS", value_parser = BoolishValueParser::new())]
+    pub allow_hardlinked_reads: bool,
+
+    /// More file extensions open_path and reveal_in_os refuse, besides the built-in list of
+    /// programs, scripts, launchers, bundles and web pages (repeatable, or comma-separated).
+    #[arg(long, value_name = "EXT", env = "FUSION_HOST_OPEN_DENY_EXT", value_delimiter = ',')]
+    pub open_deny_ext: Vec<String>,
+
+    /// Extensions to take off that list, e.g. `html` on a device where pages should open in the
+    /// browser. Files with an executable bit are refused whatever their extension.
+    #[arg(long, value_name = "EXT", env = "FUSION_HOST_OPEN_ALLOW_EXT", value_delimiter = ',')]
+    pub open_allow_ext: Vec<String>,
+}
+
+impl PolicyArgs {
+    /// What the actions refuse to hand over; an error names an extension that is not one.
+    pub fn launch_rules(&self) -> Result<LaunchRules, String> {
+        LaunchRules::new(&self.open_deny_ext, &self.open_allow_ext)
+            .map_err(|error| format!("invalid --open-deny-ext or --open-allow-ext: {error}"))
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Base URL of the server (repeatable, or comma-separated; tried in turn on failure). All of
@@ -76,6 +108,9 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub roots: RootArgs,
+
+    #[command(flatten)]
+    pub policy: PolicyArgs,
 
     /// One-time pairing code: only needed on the first run (no cached credentials).
     #[arg(long, value_name = "CODE", env = "FUSION_HOST_CODE", hide_env_values = true)]
@@ -135,6 +170,8 @@ pub struct CallArgs {
     pub input: String,
     #[command(flatten)]
     pub roots: RootArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
     /// Apply a mutation instead of printing its proposal. The agent plans the change right
     /// then and applies it at once with that fresh plan's preconditions: there is no approval
     /// step, so use it only for changes you would make yourself.
@@ -370,6 +407,26 @@ mod tests {
         let split = split_path_list(&[PathBuf::from(joined)]);
         assert_eq!(split, [PathBuf::from("/a"), PathBuf::from("/b c"), PathBuf::from("/d")]);
         assert!(split_path_list(&[PathBuf::new()]).is_empty());
+    }
+
+    #[test]
+    fn open_extension_lists() {
+        let args = run_args(&["--server", "http://a", "--open-deny-ext", "pdf,.MD", "--open-allow-ext", "html"]);
+        assert_eq!(args.policy.open_deny_ext, ["pdf", ".MD"]);
+        assert_eq!(args.policy.open_allow_ext, ["html"]);
+        let expected = LaunchRules::new(&["pdf".into(), "md".into()], &["html".into()]).expect("rules");
+        assert_eq!(args.policy.launch_rules().expect("valid"), expected);
+        assert_eq!(run_args(&["--server", "http://a"]).policy.launch_rules().expect("default"), LaunchRules::default());
+        let bad = run_args(&["--server", "http://a", "--open-deny-ext", "tar.gz"]);
+        assert!(bad.policy.launch_rules().expect_err("invalid").contains("--open-deny-ext"));
+    }
+
+    #[test]
+    fn hardlinked_reads_are_refused_unless_asked() {
+        assert!(!run_args(&["--server", "http://a"]).policy.allow_hardlinked_reads);
+        assert!(run_args(&["--server", "http://a", "--allow-hardlinked-reads"]).policy.allow_hardlinked_reads);
+        let call = parse_from(["host-agent", "call", "stat", "{}", "--allow-hardlinked-reads"]).expect("call");
+        assert!(matches!(call.command, Command::Call(args) if args.policy.allow_hardlinked_reads));
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //!
 //! Enrollment trades a one-time pairing code for a durable `{deviceId, token}`; this module keeps
 //! that pair on disk so later runs need no code. Files live in the credentials directory
-//! (default `~/.fusion-host`, created with mode 0700) and are named after the server's origin
+//! (default `~/.fusion-host`, created with mode 0700; an existing one that others can enter or
+//! read, and credentials files others can read, are tightened when the agent starts, see
+//! [`CredentialStore::tighten`]) and are named after the server's origin
 //! (`scheme://host:port`, e.g. `https_pulsn.internal_443.json`). Each is written atomically (a
 //! fresh temporary file created with mode 0600 in the same directory, synced, then renamed over
 //! the old one), so a crash never leaves a half-written token behind.
@@ -89,6 +91,22 @@ impl CredentialStore {
         &self.dir
     }
 
+    /// Takes group and other permissions off the directory (to 0700) and off every credentials
+    /// file in it (to 0600), saying so in the log, where they were looser; best effort (a failure
+    /// is logged, and the run goes on). Returns how many were tightened.
+    pub fn tighten(&self) -> usize {
+        let mut tightened = usize::from(tighten_mode(&self.dir, "directory"));
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            for entry in entries.filter_map(Result::ok) {
+                let is_credentials = entry.file_name().to_string_lossy().ends_with(".json");
+                if is_credentials && entry.file_type().is_ok_and(|kind| kind.is_file()) {
+                    tightened += usize::from(tighten_mode(&entry.path(), "file"));
+                }
+            }
+        }
+        tightened
+    }
+
     /// Where the credentials of `origin` live.
     pub fn path_for(&self, origin: &str) -> PathBuf {
         self.dir.join(file_name_for(origin))
@@ -153,6 +171,7 @@ fn rand_suffix() -> u64 {
 fn create_private_dir(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     if dir.is_dir() {
+        tighten_mode(dir, "directory");
         return Ok(());
     }
     fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
@@ -179,19 +198,50 @@ fn write_private_file(path: &Path, body: &[u8]) -> io::Result<()> {
 }
 
 /// A credentials file someone made group- or world-readable is put back to 0600.
-#[cfg(unix)]
 fn tighten_file_mode(path: &Path) {
+    tighten_mode(path, "file");
+}
+
+/// The mode a credentials file or directory is put back to, when others have any access to it:
+/// the owner's bits alone (0755 → 0700, 0644 → 0600). `None` when it is private already.
+pub fn private_mode(mode: u32) -> Option<u32> {
+    (mode & 0o077 != 0).then_some(mode & 0o7700)
+}
+
+/// Applies [`private_mode`] to `path` (not following a symlink), logging what it changed. True
+/// when it tightened something.
+#[cfg(unix)]
+fn tighten_mode(path: &Path, what: &str) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = fs::metadata(path) {
-        if meta.permissions().mode() & 0o077 != 0 {
-            tracing::warn!("credentials file {} was readable by others; resetting it to mode 0600", path.display());
-            let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return false;
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    let Some(private) = private_mode(mode).filter(|_| !meta.file_type().is_symlink()) else {
+        return false;
+    };
+    match fs::set_permissions(path, fs::Permissions::from_mode(private)) {
+        Ok(()) => {
+            tracing::warn!(
+                "credentials {what} {} was open to others (mode {mode:o}); reset it to mode {private:o}",
+                path.display()
+            );
+            true
+        }
+        Err(err) => {
+            tracing::warn!(
+                "credentials {what} {} is open to others (mode {mode:o}) and cannot be tightened: {err}",
+                path.display()
+            );
+            false
         }
     }
 }
 
 #[cfg(not(unix))]
-fn tighten_file_mode(_path: &Path) {}
+fn tighten_mode(_path: &Path, _what: &str) -> bool {
+    false
+}
 
 /// Makes the rename durable where the OS allows syncing a directory.
 fn sync_dir(dir: &Path) {
@@ -284,6 +334,53 @@ mod tests {
         store.load("http://127.0.0.1:8080").expect("load");
         let mode = fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "loading tightens a loosened file");
+    }
+
+    #[test]
+    fn private_modes_keep_the_owner_bits_only() {
+        let cases = [
+            (0o755, Some(0o700)),
+            (0o750, Some(0o700)),
+            (0o701, Some(0o700)),
+            (0o644, Some(0o600)),
+            (0o666, Some(0o600)),
+            (0o604, Some(0o600)),
+            (0o1777, Some(0o1700)),
+            (0o700, None),
+            (0o600, None),
+            (0o500, None),
+            (0o400, None),
+        ];
+        for (mode, want) in cases {
+            assert_eq!(private_mode(mode), want, "{mode:o}");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn an_open_directory_and_its_files_are_tightened() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |path: &Path| fs::metadata(path).expect("meta").permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = CredentialStore::new(dir.path().join("creds"));
+        let a = store.save(&creds("http://a:1")).expect("save");
+        let b = store.save(&creds("http://b:1")).expect("save");
+        let other = store.dir().join("notes.txt");
+        fs::write(&other, "not credentials").expect("write");
+        for (path, loose) in
+            [(store.dir(), 0o755), (a.as_path(), 0o644), (b.as_path(), 0o640), (other.as_path(), 0o644)]
+        {
+            fs::set_permissions(path, fs::Permissions::from_mode(loose)).expect("chmod");
+        }
+        assert_eq!(store.tighten(), 3);
+        assert_eq!((mode(store.dir()), mode(&a), mode(&b)), (0o700, 0o600, 0o600));
+        assert_eq!(mode(&other), 0o644, "only credentials files are touched");
+        assert_eq!(store.tighten(), 0, "nothing left to do");
+
+        // Saving into an existing open directory tightens it too.
+        fs::set_permissions(store.dir(), fs::Permissions::from_mode(0o755)).expect("chmod");
+        store.save(&creds("http://c:1")).expect("save");
+        assert_eq!(mode(store.dir()), 0o700);
     }
 
     #[test]

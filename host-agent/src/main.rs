@@ -50,13 +50,19 @@ fn open_toolbox(roots: &config::RootArgs) -> Result<Toolbox, i32> {
     Toolbox::new(&roots).map_err(|err| usage_error(&format!("cannot use the roots: {err}")))
 }
 
+/// The toolbox of `run` and `call`: the roots, and what the tools may do inside them.
+fn open_toolbox_with(roots: &config::RootArgs, policy: &config::PolicyArgs) -> Result<Toolbox, i32> {
+    let rules = policy.launch_rules().map_err(|msg| usage_error(&msg))?;
+    Ok(open_toolbox(roots)?.with_hardlinked_reads(policy.allow_hardlinked_reads).with_launch_rules(rules))
+}
+
 fn run_agent(args: &RunArgs) -> i32 {
     init_logging(&args.log);
     let agent_config = match args.agent_config(config::home(), config::host_name()) {
         Ok(config) => config,
         Err(message) => return usage_error(&message),
     };
-    let toolbox = match open_toolbox(&args.roots) {
+    let toolbox = match open_toolbox_with(&args.roots, &args.policy) {
         Ok(toolbox) => toolbox,
         Err(code) => return code,
     };
@@ -163,7 +169,7 @@ fn call_tool(args: &CallArgs) -> i32 {
         Ok(input) => input,
         Err(err) => return usage_error(&format!("the input is not JSON: {err}")),
     };
-    let toolbox = match open_toolbox(&args.roots) {
+    let toolbox = match open_toolbox_with(&args.roots, &args.policy) {
         Ok(toolbox) => toolbox,
         Err(code) => return code,
     };

@@ -6,6 +6,8 @@
 //! code. Tests drive [`run`] in-process with their own [`ToolRunner`].
 //!
 //! The rules it carries out:
+//! - The credentials directory and files are made private (0700, 0600) first, where others
+//!   could read them.
 //! - Credentials are looked up under every `--server` origin; the first found is used (they
 //!   are valid cluster-wide). Without any, `--code` enrolls with the first server that answers
 //!   and the credentials are cached under every given origin.
@@ -17,7 +19,8 @@
 //!   request unanswered for as long is given up too (the server may be frozen): next server.
 //! - Each call runs on the blocking pool, tracked, so reading the stream never waits for a tool;
 //!   a call id seen before is not run again; a call past its deadline on arrival is not run;
-//!   one still running at its deadline is abandoned and nothing is posted for it.
+//!   one still running at its deadline is abandoned and nothing is posted for it (the tool
+//!   itself notices the same deadline and stops, see [`crate::tools`]).
 //! - Results are posted with the call's `traceparent`, retried briefly on connection errors
 //!   and 5xx, moving across the servers.
 //! - `superseded` ends the run ([`Outcome::Superseded`]); `revoked` or a 401 on connect deletes
@@ -176,6 +179,7 @@ pub async fn run(
     }
     let client = transport::build_client(config.ca_cert.as_deref()).map_err(|e| RunError::Usage(e.to_string()))?;
     let store = CredentialStore::new(&config.credentials_dir);
+    store.tighten();
 
     let credentials = match find_credentials(&store, &origins)? {
         Some(found) => {

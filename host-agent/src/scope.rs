@@ -2,12 +2,18 @@
 //! from a tool call becomes something a tool may touch.
 //!
 //! Owns: refusing path input (empty, NUL bytes, Windows drive, UNC and `\\?\` forms, reserved
-//! Windows device names, `..` above a root, absolute paths outside every root); mapping an accepted
+//! device names on Windows, `..` above a root, absolute paths outside every root); mapping an accepted
 //! path to a root and a normalized relative path ([`ScopedPath`]); and opening files and directories
 //! beneath the root handles with cap-std. Ambient authority is used only to open the roots; every
 //! later access resolves beneath a root handle (openat2 `RESOLVE_BENEATH` on Linux, an equivalent
 //! manual resolution elsewhere), so `..`, absolute symlinks, symlinks out of the root and symlinks
 //! swapped in between a check and a use all fail instead of escaping.
+//!
+//! Hard links cannot be told apart from the file they name: a link inside a root may name a file
+//! that also lives outside every root. So the content of a regular file with more than one link
+//! is not read ([`Scope::open_file`], [`Scope::open_entry`] refuse it with [`MultiplyLinked`])
+//! unless the device allows it ([`Scope::allow_hardlinked_reads`]); its metadata may still be
+//! reported. The link count is known on Unix; elsewhere every file counts as singly linked.
 //!
 //! Path rules, the same on every platform so a device behaves alike wherever it runs:
 //! - `/` and `\` are both separators; `.` and empty components are dropped; `..` pops one component
@@ -15,6 +21,9 @@
 //! - A relative path is taken relative to the first root; an absolute one is accepted only when it
 //!   lies lexically under a root (as given, or its canonical form), and is made relative to it.
 //! - Drive-letter prefixes are accepted only on Windows, and only as `X:\…` absolute paths.
+//! - Windows device names (`NUL`, `COM1.txt`, ...) are refused on Windows, where they name devices
+//!   in every directory, and walks there skip entries so named ([`is_reserved_here`]); on other
+//!   systems they are ordinary names, the same in every tool.
 //!
 //! Does not: know tools, inputs or outputs (`tools/`), or walk trees (`tools/walk.rs`).
 
@@ -115,6 +124,66 @@ struct Root {
 /// The allowed roots, each held open as a directory handle. `Send + Sync`.
 pub struct Scope {
     roots: Vec<Root>,
+    /// Whether the content of a regular file with more than one hard link may be read.
+    hardlinked_reads: bool,
+}
+
+/// A regular file whose content is not read because it has more than one hard link: another
+/// of its names may lie outside the allowed roots. Carried inside an `io::Error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "refused: it has {links} hard links and another of them may lie outside the allowed roots, so its content \
+     is not read (start the agent with --allow-hardlinked-reads to read such files)"
+)]
+pub struct MultiplyLinked {
+    pub links: u64,
+}
+
+impl From<MultiplyLinked> for io::Error {
+    fn from(linked: MultiplyLinked) -> io::Error {
+        io::Error::new(io::ErrorKind::PermissionDenied, linked)
+    }
+}
+
+/// The link count of an I/O error that is a [`MultiplyLinked`] refusal.
+pub fn multiply_linked(error: &io::Error) -> Option<u64> {
+    error.get_ref().and_then(|inner| inner.downcast_ref::<MultiplyLinked>()).map(|linked| linked.links)
+}
+
+/// Which file a handle or a name refers to, and how many names it has: enough to tell that a name
+/// still names the file a handle was opened on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    pub device: u64,
+    pub inode: u64,
+    pub links: u64,
+}
+
+impl FileId {
+    /// The identity in `metadata`. Where the platform does not say (not Unix), every file is
+    /// `0/0` with one link.
+    pub fn of(metadata: &Metadata) -> FileId {
+        #[cfg(unix)]
+        {
+            use cap_std::fs::MetadataExt;
+            FileId { device: metadata.dev(), inode: metadata.ino(), links: metadata.nlink() }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = metadata;
+            FileId { device: 0, inode: 0, links: 1 }
+        }
+    }
+
+    /// The same file (the link counts may differ, read at different moments).
+    pub fn same_file(&self, other: &FileId) -> bool {
+        (self.device, self.inode) == (other.device, other.inode)
+    }
+}
+
+/// How many hard links name the file `metadata` describes; 1 where the platform does not say.
+pub fn link_count(metadata: &Metadata) -> u64 {
+    FileId::of(metadata).links
 }
 
 impl std::fmt::Debug for Scope {
@@ -129,7 +198,34 @@ impl Scope {
         if roots.is_empty() {
             return Err(ScopeError::NoRoots);
         }
-        roots.iter().map(|path| open_root(path)).collect::<Result<Vec<_>, _>>().map(|roots| Scope { roots })
+        let roots = roots.iter().map(|path| open_root(path)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Scope { roots, hardlinked_reads: false })
+    }
+
+    /// Allows (or, the default, refuses) reading the content of regular files with more than one
+    /// hard link.
+    pub fn allow_hardlinked_reads(mut self, allow: bool) -> Self {
+        self.hardlinked_reads = allow;
+        self
+    }
+
+    /// Whether the content of multiply-linked files is read.
+    pub fn reads_hardlinked(&self) -> bool {
+        self.hardlinked_reads
+    }
+
+    /// True when a file with this metadata is a regular file whose content is not to be read.
+    pub fn is_unreadable_link(&self, metadata: &Metadata) -> bool {
+        !self.hardlinked_reads && metadata.is_file() && link_count(metadata) > 1
+    }
+
+    /// Refuses, on the open handle itself, a file whose content is not to be read.
+    fn readable(&self, file: File) -> io::Result<File> {
+        let metadata = file.metadata()?;
+        if self.is_unreadable_link(&metadata) {
+            return Err(MultiplyLinked { links: link_count(&metadata) }.into());
+        }
+        Ok(file)
     }
 
     /// The roots in display form, in the order given.
@@ -178,10 +274,16 @@ impl Scope {
         &self.roots[path.root].dir
     }
 
-    /// Opens a regular file for reading beneath its root, following symlinks only while they stay
-    /// inside. See [`open_regular`].
+    /// Opens a regular file to read its content beneath its root, following symlinks only while
+    /// they stay inside (see [`open_regular`]); refuses a multiply-linked file unless allowed.
     pub fn open_file(&self, path: &ScopedPath) -> io::Result<File> {
-        open_regular(self.root_dir(path), path.beneath())
+        self.readable(open_regular(self.root_dir(path), path.beneath())?)
+    }
+
+    /// Opens the file `name` of a directory met in a walk to read its content, by the same rules
+    /// as [`Scope::open_file`].
+    pub fn open_entry(&self, dir: &Dir, name: &Path) -> io::Result<File> {
+        self.readable(open_regular(dir, name)?)
     }
 
     /// Opens a directory beneath its root (the root itself for an empty relative path).
@@ -340,7 +442,7 @@ fn parse_path(input: &str) -> Result<Parsed, ScopeError> {
                 components.pop();
             }
             name => {
-                if let Some(reserved) = reserved_device_name(name) {
+                if let Some(reserved) = reserved_device_name(name).filter(|_| cfg!(windows)) {
                     return Err(ScopeError::ReservedName { path: input.to_owned(), name: reserved.to_owned() });
                 }
                 if cfg!(windows) && name.contains(':') {
@@ -354,8 +456,15 @@ fn parse_path(input: &str) -> Result<Parsed, ScopeError> {
     Ok(if absolute { Parsed::Absolute(components) } else { Parsed::Relative(components) })
 }
 
+/// True when `name` is a device on this system rather than a file: a reserved name, on Windows
+/// only. Walks skip such entries, as path input refuses them.
+pub fn is_reserved_here(name: &OsStr) -> bool {
+    cfg!(windows) && reserved_device_name(&name.to_string_lossy()).is_some()
+}
+
 /// Windows treats these names as devices in every directory, with any extension and trailing
-/// dots or spaces (`nul.txt`, `COM1 .log`). Refused everywhere, so trees stay portable.
+/// dots or spaces (`nul.txt`, `COM1 .log`). The rule itself, the same on every system; it is
+/// applied on Windows only.
 fn reserved_device_name(component: &str) -> Option<&str> {
     const NAMES: [&str; 6] = ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"];
     let stem = component.split('.').next().unwrap_or(component).trim_end_matches([' ', '.']);
@@ -439,17 +548,20 @@ mod tests {
             "\\\\.\\pipe\\x",
             "C:x",
             "c:..\\x",
-            "NUL",
-            "con.txt",
-            "a/COM1/b",
-            "lpt9.log",
-            "Aux .txt",
-            "CONIN$",
             "a:b",
         ];
         for input in refused {
             assert!(parse_path(input).is_err(), "{input:?} should be refused");
         }
+        // Device names: refused on Windows, ordinary names elsewhere.
+        for input in ["NUL", "con.txt", "a/COM1/b", "lpt9.log", "Aux .txt", "CONIN$"] {
+            assert_eq!(parse_path(input).is_err(), cfg!(windows), "{input:?}");
+        }
+        if !cfg!(windows) {
+            assert_eq!(parse("nul"), rel(&["nul"]));
+        }
+        assert_eq!(is_reserved_here(OsStr::new("COM1.txt")), cfg!(windows));
+        assert!(!is_reserved_here(OsStr::new("notes.txt")));
         #[cfg(not(windows))]
         assert!(parse_path("C:\\Windows\\win.ini").is_err());
     }

@@ -1,8 +1,8 @@
 //! The escape corpus (Invariant 8): hundreds of generated paths that try to leave the root
 //! (traversals in many depths and mixes, backslashes, absolute paths outside, Windows drive, UNC
-//! and `\\?\` forms, reserved device names, NUL bytes, literal percent-encodings, symlinks and
-//! symlink chains pointing out, a symlinked directory out in the middle of a path), each run
-//! against every path-taking tool and field, mutations both proposed and applied.
+//! and `\\?\` forms, device names (refused on Windows only), NUL bytes, literal percent-encodings,
+//! symlinks and symlink chains pointing out, a symlinked directory out in the middle of a path),
+//! each run against every path-taking tool and field, mutations both proposed and applied.
 //!
 //! Outside the root sit canaries: a file with a known token, size and hashes, files whose name no
 //! input mentions (seen only if a listing leaked), a sibling directory sharing the root's name as
@@ -275,6 +275,12 @@ fn corpus(world: &World) -> Vec<(String, Expect)> {
         "/\\server\\share",
         "..\\..\\Windows\\win.ini",
         "sub\\..\\..\\outside\\canary.txt",
+    ] {
+        add(windows.to_owned(), Expect::Refused);
+    }
+    // Device names: refused on Windows; elsewhere ordinary names inside the root.
+    let device = if cfg!(windows) { Expect::Refused } else { Expect::Literal };
+    for reserved in [
         "CON",
         "con",
         "NUL",
@@ -295,7 +301,7 @@ fn corpus(world: &World) -> Vec<(String, Expect)> {
         "sub/nul/x.txt",
         "sub\\COM3\\x",
     ] {
-        add(windows.to_owned(), Expect::Refused);
+        add(reserved.to_owned(), device);
     }
     let verbatim = format!("\\\\?\\{}", world.outside.join("canary.txt").display());
     add(verbatim, Expect::Refused);

@@ -380,3 +380,71 @@ async fn tools_and_call_work_without_a_server() {
     let result: protocol::HostResult = serde_json::from_str(&bad.stdout()).expect("result JSON");
     assert!(!result.ok);
 }
+
+/// A credentials directory left open (0755) and a file made readable (0644) are tightened to
+/// 0700 and 0600 when the agent starts.
+#[cfg(unix)]
+#[tokio::test]
+async fn an_open_credentials_directory_is_tightened_on_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &std::path::Path| std::fs::metadata(path).expect("meta").permissions().mode() & 0o777;
+    let fake = Fake::start(&[]).await;
+    let dirs = dirs();
+    fake.state.add_device("dev-open", "tok-open");
+    let file = seed_credentials(dirs.creds.path(), &fake.url, "dev-open", "tok-open");
+    std::fs::set_permissions(dirs.creds.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod file");
+    let before = (mode(dirs.creds.path()), mode(&file));
+    let agent = AgentProcess::spawn(&run_args(&[&fake.url], dirs.root.path(), dirs.creds.path(), &[]), &[]);
+    agent.wait_for_stderr("as device dev-open", 1, WAIT).await;
+    let after = (mode(dirs.creds.path()), mode(&file));
+    println!(
+        "credentials directory and file modes: before {:o}/{:o}, after {:o}/{:o}",
+        before.0, before.1, after.0, after.1
+    );
+    assert_eq!(after, (0o700, 0o600));
+}
+
+/// CPU seconds the process has used so far (user + system), from `/proc/<pid>/stat`.
+#[cfg(target_os = "linux")]
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/<pid>/stat");
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    // USER_HZ is 100 on every Linux this runs on.
+    ticks / 100.0
+}
+
+/// Ten hash_file calls on an 8 GiB file with a one-second deadline: the agent answers nothing
+/// (the caller has gone) and, once the deadline has passed, stops burning CPU on them.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn abandoned_calls_stop_using_cpu_after_their_deadline() {
+    let fake = Fake::start(&[]).await;
+    let dirs = dirs();
+    let big = std::fs::File::create(dirs.root.path().join("big.bin")).expect("create");
+    big.set_len(8 << 30).expect("sparse 8 GiB");
+    fake.state.add_device("dev-cpu", "tok-cpu");
+    seed_credentials(dirs.creds.path(), &fake.url, "dev-cpu", "tok-cpu");
+    let agent = AgentProcess::spawn(&run_args(&[&fake.url], dirs.root.path(), dirs.creds.path(), &[]), &[]);
+    agent.wait_for_stderr("as device dev-cpu", 1, WAIT).await;
+    let deadline = chrono::Utc::now() + chrono::Duration::seconds(1);
+    for n in 0..10 {
+        fake.state.send_call(&json!({
+            "callId": format!("hash-{n}"), "tool": "hash_file", "input": {"path": "big.bin"},
+            "deadline": deadline.to_rfc3339(),
+        }));
+    }
+    agent.wait_for_stderr("call hash-9 hash_file received", 1, WAIT).await;
+    // From half a second after the deadline, measure for two seconds.
+    let settle = (deadline - chrono::Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(500);
+    tokio::time::sleep(settle).await;
+    let start = cpu_seconds(agent.pid());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let burnt = cpu_seconds(agent.pid()) - start;
+    println!("CPU used by the agent in the 2 s from 0.5 s after the deadline: {burnt:.2} s");
+    assert!(burnt < 0.3, "the agent kept working on abandoned calls: {burnt:.2} CPU seconds in 2 s");
+    assert!(fake.state.results().is_empty(), "nothing is posted for calls past their deadline");
+}

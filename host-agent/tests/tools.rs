@@ -302,6 +302,36 @@ fn reads_refuse_fifos_without_hanging() {
     assert_eq!(out["matches"], json!([]));
 }
 
+/// Windows device names (NUL, COM1, ...) are ordinary names elsewhere: every tool treats such a
+/// file like any other on Linux and macOS (they are refused on Windows only, see `scope.rs`).
+#[cfg(not(windows))]
+#[test]
+fn windows_device_names_are_ordinary_files_elsewhere() {
+    let fx = Fixture::new();
+    for name in ["nul", "CON", "com1.txt", "aux/lpt9.log"] {
+        fx.write(name, "device-name file\n");
+    }
+    for name in ["nul", "CON", "com1.txt", "aux/lpt9.log"] {
+        assert_eq!(fx.ok("read_file", json!({"path": name}))["content"], "device-name file\n", "{name}");
+        assert_eq!(fx.ok("stat", json!({"path": name}))["type"], "file", "{name}");
+        assert!(fx.ok("hash_file", json!({"path": name}))["hash"].is_string(), "{name}");
+    }
+    let listed = fx.ok("list_directory", json!({"path": ".", "recursive": true}));
+    let mut listed = names(&listed["entries"]);
+    listed.sort();
+    assert_eq!(listed, ["CON", "aux", "com1.txt", "lpt9.log", "nul"]);
+    let grep = fx.ok("grep", json!({"pattern": "device-name"}));
+    assert_eq!(grep["matches"].as_array().map(Vec::len), Some(4), "{grep}");
+    let glob = fx.ok("glob", json!({"pattern": "**/*"}));
+    assert_eq!(glob["matches"].as_array().map(Vec::len), Some(5), "{glob}");
+    fx.propose_apply("write_file", json!({"path": "prn", "content": "x"}));
+    fx.propose_apply("append_file", json!({"path": "nul", "content": "more\n"}));
+    assert_eq!(fx.read("nul"), "device-name file\nmore\n");
+    fx.propose_apply("move", json!({"from": "CON", "to": "aux/CONIN$"}));
+    fx.propose_apply("delete", json!({"path": "aux", "recursive": true}));
+    assert!(!fx.path("aux").exists());
+}
+
 // ---- validation and dispatch ----
 
 #[test]

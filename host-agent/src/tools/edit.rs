@@ -4,8 +4,14 @@
 //! Each observes its target (content hash, or absence), proposes a unified diff, and on apply
 //! writes beneath the target's parent directory handle: new content goes to a temporary file in
 //! the same directory, then is renamed over the target, or hard-linked to a name that must still
-//! be free, so readers never see half a file and an absent target is never overwritten. Does not:
-//! create, move, copy or delete trees (`tree`).
+//! be free, so readers never see half a file and an absent target is never overwritten.
+//!
+//! Nothing is written in place through a file with more than one hard link (another link may lie
+//! outside the roots): write_file and edit_file replace the name, and append_file appends in
+//! place only when the name, looked up after the open, still names the opened file and that file
+//! has one link; otherwise it rewrites the name through a temporary (when the device reads
+//! multiply-linked files) or refuses.
+//! Does not: create, move, copy or delete trees (`tree`).
 
 use std::ffi::OsStr;
 use std::io::{self, Read, Write};
@@ -15,9 +21,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::deadline::Watched;
 use super::state::{observe, text_diff, Depth, Observation, Preconditions, State, DIFF_LIMIT};
 use super::{to_json, Change, Context, Mutation, Tool, ToolError};
-use crate::scope::{open_checked, ScopedPath};
+use crate::scope::{open_checked, FileId, ScopedPath};
 
 /// edit_file refuses files larger than this.
 pub const EDIT_LIMIT: usize = 8 << 20;
@@ -108,7 +115,7 @@ pub fn install_error<'a>(ctx: &'a Context, path: &'a ScopedPath) -> impl Fn(io::
 fn write_content(ctx: &Context, path: &ScopedPath, state: &State, bytes: &[u8]) -> Result<u64, ToolError> {
     let how = match state {
         State::Absent => Install::CreateNew,
-        State::File { .. } => Install::Replace,
+        State::File { .. } | State::Hardlinked { .. } => Install::Replace,
         other => return Err(not_a_file(ctx, path, other)),
     };
     ensure_parent(ctx, path)?;
@@ -129,19 +136,30 @@ fn not_a_file(ctx: &Context, path: &ScopedPath, state: &State) -> ToolError {
     ToolError::Refused(format!("{} {what}", ctx.scope.display(path)))
 }
 
+/// Refuses a change that needs the content of a multiply-linked file this device does not read.
+fn linked_content(ctx: &Context, path: &ScopedPath, links: u64, verb: &str) -> ToolError {
+    ToolError::Refused(format!(
+        "{} has {links} hard links and another of them may lie outside the allowed roots: {verb} would read or \
+         change the content they share, so it is refused (write_file replaces this name alone; start the agent \
+         with --allow-hardlinked-reads to read such files)",
+        ctx.scope.display(path)
+    ))
+}
+
 /// Requires a file that exists, or refuses.
 fn existing_file(ctx: &Context, path: &ScopedPath, state: &State) -> Result<(), ToolError> {
     match state {
         State::File { .. } => Ok(()),
+        State::Hardlinked { links, .. } => Err(linked_content(ctx, path, *links, "editing it")),
         State::Absent => Err(ToolError::Refused(format!("{} does not exist", ctx.scope.display(path)))),
         other => Err(not_a_file(ctx, path, other)),
     }
 }
 
-/// A file (absent or regular) to be written: refuses anything else.
+/// A file (absent or regular) to be written as a whole: refuses anything else.
 fn writable(ctx: &Context, path: &ScopedPath, state: &State) -> Result<(), ToolError> {
     match state {
-        State::Absent | State::File { .. } => Ok(()),
+        State::Absent | State::File { .. } | State::Hardlinked { .. } => Ok(()),
         other => Err(not_a_file(ctx, path, other)),
     }
 }
@@ -202,6 +220,10 @@ impl Mutation for WriteFile {
         let new = self.content.len();
         let summary = match observed.state() {
             State::File { size, .. } => format!("Overwrite {shown} ({size} → {new} bytes){note}"),
+            State::Hardlinked { size, links, .. } => format!(
+                "Replace {shown} ({size} → {new} bytes); it has {links} hard links: only this name gets the new \
+                 content, the others keep the old"
+            ),
             _ => format!("Create {shown} ({new} bytes){note}"),
         };
         Ok(Change { summary, diff: content_diff(ctx, path, observed, self.content.as_bytes()) })
@@ -354,7 +376,7 @@ impl Mutation for AppendFile {
     }
 
     fn plan(&self, ctx: &Context, (path, observed): &Self::Snapshot) -> Result<Change, ToolError> {
-        writable(ctx, path, observed.state())?;
+        appendable(ctx, path, observed.state())?;
         let note = parent_note(ctx, path)?;
         let shown = ctx.scope.display(path);
         let added = self.content.len();
@@ -370,23 +392,100 @@ impl Mutation for AppendFile {
     }
 
     fn apply(&self, ctx: &Context, (path, observed): Self::Snapshot) -> Result<Value, ToolError> {
-        writable(ctx, &path, observed.state())?;
+        appendable(ctx, &path, observed.state())?;
         if observed.state() == &State::Absent {
             let bytes = write_content(ctx, &path, observed.state(), self.content.as_bytes())?;
             return applied(ctx, &path, bytes);
         }
         let io_error = ctx.io(&path);
         let (dir, name) = ctx.scope.open_parent(&path).map_err(&io_error)?;
-        let mut file = open_checked(&dir, name.as_ref(), OpenOptions::new().append(true)).map_err(&io_error)?;
-        file.write_all(self.content.as_bytes()).map_err(&io_error)?;
-        file.sync_all().map_err(&io_error)?;
+        let mut file =
+            open_checked(&dir, name.as_ref(), OpenOptions::new().read(true).append(true)).map_err(&io_error)?;
+        // What gets written is the file the handle holds: the name, looked up after the open, must
+        // still name it, and have been its only name then.
+        let metadata = file.metadata().map_err(&io_error)?;
+        let named = dir.symlink_metadata(&name).map_err(&io_error)?;
+        match append_way(FileId::of(&metadata), FileId::of(&named), ctx.scope.reads_hardlinked()) {
+            AppendWay::InPlace => {
+                file.write_all(self.content.as_bytes()).map_err(&io_error)?;
+                file.sync_all().map_err(&io_error)?;
+            }
+            AppendWay::Rewrite => {
+                // This name alone gets the old content and the new, through a temporary.
+                let mut content = Watched::new(&mut file, ctx.deadline).chain(self.content.as_bytes());
+                install(&dir, &name, &mut content, Install::Replace, Some(metadata.permissions()))
+                    .map_err(install_error(ctx, &path))?;
+            }
+            AppendWay::Refuse { links } => return Err(linked_content(ctx, &path, links, "appending to it")),
+            AppendWay::Swapped => {
+                return Err(ToolError::Refused(format!("{} was replaced while being opened", ctx.scope.display(&path))))
+            }
+        }
         applied(ctx, &path, self.content.len() as u64)
+    }
+}
+
+/// How an append reaches an existing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AppendWay {
+    /// Write at the end through the open handle: the file has one name, inside the root.
+    InPlace,
+    /// Copy the old content and the new to a temporary renamed over the name.
+    Rewrite,
+    /// The file has other names and its content is not read on this device.
+    Refuse { links: u64 },
+    /// The name no longer names the file that was opened.
+    Swapped,
+}
+
+/// Decides how to append from the open handle's identity and the name's, looked up after the
+/// open. In place only when the name still names that file and it has no other name.
+fn append_way(handle: FileId, name: FileId, reads_hardlinked: bool) -> AppendWay {
+    let links = handle.links.max(name.links);
+    if !handle.same_file(&name) {
+        AppendWay::Swapped
+    } else if links <= 1 {
+        AppendWay::InPlace
+    } else if reads_hardlinked {
+        AppendWay::Rewrite
+    } else {
+        AppendWay::Refuse { links }
+    }
+}
+
+/// A file that can be appended to: absent, or regular and readable by the scope's rule.
+fn appendable(ctx: &Context, path: &ScopedPath, state: &State) -> Result<(), ToolError> {
+    match state {
+        State::Hardlinked { links, .. } => Err(linked_content(ctx, path, *links, "appending to it")),
+        other => writable(ctx, path, other),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn appends_go_in_place_only_through_a_sole_name() {
+        let id = |inode, links| FileId { device: 1, inode, links };
+        let cases = [
+            // (handle, name looked up after the open, reads of linked files allowed, way)
+            (id(7, 1), id(7, 1), false, AppendWay::InPlace),
+            (id(7, 1), id(7, 1), true, AppendWay::InPlace),
+            (id(7, 2), id(7, 2), false, AppendWay::Refuse { links: 2 }),
+            (id(7, 2), id(7, 2), true, AppendWay::Rewrite),
+            // A link made or dropped between the two looks: the larger count decides.
+            (id(7, 1), id(7, 3), false, AppendWay::Refuse { links: 3 }),
+            (id(7, 2), id(7, 1), false, AppendWay::Refuse { links: 2 }),
+            // The name was swapped after the open: whatever the counts, nothing is written.
+            (id(7, 1), id(8, 1), false, AppendWay::Swapped),
+            (id(7, 1), id(8, 1), true, AppendWay::Swapped),
+            (id(7, 1), FileId { device: 2, inode: 7, links: 1 }, false, AppendWay::Swapped),
+        ];
+        for (handle, name, allowed, want) in cases {
+            assert_eq!(append_way(handle, name, allowed), want, "{handle:?} {name:?} {allowed}");
+        }
+    }
 
     #[test]
     fn occurrences_count_overlaps() {

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::Sha256;
 
+use super::deadline::Watched;
 use super::state::hash_content;
 use super::walk::{self, Flow, Kind, Limits};
 use super::{to_json, Context, Immediate, Tool, ToolError};
@@ -70,7 +71,8 @@ impl Immediate for ListDirectory {
         let max_depth = if self.recursive.unwrap_or(false) { walk::MAX_DEPTH } else { 1 };
         let mut entries = Vec::new();
         let mut truncated = false;
-        let walked = walk::walk(dir, Limits { max_depth, max_visits: VISIT_LIMIT }, &io_error, |entry| {
+        let limits = Limits { max_depth, max_visits: VISIT_LIMIT, deadline: ctx.deadline };
+        let walked = walk::walk(dir, limits, &io_error, |entry| {
             if entries.len() == LIST_LIMIT {
                 truncated = true;
                 return Ok(Flow::Stop);
@@ -147,6 +149,7 @@ impl Immediate for ReadFile {
         let mut scanned = 0u64;
         let mut first = true;
         loop {
+            ctx.deadline.check()?;
             let read = match file.read(&mut buffer) {
                 Ok(0) => break,
                 Ok(read) => read,
@@ -316,7 +319,7 @@ impl Immediate for DiskUsage {
         }
         let dir = ctx.scope.open_dir(&path).map_err(&io_error)?;
         let mut usage = Usage { bytes: 0, files: 0, dirs: 0, truncated: false };
-        let limits = Limits { max_depth: walk::MAX_DEPTH, max_visits: VISIT_LIMIT };
+        let limits = Limits { max_depth: walk::MAX_DEPTH, max_visits: VISIT_LIMIT, deadline: ctx.deadline };
         let walked = walk::walk(dir, limits, &io_error, |entry| {
             if entry.kind == Kind::Dir {
                 usage.dirs += 1;
@@ -368,7 +371,7 @@ impl Immediate for HashFile {
     fn run(self, ctx: &Context) -> Result<Value, ToolError> {
         let path = ctx.scope.resolve(&self.path)?;
         let io_error = ctx.io(&path);
-        let file = ctx.scope.open_file(&path).map_err(&io_error)?;
+        let file = Watched::new(ctx.scope.open_file(&path).map_err(&io_error)?, ctx.deadline);
         let algorithm = self.algorithm.unwrap_or_default();
         let hash = match algorithm {
             Algorithm::Sha256 => hash_content::<Sha256>(file, 0),

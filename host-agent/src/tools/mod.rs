@@ -11,14 +11,19 @@
 //! - `search`: glob, grep.
 //! - `edit`: write_file, edit_file, append_file (content mutations).
 //! - `tree`: create_directory, move, copy, delete (structure mutations).
-//! - `action`: open_path, reveal_in_os (named commands, never a shell).
+//! - `action`: open_path, reveal_in_os (named commands, never a shell; never a program or a
+//!   launcher handed to the desktop).
 //! - `state`: preconditions, content hashing, tree digests, diffs.
 //! - `walk`: bounded walks that never follow symlinks.
+//! - `deadline`: the call's deadline, checked as the tools go: long work stops when the caller
+//!   has stopped waiting, answering `deadline exceeded`.
 //!
-//! Does not: resolve or refuse paths (`crate::scope`), talk to the server, dedupe calls or enforce
-//! deadlines (the runtime does; it calls [`Toolbox::run`] on a blocking thread).
+//! Does not: resolve or refuse paths (`crate::scope`), talk to the server, dedupe calls or
+//! abandon calls at their deadline (the runtime does; it calls [`Toolbox::run`] on a blocking
+//! thread and posts nothing once the deadline has passed).
 
 mod action;
+mod deadline;
 mod edit;
 mod inspect;
 mod search;
@@ -36,7 +41,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 
-pub use action::{Commands, Launcher, ENV_OPENER, ENV_REVEALER};
+pub use action::{Commands, LaunchRules, Launcher, DEFAULT_DENIED, ENV_OPENER, ENV_REVEALER, WINDOWS_DENIED};
+pub use deadline::{Deadline, Expired};
 pub use state::{Condition, Preconditions, State};
 
 use crate::scope::{is_escape, Scope, ScopeError, ScopedPath};
@@ -65,6 +71,27 @@ pub enum ToolError {
     Changed(String),
     #[error("the tool failed unexpectedly: {0}")]
     Panicked(String),
+    /// The call's deadline passed while the tool was working: it stopped (nobody waits for it).
+    #[error("deadline exceeded: the caller stopped waiting, so the work was stopped")]
+    DeadlineExceeded,
+}
+
+impl From<Expired> for ToolError {
+    fn from(_: Expired) -> Self {
+        ToolError::DeadlineExceeded
+    }
+}
+
+impl ToolError {
+    /// An I/O error on the path shown as `path`; a deadline that passed inside a reader or a
+    /// walk is [`ToolError::DeadlineExceeded`], whatever path it met.
+    pub fn io(path: String, source: io::Error) -> Self {
+        if deadline::is_expired(&source) {
+            ToolError::DeadlineExceeded
+        } else {
+            ToolError::Io { path, source }
+        }
+    }
 }
 
 fn describe_io(error: &io::Error) -> String {
@@ -75,17 +102,20 @@ fn describe_io(error: &io::Error) -> String {
     }
 }
 
-/// What a tool runs with: the scope and the commands the actions start.
-pub(crate) struct Context {
-    pub scope: Scope,
-    pub commands: Commands,
+/// What one call runs with: the scope, the commands the actions start and what they refuse to
+/// hand over, and the call's deadline.
+pub(crate) struct Context<'a> {
+    pub scope: &'a Scope,
+    pub commands: &'a Commands,
+    pub launch: &'a LaunchRules,
+    pub deadline: Deadline,
 }
 
-impl Context {
+impl Context<'_> {
     /// Maps an I/O error on `path` to a [`ToolError`] that names the path in display form.
     pub fn io(&self, path: &ScopedPath) -> impl Fn(io::Error) -> ToolError + '_ {
         let shown = self.scope.display(path);
-        move |source| ToolError::Io { path: shown.clone(), source }
+        move |source| ToolError::io(shown.clone(), source)
     }
 
     /// Resolves a path from the input, or the first root when it is absent.
@@ -233,12 +263,14 @@ pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> Result<Value, ToolError
 
 /// The built-in tools over a set of roots. `Send + Sync`; share it in an `Arc`.
 pub struct Toolbox {
-    ctx: Context,
+    scope: Scope,
+    commands: Commands,
+    launch: LaunchRules,
 }
 
 impl std::fmt::Debug for Toolbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Toolbox").field("scope", &self.ctx.scope).finish_non_exhaustive()
+        f.debug_struct("Toolbox").field("scope", &self.scope).finish_non_exhaustive()
     }
 }
 
@@ -246,18 +278,33 @@ impl Toolbox {
     /// Opens each root as a directory handle (`cap_std::fs::Dir`); an error if a root is missing or
     /// not a directory. The actions' commands come from [`Commands::from_env`].
     pub fn new(roots: &[PathBuf]) -> Result<Self, ScopeError> {
-        Ok(Self { ctx: Context { scope: Scope::open(roots)?, commands: Commands::from_env() } })
+        Ok(Self { scope: Scope::open(roots)?, commands: Commands::from_env(), launch: LaunchRules::default() })
+    }
+
+    /// Allows reading the content of regular files with more than one hard link (refused by
+    /// default: another link may lie outside the roots). Mutations never write in place through
+    /// such a file either way.
+    pub fn with_hardlinked_reads(mut self, allow: bool) -> Self {
+        self.scope = self.scope.allow_hardlinked_reads(allow);
+        self
+    }
+
+    /// Replaces what `open_path` and `reveal_in_os` refuse to hand over (default:
+    /// [`LaunchRules::default`]).
+    pub fn with_launch_rules(mut self, rules: LaunchRules) -> Self {
+        self.launch = rules;
+        self
     }
 
     /// Replaces the commands `open_path` and `reveal_in_os` start.
     pub fn with_commands(mut self, commands: Commands) -> Self {
-        self.ctx.commands = commands;
+        self.commands = commands;
         self
     }
 
     /// The scope every path goes through.
     pub fn scope(&self) -> &Scope {
-        &self.ctx.scope
+        &self.scope
     }
 
     /// The 16 built-in tools, each with the JSON Schema of its input.
@@ -280,7 +327,7 @@ impl Toolbox {
 
     /// The roots in display form.
     pub fn roots(&self) -> Vec<String> {
-        self.ctx.scope.roots_display()
+        self.scope.roots_display()
     }
 
     /// Runs one call to completion (blocking filesystem I/O: call it on a blocking thread).
@@ -289,6 +336,8 @@ impl Toolbox {
     /// panic inside a tool all become `ok: false` with a message. In `auto` mode (or no mode) reads
     /// and actions run and a mutation answers its proposal, touching nothing; in `apply` mode a
     /// mutation first checks the call's preconditions and changes nothing if they no longer hold.
+    /// Past the call's `deadline` a tool stops as soon as it notices (within one read or one
+    /// directory entry) and answers `deadline exceeded`.
     pub fn run(&self, call: &HostCall) -> HostResult {
         let outcome = panic::catch_unwind(AssertUnwindSafe(|| self.dispatch(call)))
             .unwrap_or_else(|payload| Err(ToolError::Panicked(panic_message(payload.as_ref()))));
@@ -304,7 +353,14 @@ impl Toolbox {
             .iter()
             .find(|entry| entry.name == call.tool)
             .ok_or_else(|| ToolError::UnknownTool(call.tool.clone()))?;
-        (entry.run)(&self.ctx, call)
+        let ctx = Context {
+            scope: &self.scope,
+            commands: &self.commands,
+            launch: &self.launch,
+            deadline: Deadline::of(call.deadline),
+        };
+        ctx.deadline.check()?;
+        (entry.run)(&ctx, call)
     }
 }
 

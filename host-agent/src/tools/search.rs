@@ -4,7 +4,9 @@
 //! Owns their inputs, outputs and bounds: glob returns at most 1000 paths, grep at most 200
 //! matches with each line (and context line) cut to 1 KiB, both walk at most 100,000 entries and
 //! grep reads at most 1 GiB, each bound reported as `truncated`. Every file grep reads is opened
-//! from the handle of the directory holding it (see `walk`). Does not: change anything.
+//! from the handle of the directory holding it (see `walk`); a file with more than one hard link
+//! is not read unless the device allows it (see `crate::scope`): named directly it is refused,
+//! met in a walk it is skipped and counted in `skippedHardlinked`. Does not: change anything.
 
 use std::collections::VecDeque;
 use std::io::{self, Read};
@@ -17,9 +19,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::deadline::{is_expired, Deadline, Watched};
 use super::walk::{self, Flow, Kind, Limits};
 use super::{to_json, Context, Immediate, Tool, ToolError};
-use crate::scope::{open_regular, ScopedPath};
+use crate::scope::{multiply_linked, ScopedPath};
 
 /// glob returns at most this many paths.
 pub const GLOB_LIMIT: usize = 1000;
@@ -72,7 +75,7 @@ impl Immediate for Glob {
             if self.pattern.contains("**") { walk::MAX_DEPTH } else { self.pattern.matches('/').count() + 1 };
         let mut matches = Vec::new();
         let mut truncated = false;
-        let limits = Limits { max_depth, max_visits: SEARCH_VISIT_LIMIT };
+        let limits = Limits { max_depth, max_visits: SEARCH_VISIT_LIMIT, deadline: ctx.deadline };
         let walked = walk::walk(dir, limits, &io_error, |entry| {
             if matcher.is_match(entry.rel_slash()) {
                 if matches.len() == GLOB_LIMIT {
@@ -129,9 +132,17 @@ pub struct Grep {
 }
 
 #[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
 struct GrepOutput {
     matches: Vec<Match>,
     truncated: bool,
+    /// Files with more than one hard link met in the walk and not read (absent when none).
+    #[serde(skip_serializing_if = "is_zero")]
+    skipped_hardlinked: u64,
+}
+
+fn is_zero(count: &u64) -> bool {
+    *count == 0
 }
 
 #[derive(Serialize)]
@@ -150,7 +161,7 @@ struct Match {
 
 impl Tool for Grep {
     const NAME: &'static str = "grep";
-    const DESCRIPTION: &'static str = "Search file contents under `path` (a file or directory; default: the first root) for a regex or, with literal: true, a plain string. Returns {matches: [{path, line, text, before?, after?}], truncated}: at most 200 matches, each line cut to 1 KiB (the match then has truncated: true). Binary files are skipped; symlinks are not followed; `glob` filters the files searched.";
+    const DESCRIPTION: &'static str = "Search file contents under `path` (a file or directory; default: the first root) for a regex or, with literal: true, a plain string. Returns {matches: [{path, line, text, before?, after?}], truncated}: at most 200 matches, each line cut to 1 KiB (the match then has truncated: true). Binary files are skipped; symlinks are not followed; `glob` filters the files searched. Files with several hard links are not read unless the device allows it (skippedHardlinked counts those skipped).";
 }
 
 impl Immediate for Grep {
@@ -182,21 +193,32 @@ impl Immediate for Grep {
             matches: Vec::new(),
             full: false,
             budget: SEARCH_BYTE_LIMIT,
+            deadline: ctx.deadline,
         };
         let io_error = ctx.io(&base);
         let metadata = ctx.scope.metadata(&base).map_err(&io_error)?;
         let mut truncated = false;
+        let mut skipped_hardlinked = 0;
         if metadata.is_dir() {
             let dir = ctx.scope.open_dir(&base).map_err(&io_error)?;
-            let limits = Limits { max_depth: walk::MAX_DEPTH, max_visits: SEARCH_VISIT_LIMIT };
+            let limits = Limits { max_depth: walk::MAX_DEPTH, max_visits: SEARCH_VISIT_LIMIT, deadline: ctx.deadline };
             let walked = walk::walk(dir, limits, &io_error, |entry| {
                 if entry.kind != Kind::File || filter.as_ref().is_some_and(|f| !f.matches(entry)) {
                     return Ok(Flow::Continue);
                 }
-                // Files that vanish or cannot be read mid-walk are skipped, as grep does.
-                if let Ok(file) = open_regular(entry.dir, entry.name.as_ref()) {
-                    let shown = ctx.scope.display(&base.join(entry.rel));
-                    let _ = search.file(file, shown);
+                // Files that vanish or cannot be read mid-walk are skipped, as grep does; a deadline
+                // met inside one stops the search.
+                match ctx.scope.open_entry(entry.dir, entry.name.as_ref()) {
+                    Ok(file) => {
+                        let shown = ctx.scope.display(&base.join(entry.rel));
+                        if let Err(error) = search.file(file, shown) {
+                            if is_expired(&error) {
+                                return Err(ToolError::DeadlineExceeded);
+                            }
+                        }
+                    }
+                    Err(error) if multiply_linked(&error).is_some() => skipped_hardlinked += 1,
+                    Err(_) => {}
                 }
                 Ok(if search.done() { Flow::Stop } else { Flow::Continue })
             })?;
@@ -209,7 +231,7 @@ impl Immediate for Grep {
             }
         }
         truncated |= search.full || search.budget == 0;
-        to_json(&GrepOutput { matches: search.matches, truncated })
+        to_json(&GrepOutput { matches: search.matches, truncated, skipped_hardlinked })
     }
 }
 
@@ -246,6 +268,7 @@ struct Search {
     full: bool,
     /// Bytes left to read in all.
     budget: u64,
+    deadline: Deadline,
 }
 
 impl Search {
@@ -262,7 +285,7 @@ impl Search {
             matches: &mut self.matches,
             full: &mut self.full,
         };
-        let reader = Budgeted { inner: file, budget: &mut self.budget };
+        let reader = Budgeted { inner: Watched::new(file, self.deadline), budget: &mut self.budget };
         self.searcher.search_reader(&self.matcher, reader, &mut sink)
     }
 }

@@ -3,8 +3,10 @@
 //! hashing, tree digests and unified diffs.
 //!
 //! Owns: the `preconditions` JSON of a plan (`{target?, source?, destination?}`, each
-//! `{path, type, sha256?, size?, entries?}`), comparing a fresh observation with it, and saying
-//! what changed. Does not: decide what a mutation does (`edit`, `tree`).
+//! `{path, type, sha256?, size?, entries?, links?, identity?}`), comparing a fresh observation
+//! with it, and saying what changed. A file with more than one hard link whose content the scope
+//! does not read is observed by its metadata only (`type: "hardlinked"`). Does not: decide what a
+//! mutation does (`edit`, `tree`).
 
 use std::io::{self, Read};
 use std::path::Path;
@@ -12,9 +14,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::deadline::Watched;
 use super::walk::{self, Flow, Kind, Limits};
 use super::{Context, ToolError};
-use crate::scope::ScopedPath;
+use crate::scope::{link_count, ScopedPath};
 
 /// Trees with more entries than this are not proposed for move, copy or delete.
 pub const TREE_LIMIT: usize = 1_000_000;
@@ -58,6 +61,13 @@ pub enum State {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         sha256: Option<String>,
     },
+    /// A regular file with more than one hard link, whose content is not read (see
+    /// `crate::scope`): `identity` digests its device, inode, size, times and link count.
+    Hardlinked {
+        size: u64,
+        links: u64,
+        identity: String,
+    },
     /// `sha256` is of the link's target text.
     Symlink {
         sha256: String,
@@ -71,6 +81,7 @@ impl State {
         match self {
             State::Absent => "absent".to_owned(),
             State::File { size, sha256 } => format!("a file of {size} bytes (sha256 {})", short(sha256)),
+            State::Hardlinked { size, links, .. } => format!("a file of {size} bytes with {links} hard links"),
             State::Dir { entries: Some(entries), .. } => format!("a directory of {entries} entries"),
             State::Dir { .. } => "a directory".to_owned(),
             State::Symlink { .. } => "a symlink".to_owned(),
@@ -154,14 +165,42 @@ pub fn observe(ctx: &Context, path: &ScopedPath, depth: Depth, keep: usize) -> R
             let (entries, sha256) = tree_digest(ctx, path)?;
             (State::Dir { entries: Some(entries), sha256: Some(sha256) }, None)
         }
+        Kind::File if ctx.scope.is_unreadable_link(&metadata) => {
+            let (size, links) = (metadata.len(), link_count(&metadata));
+            (State::Hardlinked { size, links, identity: identity(&metadata) }, None)
+        }
         Kind::File => {
-            let file = ctx.scope.open_file(path).map_err(&io_error)?;
+            let file = Watched::new(ctx.scope.open_file(path).map_err(&io_error)?, ctx.deadline);
             let hashed = hash_content::<Sha256>(file, keep).map_err(&io_error)?;
             (State::File { size: hashed.size, sha256: hashed.hash }, hashed.content)
         }
         Kind::Other => (State::Other, None),
     };
     Ok(Observation { condition: condition(state), content })
+}
+
+/// A digest of what identifies a file without reading it: device, inode, size, modification and
+/// change times, link count. Any write, rename over, relink or chmod changes it.
+fn identity(metadata: &cap_std::fs::Metadata) -> String {
+    #[cfg(unix)]
+    let parts = {
+        use cap_std::fs::MetadataExt;
+        let m = metadata;
+        format!(
+            "{}:{}:{}:{}.{}:{}.{}:{}",
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+            m.nlink()
+        )
+    };
+    #[cfg(not(unix))]
+    let parts = format!("{}:{:?}", metadata.len(), metadata.modified().ok());
+    hex::encode(Sha256::digest(parts.as_bytes()))
 }
 
 pub struct Hashed {
@@ -204,7 +243,7 @@ fn tree_digest(ctx: &Context, path: &ScopedPath) -> Result<(u64, String), ToolEr
     let io_error = ctx.io(path);
     let dir = ctx.scope.open_dir(path).map_err(&io_error)?;
     let mut hasher = Sha256::new();
-    let limits = Limits { max_depth: walk::MAX_DEPTH, max_visits: TREE_LIMIT };
+    let limits = Limits { max_depth: walk::MAX_DEPTH, max_visits: TREE_LIMIT, deadline: ctx.deadline };
     let walked = walk::walk(dir, limits, &io_error, |entry| {
         let metadata = entry.metadata().map_err(&io_error)?;
         let modified = metadata

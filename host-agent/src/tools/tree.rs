@@ -4,7 +4,10 @@
 //! apply acts beneath the parent directory handles of its paths, by single names, so nothing
 //! resolved at apply time can lead out of the roots. A copied tree is built under a temporary
 //! name beside the destination and renamed into place; symlinks inside a copied tree are skipped
-//! (and counted), never recreated. Does not: change file content (`edit`).
+//! (and counted), never recreated, and so are files with more than one hard link unless the
+//! device reads them (copying reads content). Move and delete act on names only, so they work on
+//! multiply-linked files and leave their other links alone. Does not: change file content
+//! (`edit`).
 
 use std::ffi::OsStr;
 use std::io;
@@ -14,13 +17,14 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::deadline::Watched;
 use super::edit::{ensure_parent, install, install_error, parent_note, Install};
 use super::state::{
     observe, temporary_name, text_diff, Depth, Observation, Preconditions, State, DIFF_LIMIT, TREE_LIMIT,
 };
 use super::walk::{self, Flow, Kind, Limits};
 use super::{to_json, Change, Context, Mutation, Tool, ToolError};
-use crate::scope::{open_regular, ScopedPath};
+use crate::scope::{multiply_linked, ScopedPath};
 
 /// Create a directory and any missing parents.
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -120,6 +124,7 @@ impl Pair {
     fn what(&self) -> String {
         match self.source.state() {
             State::File { size, .. } => format!("file ({size} bytes)"),
+            State::Hardlinked { size, links, .. } => format!("file ({size} bytes, one of its {links} hard links)"),
             State::Dir { entries: Some(entries), .. } => format!("directory ({entries} entries)"),
             State::Symlink { .. } => "symlink".to_owned(),
             _ => "entry".to_owned(),
@@ -168,7 +173,7 @@ impl Mutation for Move {
         ensure_parent(ctx, &pair.to)?;
         let (from_dir, from_name) = ctx.scope.open_parent(&pair.from).map_err(ctx.io(&pair.from))?;
         let (to_dir, to_name) = ctx.scope.open_parent(&pair.to).map_err(ctx.io(&pair.to))?;
-        let moved = if matches!(pair.source.state(), State::File { .. }) {
+        let moved = if matches!(pair.source.state(), State::File { .. } | State::Hardlinked { .. }) {
             // A link fails if the destination appeared meanwhile; the source name goes after.
             match from_dir.hard_link(&from_name, &to_dir, &to_name) {
                 Ok(()) => from_dir.remove_file(&from_name),
@@ -208,13 +213,14 @@ struct Copied {
     files: u64,
     dirs: u64,
     bytes: u64,
-    /// Symlinks and special files inside a copied tree, not copied.
+    /// Symlinks, special files and (unless the device reads them) files with more than one
+    /// hard link inside a copied tree, not copied.
     skipped: u64,
 }
 
 impl Tool for Copy {
     const NAME: &'static str = "copy";
-    const DESCRIPTION: &'static str = "Copy a file, or a directory tree, to a new path that must not exist yet (missing parent directories are created). Symlinks inside a tree are skipped and counted, not copied. The apply verifies the source's hash (a tree's listing) and the destination's absence first.";
+    const DESCRIPTION: &'static str = "Copy a file, or a directory tree, to a new path that must not exist yet (missing parent directories are created). Symlinks inside a tree (and files with several hard links, unless the device reads them) are skipped and counted, not copied. The apply verifies the source's hash (a tree's listing) and the destination's absence first.";
 }
 
 impl Mutation for Copy {
@@ -245,13 +251,22 @@ impl Mutation for Copy {
 
 fn copyable(ctx: &Context, pair: &Pair) -> Result<&'static str, ToolError> {
     let note = pair.check(ctx, "copy")?;
-    if let State::Symlink { .. } = pair.source.state() {
-        return Err(ToolError::Refused(format!(
+    match pair.source.state() {
+        State::Symlink { .. } => Err(ToolError::Refused(format!(
             "{} is a symlink: copy the path it points to",
             ctx.scope.display(&pair.from)
-        )));
+        ))),
+        State::Hardlinked { links, .. } => Err(not_copied(ctx, &pair.from, *links)),
+        _ => Ok(note),
     }
-    Ok(note)
+}
+
+fn not_copied(ctx: &Context, path: &ScopedPath, links: u64) -> ToolError {
+    ToolError::Refused(format!(
+        "{} has {links} hard links and another of them may lie outside the allowed roots: copying reads its \
+         content, so it is refused (start the agent with --allow-hardlinked-reads to read such files)",
+        ctx.scope.display(path)
+    ))
 }
 
 /// Copies the pair's source (a file or a tree) to `name` in `dir`, which must still be free.
@@ -259,8 +274,9 @@ fn copy_into(ctx: &Context, pair: &Pair, dir: &Dir, name: &OsStr) -> Result<Copi
     let from_error = ctx.io(&pair.from);
     match pair.source.state() {
         State::File { .. } => {
-            let mut source = ctx.scope.open_file(&pair.from).map_err(&from_error)?;
+            let source = ctx.scope.open_file(&pair.from).map_err(&from_error)?;
             let permissions = source.metadata().map_err(&from_error)?.permissions();
+            let mut source = Watched::new(source, ctx.deadline);
             let bytes = install(dir, name, &mut source, Install::CreateNew, Some(permissions))
                 .map_err(install_error(ctx, &pair.to))?;
             Ok(Copied { files: 1, bytes, ..Default::default() })
@@ -270,26 +286,31 @@ fn copy_into(ctx: &Context, pair: &Pair, dir: &Dir, name: &OsStr) -> Result<Copi
             let temporary = temporary_name(name);
             let to_error = ctx.io(&pair.to);
             dir.create_dir(&temporary).map_err(&to_error)?;
-            let result = dir.open_dir(&temporary).and_then(|target| copy_tree(source, &target)).and_then(|copied| {
-                if dir.symlink_metadata(name).is_ok() {
-                    return Err(io::Error::from(io::ErrorKind::AlreadyExists));
-                }
-                dir.rename(&temporary, dir, name)?;
-                Ok(copied)
-            });
+            let result =
+                dir.open_dir(&temporary).and_then(|target| copy_tree(ctx, source, &target)).and_then(|copied| {
+                    if dir.symlink_metadata(name).is_ok() {
+                        return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+                    }
+                    dir.rename(&temporary, dir, name)?;
+                    Ok(copied)
+                });
             if result.is_err() {
                 let _ = dir.remove_dir_all(&temporary);
             }
             result.map_err(install_error(ctx, &pair.to))
         }
+        State::Hardlinked { links, .. } => Err(not_copied(ctx, &pair.from, *links)),
         _ => Err(ToolError::Refused(format!("{} cannot be copied", ctx.scope.display(&pair.from)))),
     }
 }
 
-/// Copies the tree below `source` into the empty directory `target`, never following a symlink.
-fn copy_tree(source: Dir, target: &Dir) -> io::Result<Copied> {
+/// Copies the tree below `source` into the empty directory `target`, never following a symlink
+/// and skipping files whose content the scope does not read; stops (with an error) once the
+/// call's deadline has passed.
+fn copy_tree(ctx: &Context, source: Dir, target: &Dir) -> io::Result<Copied> {
     let mut copied = Copied { dirs: 1, ..Default::default() };
-    let limits = Limits { max_depth: walk::MAX_DEPTH, max_visits: TREE_LIMIT };
+    let deadline = ctx.deadline;
+    let limits = Limits { max_depth: walk::MAX_DEPTH, max_visits: TREE_LIMIT, deadline };
     let walked = walk::walk(
         source,
         limits,
@@ -301,8 +322,15 @@ fn copy_tree(source: Dir, target: &Dir) -> io::Result<Copied> {
                     copied.dirs += 1;
                 }
                 Kind::File => {
-                    let mut from = open_regular(entry.dir, entry.name.as_ref())?;
+                    let from = match ctx.scope.open_entry(entry.dir, entry.name.as_ref()) {
+                        Err(error) if multiply_linked(&error).is_some() => {
+                            copied.skipped += 1;
+                            return Ok(Flow::Continue);
+                        }
+                        opened => opened?,
+                    };
                     let permissions = from.metadata()?.permissions();
+                    let mut from = Watched::new(from, deadline);
                     let mut to = target.open_with(entry.rel, OpenOptions::new().write(true).create_new(true))?;
                     copied.bytes += io::copy(&mut from, &mut to)?;
                     to.set_permissions(permissions)?;
@@ -364,6 +392,9 @@ impl Delete {
         Ok(match observed.state() {
             State::Absent => return Err(ToolError::Refused(format!("{shown} does not exist"))),
             State::File { size, .. } => format!("Delete file {shown} ({size} bytes)"),
+            State::Hardlinked { size, links, .. } => {
+                format!("Delete {shown} ({size} bytes), one of {links} hard links: the others keep the file")
+            }
             State::Symlink { .. } => format!("Delete symlink {shown} (not what it points to)"),
             State::Other => format!("Delete special file {shown}"),
             State::Dir { entries: Some(entries), .. } => format!("Delete directory {shown} and its {entries} entries"),

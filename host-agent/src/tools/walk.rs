@@ -1,8 +1,10 @@
 //! Bounded, deterministic walks over a directory tree, entirely through directory handles.
 //!
 //! Owns: visiting the entries below a base `Dir` depth-first, each directory's entries in name
-//! order; never following a symlink (it is reported as one); bounding the work by a visit budget
-//! and a depth limit, and saying when a bound cut the walk short.
+//! order; never following a symlink (it is reported as one); skipping device names on Windows (see
+//! [`crate::scope::is_reserved_here`]), as every tool does; bounding the work by a visit budget
+//! and a depth limit, and saying when a bound cut the walk short; stopping with [`Expired`] once
+//! the call's deadline has passed (checked at every entry, and while reading a large directory).
 //!
 //! Why not the `ignore` crate's walker: it walks by ambient path strings, so a directory swapped
 //! for a symlink between two steps would lead it out of the root. Here each directory is opened
@@ -17,8 +19,13 @@ use std::path::{Path, PathBuf};
 
 use cap_std::fs::{Dir, FileType, Metadata};
 
+use super::deadline::{is_expired, Deadline, Expired};
+use crate::scope::is_reserved_here;
+
 /// Directories deeper than this below the base are not entered (bounds open handles).
 pub const MAX_DEPTH: usize = 256;
+/// While reading one directory's entries, the deadline is checked every this many.
+const DEADLINE_EVERY: usize = 256;
 
 /// What an entry is, as the tools report it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +100,8 @@ pub struct Limits {
     pub max_depth: usize,
     /// At most this many entries are visited.
     pub max_visits: usize,
+    /// The walk stops with [`Expired`] once this has passed.
+    pub deadline: Deadline,
 }
 
 /// How a walk ended.
@@ -114,15 +123,19 @@ struct Frame {
 
 /// Walks the tree below `base`, calling `visit` for every entry in depth-first, name order.
 /// An error reading `base` itself goes through `base_error`; unreadable directories below it are
-/// skipped and counted; an error from `visit` stops the walk and is returned.
-pub fn walk<E>(
+/// skipped and counted; an error from `visit` stops the walk and is returned, and so does the
+/// deadline once it has passed.
+pub fn walk<E: From<Expired>>(
     base: Dir,
     limits: Limits,
     base_error: impl FnOnce(io::Error) -> E,
     mut visit: impl FnMut(&Entry<'_>) -> Result<Flow, E>,
 ) -> Result<Walked, E> {
     let mut walked = Walked::default();
-    let entries = read_entries(&base, limits.max_visits.saturating_add(1)).map_err(base_error)?;
+    let entries = match read_entries(&base, limits.max_visits.saturating_add(1), limits.deadline) {
+        Err(error) if is_expired(&error) => return Err(Expired.into()),
+        read => read.map_err(base_error)?,
+    };
     let mut stack = vec![Frame { dir: base, rel: PathBuf::new(), depth: 1, entries: entries.into_iter() }];
     while let Some(frame) = stack.last_mut() {
         let Some((name, kind)) = frame.entries.next() else {
@@ -133,6 +146,7 @@ pub fn walk<E>(
             walked.cut = true;
             break;
         }
+        limits.deadline.check()?;
         walked.visited += 1;
         let rel = frame.rel.join(&name);
         let entry = Entry { dir: &frame.dir, name: &name, rel: &rel, kind };
@@ -152,13 +166,14 @@ pub fn walk<E>(
         // only if it stays inside that directory, so the walk cannot leave the tree.
         let child = frame.dir.open_dir(&name).and_then(|dir| {
             let budget = limits.max_visits.saturating_sub(walked.visited).saturating_add(1);
-            read_entries(&dir, budget).map(|entries| (dir, entries))
+            read_entries(&dir, budget, limits.deadline).map(|entries| (dir, entries))
         });
         match child {
             Ok((dir, entries)) => {
                 let depth = frame.depth + 1;
                 stack.push(Frame { dir, rel, depth, entries: entries.into_iter() });
             }
+            Err(error) if is_expired(&error) => return Err(Expired.into()),
             Err(_) => walked.unreadable += 1,
         }
     }
@@ -166,15 +181,22 @@ pub fn walk<E>(
 }
 
 /// A directory's entries (at most `limit` of them) sorted by name, with their kinds. The kind comes
-/// from the directory entry itself, or from an lstat where the filesystem does not say.
-fn read_entries(dir: &Dir, limit: usize) -> io::Result<Vec<(OsString, Kind)>> {
+/// from the directory entry itself, or from an lstat where the filesystem does not say. Fails
+/// with [`Expired`] (in the `io::Error`) once `deadline` has passed.
+fn read_entries(dir: &Dir, limit: usize, deadline: Deadline) -> io::Result<Vec<(OsString, Kind)>> {
     let mut entries = Vec::new();
     for entry in dir.entries()? {
         if entries.len() >= limit {
             break;
         }
+        if entries.len() % DEADLINE_EVERY == 0 {
+            deadline.check()?;
+        }
         let entry = entry?;
         let name = entry.file_name();
+        if is_reserved_here(&name) {
+            continue;
+        }
         let file_type = entry.file_type()?;
         let mut kind = Kind::of(file_type);
         if kind == Kind::Other && !is_special(file_type) {
