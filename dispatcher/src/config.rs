@@ -99,6 +99,23 @@ pub struct ServeArgs {
     /// requests.
     #[arg(long, env = "DISPATCHER_HEADER_TIMEOUT_SECS", default_value_t = 30)]
     pub header_timeout_secs: u64,
+    /// Seconds from accepting a connection to its first request's headers, whatever the
+    /// protocol (HTTP/2's preface and first HEADERS included); closed unanswered beyond.
+    #[arg(long, env = "DISPATCHER_CONNECTION_TIMEOUT_SECS", default_value_t = 10)]
+    pub connection_timeout_secs: u64,
+    /// Seconds a connection may stay open with no request in flight (HTTP/2 gets a GOAWAY).
+    /// A device stream is a request in flight for as long as it lasts.
+    #[arg(long, env = "DISPATCHER_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub idle_timeout_secs: u64,
+    /// Open connections at most, device streams included; beyond, the connection idle the
+    /// longest is closed, or the new one refused with 503 [default: the descriptor limit less
+    /// 128, at most 65536].
+    #[arg(long, env = "DISPATCHER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Open connections at most from one client address (503 beyond) [default:
+    /// --max-connections].
+    #[arg(long, env = "DISPATCHER_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
 }
 
 /// Validated settings of `dispatcher serve`.
@@ -115,6 +132,12 @@ pub struct Settings {
     pub drain_delay: Duration,
     pub broker_grace: Duration,
     pub header_timeout: Duration,
+    pub connection_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// `None`: derived from the descriptor limit at start.
+    pub max_connections: Option<usize>,
+    /// `None`: the overall cap.
+    pub max_connections_per_ip: Option<usize>,
 }
 
 impl ServeArgs {
@@ -157,6 +180,23 @@ impl ServeArgs {
         if self.header_timeout_secs == 0 {
             return Err("--header-timeout-secs: at least 1".into());
         }
+        if !(1..=3600).contains(&self.connection_timeout_secs) {
+            return Err("--connection-timeout-secs: between 1 and 3600".into());
+        }
+        if !(1..=86_400).contains(&self.idle_timeout_secs) {
+            return Err("--idle-timeout-secs: between 1 and 86400".into());
+        }
+        if self.max_connections == Some(0) {
+            return Err("--max-connections: at least 1".into());
+        }
+        if self.max_connections_per_ip == Some(0) {
+            return Err("--max-connections-per-ip: at least 1".into());
+        }
+        if let (Some(total), Some(per_ip)) = (self.max_connections, self.max_connections_per_ip) {
+            if per_ip > total {
+                return Err(format!("--max-connections-per-ip: {per_ip} is more than --max-connections {total}"));
+            }
+        }
         Ok(Settings {
             listen,
             database_url: self.database.database_url.clone(),
@@ -169,6 +209,10 @@ impl ServeArgs {
             drain_delay: Duration::from_secs(self.drain_delay_secs),
             broker_grace: Duration::from_secs(self.broker_grace_secs),
             header_timeout: Duration::from_secs(self.header_timeout_secs),
+            connection_timeout: Duration::from_secs(self.connection_timeout_secs),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
         })
     }
 }
@@ -189,6 +233,10 @@ impl Settings {
             drain_delay: Duration::ZERO,
             broker_grace: Duration::from_secs(5),
             header_timeout: Duration::from_secs(30),
+            connection_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: None,
+            max_connections_per_ip: None,
         }
     }
 }
@@ -218,6 +266,9 @@ mod tests {
         assert_eq!(settings.max_body_bytes, 8_388_608);
         assert_eq!(settings.shutdown_grace, Duration::from_secs(20));
         assert!(settings.nats_url.is_none());
+        assert_eq!(settings.connection_timeout, Duration::from_secs(10));
+        assert_eq!(settings.idle_timeout, Duration::from_secs(60));
+        assert_eq!((settings.max_connections, settings.max_connections_per_ip), (None, None));
     }
 
     #[test]
@@ -231,6 +282,12 @@ mod tests {
             &["--replica-id", "has space"],
             &["--nats-url", ","],
             &["--keepalive-secs", "-1"],
+            &["--connection-timeout-secs", "0"],
+            &["--idle-timeout-secs", "0"],
+            &["--max-connections", "0"],
+            &["--max-connections", "-5"],
+            &["--max-connections-per-ip", "0"],
+            &["--max-connections", "10", "--max-connections-per-ip", "11"],
         ];
         for args in cases {
             assert!(parse(args).is_err(), "{args:?}");

@@ -9,6 +9,7 @@
 //! - [`registry`]: api tokens, pairing codes, devices and proposals in SQLite or PostgreSQL.
 //! - [`http`]: the axum handlers of the contract, one [`http::ApiError`].
 //! - [`app`]: `app(state) -> Router`, composing the handlers with limits and timeouts.
+//! - [`listener`]: the serving loop: connection caps, timeouts, eviction and refusals.
 //! - [`config`]: the command line and environment.
 //! - [`cli`]: the operator CLI (`dispatcher pair | devices | call | …`), a client of the
 //!   control API.
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod config;
 pub mod core;
 pub mod http;
+pub mod listener;
 pub mod registry;
 pub mod server;
 pub mod telemetry;

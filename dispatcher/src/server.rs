@@ -1,24 +1,18 @@
 //! `run(settings, listener, shutdown)`: builds a replica (registry, hub, bus, dispatcher),
-//! serves the router on the listener, and on shutdown drains in the order a load balancer
-//! needs: fail readiness, keep serving through the drain delay, close the streams with
-//! `reconnect`, keep accepting results until the calls pending here resolve, then stop
-//! accepting and let requests in flight finish, all within the grace period.
+//! serves the router on the listener (through [`crate::listener`], which bounds connections),
+//! and on shutdown drains in the order a load balancer needs: fail readiness, keep serving
+//! through the drain delay, close the streams with `reconnect`, keep accepting results until
+//! the calls pending here resolve, then stop accepting and let requests in flight finish, all
+//! within the grace period.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ConnectInfo;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use protocol::sse::ReconnectReason;
 use protocol::subject::Subjects;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
 
 use crate::bus::memory::MemoryBus;
 use crate::bus::nats::{NatsBus, NatsOptions};
@@ -27,6 +21,9 @@ use crate::config::Settings;
 use crate::core::{Close, Dispatcher, Hub};
 use crate::http::limit::RateLimiter;
 use crate::http::AppState;
+use crate::listener::admission::derive_caps;
+use crate::listener::timing::Timeouts;
+use crate::listener::Limits;
 use crate::registry::{Registry, RegistryError};
 use crate::telemetry::Metrics;
 
@@ -92,43 +89,33 @@ pub async fn run(settings: Settings, listener: TcpListener, shutdown: Cancellati
 pub async fn serve(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServeError> {
     let settings = state.settings.clone();
     let router = crate::app::app(state.clone());
-    let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(settings.header_timeout).keep_alive(true);
+    let descriptors = crate::listener::raise_descriptor_limit();
+    let (caps, warning) = derive_caps(descriptors, settings.max_connections, settings.max_connections_per_ip);
+    if let Some(warning) = warning {
+        tracing::warn!("{warning}");
+    }
+    let limits = Limits {
+        timeouts: Timeouts { first_request: settings.connection_timeout, idle: settings.idle_timeout },
+        header_timeout: settings.header_timeout,
+        keepalive: settings.keepalive,
+        caps,
+        replica_id: settings.replica_id.clone(),
+    };
 
     let stop_accepting = CancellationToken::new();
     tokio::spawn(drain_on(shutdown, state.clone(), stop_accepting.clone()));
 
-    tracing::info!(listen = %listener.local_addr()?, replica = %settings.replica_id, "serving");
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = stop_accepting.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let service = router.clone().map_request(move |mut request: axum::http::Request<hyper::body::Incoming>| {
-            request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-            request
-        });
-        let connection =
-            builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service));
-        let connection = graceful.watch(connection.into_owned());
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-    }
-    drop(listener);
-
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        replica = %settings.replica_id,
+        max_connections = caps.total,
+        max_connections_per_ip = caps.per_address,
+        descriptor_limit = descriptors,
+        "serving"
+    );
     let grace = settings.shutdown_grace;
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    let finished = crate::listener::serve(listener, router, limits, state.metrics.clone(), stop_accepting, grace).await;
+    if !finished {
         tracing::warn!(grace_secs = grace.as_secs(), "grace period over with requests still in flight");
     }
     state.registry.close().await;

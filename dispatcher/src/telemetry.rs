@@ -1,5 +1,6 @@
 //! Telemetry: logs, traces and the Prometheus metrics served at `/metrics` (dispatches by
-//! outcome, dispatch latency, device streams, pending calls, broker state).
+//! outcome, dispatch latency, device streams, pending calls, broker state, connections open,
+//! refused and closed by the serving loop, failed accepts).
 //!
 //! Traces: every dispatch is a span, parented on the caller's W3C `traceparent` when it sent
 //! one; the call carries the span's context to the device (in the HostCall, and across NATS in
@@ -156,6 +157,11 @@ struct Outcome {
     outcome: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -164,6 +170,10 @@ pub struct Metrics {
     streams: Gauge<i64, AtomicI64>,
     pending: Gauge<i64, AtomicI64>,
     broker_up: Gauge<i64, AtomicI64>,
+    connections_open: Gauge<i64, AtomicI64>,
+    connections_refused: Family<Reason, Counter>,
+    connections_closed: Family<Reason, Counter>,
+    accept_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -186,7 +196,60 @@ impl Metrics {
         registry.register("pending_calls", "Dispatches this replica waits for", pending.clone());
         let broker_up = Gauge::<i64, AtomicI64>::default();
         registry.register("broker_up", "1 while the bus can route (always 1 in memory)", broker_up.clone());
-        Self { registry, dispatches, latency, streams, pending, broker_up }
+        let connections_open = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "connections_open",
+            "TCP connections served, device streams included",
+            connections_open.clone(),
+        );
+        let connections_refused = Family::<Reason, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections refused with a 503 by cap (max_connections, max_connections_per_ip)",
+            connections_refused.clone(),
+        );
+        let connections_closed = Family::<Reason, Counter>::default();
+        registry.register(
+            "connections_closed",
+            "Connections closed by the server: no_request (timed out before a request), idle, evicted",
+            connections_closed.clone(),
+        );
+        let accept_errors = Counter::default();
+        registry.register("accept_errors", "Failed accepts (out of descriptors and the like)", accept_errors.clone());
+        Self {
+            registry,
+            dispatches,
+            latency,
+            streams,
+            pending,
+            broker_up,
+            connections_open,
+            connections_refused,
+            connections_closed,
+            accept_errors,
+        }
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections_open.inc();
+    }
+
+    pub fn connection_ended(&self) {
+        self.connections_open.dec();
+    }
+
+    /// A connection refused, `reason` being the cap it hit.
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// A connection closed by the server: `no_request`, `idle` or `evicted`.
+    pub fn connection_closed(&self, reason: &'static str) {
+        self.connections_closed.get_or_create(&Reason { reason }).inc();
+    }
+
+    pub fn accept_failed(&self) {
+        self.accept_errors.inc();
     }
 
     /// Runs a dispatch and records its outcome and latency.

@@ -35,6 +35,10 @@ const DISPATCHER_ENV: &[&str] = &[
     "DISPATCHER_DRAIN_DELAY_SECS",
     "DISPATCHER_BROKER_GRACE_SECS",
     "DISPATCHER_HEADER_TIMEOUT_SECS",
+    "DISPATCHER_CONNECTION_TIMEOUT_SECS",
+    "DISPATCHER_IDLE_TIMEOUT_SECS",
+    "DISPATCHER_MAX_CONNECTIONS",
+    "DISPATCHER_MAX_CONNECTIONS_PER_IP",
 ];
 
 const AGENT_ENV: &[&str] = &[
@@ -181,6 +185,7 @@ pub struct DispatcherBuilder {
     env: Vec<(String, String)>,
     rust_log: String,
     ready_timeout: Duration,
+    fd_limit: Option<u64>,
 }
 
 impl Default for DispatcherBuilder {
@@ -195,6 +200,7 @@ impl Default for DispatcherBuilder {
             env: Vec::new(),
             rust_log: std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info".into()),
             ready_timeout: Duration::from_secs(60),
+            fd_limit: None,
         }
     }
 }
@@ -276,6 +282,13 @@ impl DispatcherBuilder {
         self
     }
 
+    /// Runs the process under `prlimit --nofile=N:N` (util-linux): at most `n` open file
+    /// descriptors, soft and hard.
+    pub fn fd_limit(mut self, n: u64) -> Self {
+        self.fd_limit = Some(n);
+        self
+    }
+
     /// Spawns the process and waits until `/healthz` answers 200.
     pub async fn start(self) -> anyhow::Result<Dispatcher> {
         let dir = Arc::new(tempfile::Builder::new().prefix("e2e-dispatcher-").tempdir()?);
@@ -302,7 +315,13 @@ impl DispatcherBuilder {
         }
         let mut env = vec![("RUST_LOG".to_owned(), self.rust_log.clone()), ("NO_COLOR".into(), "1".into())];
         env.extend(self.env.iter().cloned());
-        let program = self.binary.clone().unwrap_or_else(crate::bin::dispatcher);
+        let mut program = self.binary.clone().unwrap_or_else(crate::bin::dispatcher);
+        if let Some(n) = self.fd_limit {
+            let mut wrapped = vec![format!("--nofile={n}:{n}"), "--".into(), program.display().to_string()];
+            wrapped.append(&mut args);
+            args = wrapped;
+            program = PathBuf::from("prlimit");
+        }
         let proc = Proc {
             label: format!("dispatcher {replica_id}"),
             program,
