@@ -9,6 +9,9 @@ use crate::{HostResult, ToolDescriptor};
 /// Default and largest `ttlSeconds` of a pairing code.
 pub const PAIRING_TTL_DEFAULT_SECS: u64 = 600;
 pub const PAIRING_TTL_MAX_SECS: u64 = 86_400;
+/// Default and largest `limit` of a page of a list (`GET /api/devices`, `GET /api/proposals`).
+pub const PAGE_LIMIT_DEFAULT: usize = 100;
+pub const PAGE_LIMIT_MAX: usize = 500;
 /// Default and largest `timeoutMs` of a dispatch.
 pub const CALL_TIMEOUT_DEFAULT_MS: u64 = 30_000;
 pub const CALL_TIMEOUT_MAX_MS: u64 = 300_000;

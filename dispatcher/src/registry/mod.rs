@@ -13,6 +13,7 @@
 //! - `tokens.rs`: api tokens.
 //! - `devices.rs`: pairing codes, enrollment, devices.
 //! - `proposals.rs`: proposals and their one-way status transitions.
+//! - `page.rs`: cursors and pages (pure), shared by every list.
 //! - `dispatcher/migrations/`: the schema, embedded in the binary and run at [`Registry::connect`].
 //!
 //! Portability: queries go through sqlx's Any driver with `$n` placeholders (both engines accept
@@ -21,6 +22,7 @@
 //! it holds across replicas, not just within one.
 
 mod devices;
+pub mod page;
 mod proposals;
 mod secret;
 mod tokens;
