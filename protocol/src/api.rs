@@ -63,6 +63,8 @@ pub struct PairingCode {
 }
 
 /// A device as the control API shows it. `online` and `replica` are cluster-wide truths.
+/// `GET /api/devices` leaves `tools` out unless asked (`?include=tools`); `toolCount` and
+/// `roots` are always there once the device sent a manifest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Device {
@@ -80,12 +82,17 @@ pub struct Device {
     pub tools: Option<Vec<ToolDescriptor>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub roots: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_count: Option<usize>,
 }
 
-/// `GET /api/devices`.
+/// `GET /api/devices?limit=&cursor=&include=tools`: one page, oldest first; `next` is the
+/// cursor of the next page when there is one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceList {
     pub devices: Vec<Device>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 /// `POST /api/devices/{id}/calls`. A `mode` field is refused: only the server applies.
@@ -162,10 +169,13 @@ pub struct Proposal {
     pub result: Option<HostResult>,
 }
 
-/// `GET /api/proposals`.
+/// `GET /api/proposals?status=&limit=&cursor=`: one page, newest first; `next` is the cursor
+/// of the next page when there is one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProposalList {
     pub proposals: Vec<Proposal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 /// `POST /api/host/approve` and `POST /api/host/reject`.

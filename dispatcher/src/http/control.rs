@@ -1,6 +1,8 @@
 //! The control API, for an app backend acting for one user: pairing codes, devices, calls and
 //! proposals. Owner scoping is enforced by the registry queries: another user's device or
-//! proposal is not found, exactly like one that does not exist.
+//! proposal is not found, exactly like one that does not exist. Lists come in pages
+//! (`limit`, `cursor`, answered with `next`); caps and quotas are the registry's, answered 413
+//! and 429 through [`ApiError`].
 
 use std::time::Duration;
 
@@ -21,7 +23,7 @@ use tracing::Instrument;
 use super::auth::UserCaller;
 use super::{ApiError, AppState, JsonBody};
 use crate::core::DispatchRequest;
-use crate::registry::{DeviceRecord, NewProposal};
+use crate::registry::{DeviceRecord, NewProposal, PageRequest};
 
 const MAX_TOOL_NAME_LEN: usize = 128;
 
@@ -53,10 +55,7 @@ async fn device_view(state: &AppState, record: DeviceRecord) -> Device {
             None
         }
     };
-    let (tools, roots) = match record.manifest {
-        Some(manifest) => (Some(manifest.tools), Some(manifest.roots)),
-        None => (None, None),
-    };
+    let tools = record.manifest.map(|manifest| manifest.tools);
     Device {
         id: record.id,
         name: record.name,
@@ -66,7 +65,8 @@ async fn device_view(state: &AppState, record: DeviceRecord) -> Device {
         created_at: record.created_at,
         last_seen_at: record.last_seen_at,
         tools,
-        roots,
+        roots: record.roots,
+        tool_count: record.tool_count,
     }
 }
 
@@ -90,11 +90,29 @@ async fn owned_device_id(state: &AppState, caller: &UserCaller, id: &str) -> Res
     Ok(record.id)
 }
 
-/// `GET /api/devices`.
-pub async fn list_devices(State(state): State<AppState>, caller: UserCaller) -> Result<Json<DeviceList>, ApiError> {
-    let records = state.registry.devices(&caller.user_id).await?;
-    let devices = join_all(records.into_iter().map(|record| device_view(&state, record))).await;
-    Ok(Json(DeviceList { devices }))
+#[derive(Debug, Deserialize)]
+pub struct DeviceListQuery {
+    limit: Option<String>,
+    cursor: Option<String>,
+    include: Option<String>,
+}
+
+/// `GET /api/devices?limit=&cursor=&include=tools`: a page, oldest first. Tools only when
+/// `include=tools`; roots and tool counts always.
+pub async fn list_devices(
+    State(state): State<AppState>,
+    caller: UserCaller,
+    Query(query): Query<DeviceListQuery>,
+) -> Result<Json<DeviceList>, ApiError> {
+    let request = PageRequest::parse(query.limit.as_deref(), query.cursor.as_deref())?;
+    let with_tools = match query.include.as_deref() {
+        None | Some("") => false,
+        Some("tools") => true,
+        Some(_) => return Err(ApiError::BadRequest("include: only `tools`".into())),
+    };
+    let page = state.registry.devices_page(&caller.user_id, &request, with_tools).await?;
+    let devices = join_all(page.items.into_iter().map(|record| device_view(&state, record))).await;
+    Ok(Json(DeviceList { devices, next: page.next.map(|cursor| cursor.encode()) }))
 }
 
 /// `GET /api/devices/{id}`.
@@ -226,9 +244,11 @@ pub async fn call_device(
 #[derive(Debug, Deserialize)]
 pub struct ProposalQuery {
     status: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
 }
 
-/// `GET /api/proposals?status=…`, newest first.
+/// `GET /api/proposals?status=&limit=&cursor=`: a page, newest first.
 pub async fn list_proposals(
     State(state): State<AppState>,
     caller: UserCaller,
@@ -240,8 +260,9 @@ pub async fn list_proposals(
             ApiError::BadRequest("status: one of pending, applying, applied, failed, rejected".into())
         })?),
     };
-    let proposals = state.registry.proposals(&caller.user_id, status).await?;
-    Ok(Json(ProposalList { proposals }))
+    let request = PageRequest::parse(query.limit.as_deref(), query.cursor.as_deref())?;
+    let page = state.registry.proposals_page(&caller.user_id, status, &request).await?;
+    Ok(Json(ProposalList { proposals: page.items, next: page.next.map(|cursor| cursor.encode()) }))
 }
 
 async fn owned_proposal(
