@@ -180,6 +180,7 @@ suite!(
     another_users_devices_do_not_exist,
     pending_table_returns_to_zero,
     large_results_arrive_or_fail_clearly,
+    late_apply_results_complete_timed_out_proposals,
     lists_are_paged_and_storage_is_capped,
 );
 
@@ -813,6 +814,60 @@ async fn shutdown_sends_reconnect_and_drains() {
     })
     .await
     .expect("the server stopped");
+}
+
+/// A device that proposes in auto mode and holds every apply (answers none), handing it to the
+/// test.
+fn holding_device(held: Arc<parking_lot::Mutex<Vec<protocol::HostCall>>>) -> Answer {
+    Answer::with(move |call| {
+        if call.mode == Some(CallMode::Apply) {
+            held.lock().push(call.clone());
+            None
+        } else {
+            let plan = json!({"tool": call.tool, "summary": "write x", "preconditions": {"x": {"absent": true}}});
+            Some(HostResult::proposal(&call.call_id, plan))
+        }
+    })
+}
+
+/// An approval answered 504 marks the proposal `failed` with `device timed out`; the device's
+/// result that comes after completes it with the real outcome, once, and only from that device.
+async fn late_apply_results_complete_timed_out_proposals(c: Cluster) {
+    let device = c.pair("slow").await;
+    let stranger = c.pair("stranger").await;
+    let held = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let conn = device.connect(c.stream_url(), c.answer(holding_device(held.clone()))).await.unwrap();
+    let (_, body) =
+        c.control.call(&device.device_id, "write_file", json!({"path": "x", "content": "y"}), None).await.unwrap();
+    let proposal_id = body["proposalId"].as_str().expect("proposalId").to_owned();
+
+    let started = Instant::now();
+    let (status, body) = c.control.approve(&proposal_id).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert!(took >= APPLY_TIMEOUT && took < APPLY_TIMEOUT + Duration::from_secs(1), "answered after {took:?}");
+    let apply = held.lock().first().cloned().expect("the apply reached the device");
+    assert_eq!(body["callId"], apply.call_id.as_str());
+    let (_, failed) = c.control.proposal(&proposal_id).await.unwrap();
+    assert_eq!(
+        (failed["status"].as_str(), failed["result"]["error"].as_str()),
+        (Some("failed"), Some("device timed out"))
+    );
+
+    let late = HostResult::success(&apply.call_id, json!({"written": true}));
+    let (status, body) = stranger.post_result(c.result_url(), &late).await.unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN, "another device's late result: {body}");
+    let (status, body) = device.post_result(c.result_url(), &late).await.unwrap();
+    assert_eq!((status, body), (StatusCode::OK, json!({"delivered": true})));
+    let (_, completed) = c.control.proposal(&proposal_id).await.unwrap();
+    assert_eq!(completed["status"], "applied", "{completed}");
+    assert_eq!(completed["result"], serde_json::to_value(&late).unwrap());
+    let (status, body) = device.post_result(c.result_url(), &late).await.unwrap();
+    assert_eq!((status, body), (StatusCode::NOT_FOUND, json!({"delivered": false})), "recorded once");
+    let (status, _) = c.control.approve(&proposal_id).await.unwrap();
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(conn.times_received(&apply.call_id), 1, "pushed once");
+    assert_eq!(c.pending_calls(), 0);
 }
 
 /// Small caps and quotas (set per test): lists in pages with `next`, oversized proposals and

@@ -302,36 +302,28 @@ pub async fn approve(
         return Err(not_pending(proposal.status));
     }
     // The conditional UPDATE is the lock: of any number of racing approvals, on any replicas,
-    // exactly one moves pending -> applying and pushes the call.
-    if !state
-        .registry
-        .transition_proposal(&proposal.id, ProposalStatus::Pending, ProposalStatus::Applying, None)
-        .await?
-    {
+    // exactly one moves pending -> applying and pushes the call. It records the call's id and
+    // deadline first, so that should this replica die waiting, the sweep fails the proposal
+    // and the device's late result still finds it.
+    let timeout = state.settings.storage.apply_timeout;
+    let call_id = state.dispatcher.new_call_id();
+    let deadline = chrono::Utc::now() + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
+    if !state.registry.begin_apply(&proposal.id, &call_id, deadline).await? {
         let now = state.registry.proposal(&caller.user_id, &proposal.id).await?;
         return Err(not_pending(now.map_or(ProposalStatus::Applying, |p| p.proposal.status)));
     }
-    let mut dispatch = DispatchRequest::new(
-        proposal.tool.clone(),
-        proposal.input.clone(),
-        Duration::from_millis(CALL_TIMEOUT_DEFAULT_MS),
-    );
+    let mut dispatch = DispatchRequest::new(proposal.tool.clone(), proposal.input.clone(), timeout);
     dispatch.mode = Some(CallMode::Apply);
     dispatch.preconditions = Some(stored.preconditions);
+    dispatch.call_id = Some(call_id.clone());
     let result = traced_dispatch(&state, "apply", &proposal.device_id, &headers, dispatch).await;
 
-    let next = if result.is_offline() {
-        // Nothing was pushed: the proposal may be approved again later.
-        ProposalStatus::Pending
-    } else if result.ok {
-        ProposalStatus::Applied
-    } else {
-        // Failed on the device, or timed out: it may or may not have applied, so it is
-        // never pushed a second time.
-        ProposalStatus::Failed
-    };
-    let recorded = if next == ProposalStatus::Pending { None } else { Some(&result) };
-    state.registry.transition_proposal(&proposal.id, ProposalStatus::Applying, next, recorded).await?;
+    // Offline: nothing was pushed, pending again. Timed out: failed, never pushed a second
+    // time (the device may have applied it; its late result may still say so). Otherwise the
+    // device's answer. A late result or the sweep may have recorded it first: theirs stands.
+    if state.registry.finish_apply(&proposal.id, &call_id, &result).await?.is_none() {
+        tracing::info!(proposal_id = %proposal.id, %call_id, "apply already recorded elsewhere");
+    }
     Ok((result_status(&result), Json(result)).into_response())
 }
 
