@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::registry::Limits;
+
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://dispatcher.db?mode=rwc";
 
 #[derive(Debug, Parser)]
@@ -116,6 +118,106 @@ pub struct ServeArgs {
     /// --max-connections].
     #[arg(long, env = "DISPATCHER_MAX_CONNECTIONS_PER_IP")]
     pub max_connections_per_ip: Option<usize>,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+}
+
+/// What the registry stores and for how long: size caps, per-user quotas, pages, expiry, and
+/// the timing of applies (so none is left `applying`).
+#[derive(Debug, Clone, Args)]
+pub struct StorageArgs {
+    /// Largest manifest a device may store, in bytes of JSON (413 beyond; at most 512 tools).
+    #[arg(long, env = "DISPATCHER_MAX_MANIFEST_BYTES", default_value_t = 262_144)]
+    pub max_manifest_bytes: usize,
+    /// Largest proposal stored, its input and plan together in bytes of JSON (the call answers
+    /// 413 beyond, and nothing is stored).
+    #[arg(long, env = "DISPATCHER_MAX_PROPOSAL_BYTES", default_value_t = 2_097_152)]
+    pub max_proposal_bytes: usize,
+    /// A page of `GET /api/devices` or `GET /api/proposals` stops before this many bytes of
+    /// stored rows (one row always goes).
+    #[arg(long, env = "DISPATCHER_MAX_PAGE_BYTES", default_value_t = 8_388_608)]
+    pub max_page_bytes: usize,
+    /// Unused, unexpired pairing codes one user may hold (429 beyond).
+    #[arg(long, env = "DISPATCHER_MAX_PAIRING_CODES_PER_USER", default_value_t = 50)]
+    pub max_pairing_codes_per_user: u64,
+    /// Devices (not revoked) one user may have; checked at enrollment (429, the code unused).
+    #[arg(long, env = "DISPATCHER_MAX_DEVICES_PER_USER", default_value_t = 1000)]
+    pub max_devices_per_user: u64,
+    /// Days a proposal is kept after it was applied, failed or rejected.
+    #[arg(long, env = "DISPATCHER_PROPOSAL_RETENTION_DAYS", default_value_t = 30)]
+    pub proposal_retention_days: u64,
+    /// Seconds an approval waits for the device's apply (504 and `failed` beyond).
+    #[arg(long, env = "DISPATCHER_APPLY_TIMEOUT_SECS", default_value_t = 30)]
+    pub apply_timeout_secs: u64,
+    /// A proposal still `applying` this many seconds past its apply's deadline (its replica
+    /// died) is failed with `device timed out`; every replica checks this often.
+    #[arg(long, env = "DISPATCHER_STALE_APPLY_SECS", default_value_t = 10)]
+    pub stale_apply_secs: u64,
+}
+
+/// Validated [`StorageArgs`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Storage {
+    pub limits: Limits,
+    pub proposal_retention: Duration,
+    /// How long used or expired pairing codes are kept.
+    pub pairing_code_retention: Duration,
+    pub apply_timeout: Duration,
+    pub stale_apply: Duration,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            proposal_retention: Duration::from_secs(30 * DAY_SECS),
+            pairing_code_retention: Duration::from_secs(DAY_SECS),
+            apply_timeout: Duration::from_secs(30),
+            stale_apply: Duration::from_secs(10),
+        }
+    }
+}
+
+const DAY_SECS: u64 = 24 * 60 * 60;
+
+impl StorageArgs {
+    pub fn storage(&self) -> Result<Storage, String> {
+        if self.max_manifest_bytes < 1024 {
+            return Err("--max-manifest-bytes: at least 1024".into());
+        }
+        if self.max_proposal_bytes < 1024 {
+            return Err("--max-proposal-bytes: at least 1024".into());
+        }
+        if self.max_page_bytes < self.max_manifest_bytes.max(self.max_proposal_bytes) {
+            return Err("--max-page-bytes: at least --max-manifest-bytes and --max-proposal-bytes".into());
+        }
+        if self.max_pairing_codes_per_user == 0 || self.max_devices_per_user == 0 {
+            return Err("--max-pairing-codes-per-user and --max-devices-per-user: at least 1".into());
+        }
+        if !(1..=36_500).contains(&self.proposal_retention_days) {
+            return Err("--proposal-retention-days: between 1 and 36500".into());
+        }
+        if !(1..=protocol::CALL_TIMEOUT_MAX_MS / 1000).contains(&self.apply_timeout_secs) {
+            return Err(format!("--apply-timeout-secs: between 1 and {}", protocol::CALL_TIMEOUT_MAX_MS / 1000));
+        }
+        if !(1..=3600).contains(&self.stale_apply_secs) {
+            return Err("--stale-apply-secs: between 1 and 3600".into());
+        }
+        Ok(Storage {
+            limits: Limits {
+                max_manifest_bytes: self.max_manifest_bytes,
+                max_proposal_bytes: self.max_proposal_bytes,
+                max_page_bytes: self.max_page_bytes,
+                max_live_pairing_codes: self.max_pairing_codes_per_user,
+                max_devices_per_user: self.max_devices_per_user,
+                ..Limits::default()
+            },
+            proposal_retention: Duration::from_secs(self.proposal_retention_days * DAY_SECS),
+            apply_timeout: Duration::from_secs(self.apply_timeout_secs),
+            stale_apply: Duration::from_secs(self.stale_apply_secs),
+            ..Storage::default()
+        })
+    }
 }
 
 /// Validated settings of `dispatcher serve`.
@@ -138,6 +240,7 @@ pub struct Settings {
     pub max_connections: Option<usize>,
     /// `None`: the overall cap.
     pub max_connections_per_ip: Option<usize>,
+    pub storage: Storage,
 }
 
 impl ServeArgs {
@@ -197,6 +300,7 @@ impl ServeArgs {
                 return Err(format!("--max-connections-per-ip: {per_ip} is more than --max-connections {total}"));
             }
         }
+        let storage = self.storage.storage()?;
         Ok(Settings {
             listen,
             database_url: self.database.database_url.clone(),
@@ -213,6 +317,7 @@ impl ServeArgs {
             idle_timeout: Duration::from_secs(self.idle_timeout_secs),
             max_connections: self.max_connections,
             max_connections_per_ip: self.max_connections_per_ip,
+            storage,
         })
     }
 }
@@ -237,6 +342,7 @@ impl Settings {
             idle_timeout: Duration::from_secs(60),
             max_connections: None,
             max_connections_per_ip: None,
+            storage: Storage::default(),
         }
     }
 }
@@ -269,6 +375,43 @@ mod tests {
         assert_eq!(settings.connection_timeout, Duration::from_secs(10));
         assert_eq!(settings.idle_timeout, Duration::from_secs(60));
         assert_eq!((settings.max_connections, settings.max_connections_per_ip), (None, None));
+        assert_eq!(settings.storage, Storage::default());
+        assert_eq!(settings.storage.limits.max_manifest_bytes, 262_144);
+        assert_eq!(settings.storage.limits.max_proposal_bytes, 2_097_152);
+        assert_eq!(settings.storage.limits.max_live_pairing_codes, 50);
+        assert_eq!(settings.storage.limits.max_devices_per_user, 1000);
+        assert_eq!(settings.storage.proposal_retention, Duration::from_secs(30 * 86_400));
+    }
+
+    #[test]
+    fn storage_flags() {
+        let settings = parse(&[
+            "--max-manifest-bytes",
+            "4096",
+            "--max-proposal-bytes",
+            "8192",
+            "--max-page-bytes",
+            "8192",
+            "--max-pairing-codes-per-user",
+            "3",
+            "--max-devices-per-user",
+            "2",
+            "--proposal-retention-days",
+            "7",
+            "--apply-timeout-secs",
+            "2",
+            "--stale-apply-secs",
+            "1",
+        ])
+        .expect("valid");
+        let storage = settings.storage;
+        assert_eq!(
+            (storage.limits.max_manifest_bytes, storage.limits.max_proposal_bytes, storage.limits.max_page_bytes),
+            (4096, 8192, 8192)
+        );
+        assert_eq!((storage.limits.max_live_pairing_codes, storage.limits.max_devices_per_user), (3, 2));
+        assert_eq!(storage.proposal_retention, Duration::from_secs(7 * 86_400));
+        assert_eq!((storage.apply_timeout, storage.stale_apply), (Duration::from_secs(2), Duration::from_secs(1)));
     }
 
     #[test]
@@ -288,6 +431,15 @@ mod tests {
             &["--max-connections", "-5"],
             &["--max-connections-per-ip", "0"],
             &["--max-connections", "10", "--max-connections-per-ip", "11"],
+            &["--max-manifest-bytes", "10"],
+            &["--max-proposal-bytes", "0"],
+            &["--max-page-bytes", "1024"],
+            &["--max-pairing-codes-per-user", "0"],
+            &["--max-devices-per-user", "0"],
+            &["--proposal-retention-days", "0"],
+            &["--apply-timeout-secs", "0"],
+            &["--apply-timeout-secs", "301"],
+            &["--stale-apply-secs", "0"],
         ];
         for args in cases {
             assert!(parse(args).is_err(), "{args:?}");

@@ -7,6 +7,7 @@
 //!   drop_device. No I/O of its own.
 //! - [`bus`]: how replicas reach each other: in-memory, or NATS.
 //! - [`registry`]: api tokens, pairing codes, devices and proposals in SQLite or PostgreSQL.
+//! - [`janitor`]: each replica's periodic upkeep of the database (stuck applies, expiry).
 //! - [`http`]: the axum handlers of the contract, one [`http::ApiError`].
 //! - [`app`]: `app(state) -> Router`, composing the handlers with limits and timeouts.
 //! - [`listener`]: the serving loop: connection caps, timeouts, eviction and refusals.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod core;
 pub mod http;
 pub mod listener;
+pub mod janitor;
 pub mod registry;
 pub mod server;
 pub mod telemetry;

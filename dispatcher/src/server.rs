@@ -44,7 +44,7 @@ pub enum ServeError {
 /// Builds a replica's state: connects the registry (running migrations) and the bus.
 /// Background tasks stop when `cancel` fires.
 pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Result<AppState, ServeError> {
-    let registry = Registry::connect(&settings.database_url).await?;
+    let registry = Registry::connect(&settings.database_url).await?.with_limits(settings.storage.limits);
     let hub = Hub::new(settings.replica_id.clone(), rand::random());
     let bus: Arc<dyn Bus> = match &settings.nats_url {
         Some(urls) => {
@@ -60,6 +60,7 @@ pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Resul
         }
     };
     tokio::spawn(hub.clone().watch_stalls(settings.keepalive, cancel.child_token()));
+    tokio::spawn(crate::janitor::run(registry.clone(), settings.storage.clone(), cancel.child_token()));
     tracing::info!(
         replica = %settings.replica_id,
         bus = bus.kind(),

@@ -23,6 +23,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(5);
+/// How long an approval waits for the device's apply in these tests.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
 struct Replica {
     base: String,
@@ -74,6 +76,11 @@ async fn start_replica(mut settings: Settings, name: &str) -> Replica {
 
 impl Cluster {
     async fn start(setup: Setup) -> Cluster {
+        Self::start_with(setup, |_| {}).await
+    }
+
+    /// A cluster whose replicas' settings `adjust` changes first.
+    async fn start_with(setup: Setup, adjust: impl FnOnce(&mut Settings)) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let (database_url, db) = match setup {
             Setup::MemorySqlite => ("sqlite::memory:".to_owned(), None),
@@ -90,6 +97,8 @@ impl Cluster {
         let mut settings = Settings::for_tests(database_url);
         settings.nats_url = nats.as_ref().map(NatsServer::url);
         settings.broker_grace = Duration::from_secs(2);
+        settings.storage.apply_timeout = APPLY_TIMEOUT;
+        adjust(&mut settings);
         let count = if nats.is_some() { 3 } else { 1 };
         let mut replicas = Vec::new();
         for i in 0..count {
@@ -107,6 +116,22 @@ impl Cluster {
             _db: db,
             _dir: dir,
         }
+    }
+
+    /// The cluster a scenario of the suite runs on: the defaults, except small caps and quotas
+    /// for the scenario that tests them.
+    async fn for_scenario(setup: Setup, scenario: &str) -> Cluster {
+        if scenario != "lists_are_paged_and_storage_is_capped" {
+            return Self::start(setup).await;
+        }
+        Self::start_with(setup, |settings| {
+            let limits = &mut settings.storage.limits;
+            limits.max_live_pairing_codes = 3;
+            limits.max_devices_per_user = 2;
+            limits.max_proposal_bytes = 4096;
+            limits.max_manifest_bytes = 2048;
+        })
+        .await
     }
 
     /// Where device streams open.
@@ -135,10 +160,10 @@ impl Cluster {
 
 macro_rules! suite {
     ($($scenario:ident),* $(,)?) => {
-        mod memory_sqlite { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { super::$scenario(super::Cluster::start(super::Setup::MemorySqlite).await).await } )* }
-        mod memory_postgres { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { super::$scenario(super::Cluster::start(super::Setup::MemoryPostgres).await).await } )* }
-        mod nats_postgres { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { super::$scenario(super::Cluster::start(super::Setup::NatsPostgres).await).await } )* }
-        mod nats_sqlite_file { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { super::$scenario(super::Cluster::start(super::Setup::NatsSqliteFile).await).await } )* }
+        mod memory_sqlite { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { super::$scenario(super::Cluster::for_scenario(super::Setup::MemorySqlite, stringify!($scenario)).await).await } )* }
+        mod memory_postgres { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { super::$scenario(super::Cluster::for_scenario(super::Setup::MemoryPostgres, stringify!($scenario)).await).await } )* }
+        mod nats_postgres { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { super::$scenario(super::Cluster::for_scenario(super::Setup::NatsPostgres, stringify!($scenario)).await).await } )* }
+        mod nats_sqlite_file { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { super::$scenario(super::Cluster::for_scenario(super::Setup::NatsSqliteFile, stringify!($scenario)).await).await } )* }
     };
 }
 
@@ -155,6 +180,8 @@ suite!(
     another_users_devices_do_not_exist,
     pending_table_returns_to_zero,
     large_results_arrive_or_fail_clearly,
+    late_apply_results_complete_timed_out_proposals,
+    lists_are_paged_and_storage_is_capped,
 );
 
 async fn round_trip_and_presence(c: Cluster) {
@@ -787,4 +814,148 @@ async fn shutdown_sends_reconnect_and_drains() {
     })
     .await
     .expect("the server stopped");
+}
+
+/// A device that proposes in auto mode and holds every apply (answers none), handing it to the
+/// test.
+fn holding_device(held: Arc<parking_lot::Mutex<Vec<protocol::HostCall>>>) -> Answer {
+    Answer::with(move |call| {
+        if call.mode == Some(CallMode::Apply) {
+            held.lock().push(call.clone());
+            None
+        } else {
+            let plan = json!({"tool": call.tool, "summary": "write x", "preconditions": {"x": {"absent": true}}});
+            Some(HostResult::proposal(&call.call_id, plan))
+        }
+    })
+}
+
+/// An approval answered 504 marks the proposal `failed` with `device timed out`; the device's
+/// result that comes after completes it with the real outcome, once, and only from that device.
+async fn late_apply_results_complete_timed_out_proposals(c: Cluster) {
+    let device = c.pair("slow").await;
+    let stranger = c.pair("stranger").await;
+    let held = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let conn = device.connect(c.stream_url(), c.answer(holding_device(held.clone()))).await.unwrap();
+    let (_, body) =
+        c.control.call(&device.device_id, "write_file", json!({"path": "x", "content": "y"}), None).await.unwrap();
+    let proposal_id = body["proposalId"].as_str().expect("proposalId").to_owned();
+
+    let started = Instant::now();
+    let (status, body) = c.control.approve(&proposal_id).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert!(took >= APPLY_TIMEOUT && took < APPLY_TIMEOUT + Duration::from_secs(1), "answered after {took:?}");
+    let apply = held.lock().first().cloned().expect("the apply reached the device");
+    assert_eq!(body["callId"], apply.call_id.as_str());
+    let (_, failed) = c.control.proposal(&proposal_id).await.unwrap();
+    assert_eq!(
+        (failed["status"].as_str(), failed["result"]["error"].as_str()),
+        (Some("failed"), Some("device timed out"))
+    );
+
+    let late = HostResult::success(&apply.call_id, json!({"written": true}));
+    let (status, body) = stranger.post_result(c.result_url(), &late).await.unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN, "another device's late result: {body}");
+    let (status, body) = device.post_result(c.result_url(), &late).await.unwrap();
+    assert_eq!((status, body), (StatusCode::OK, json!({"delivered": true})));
+    let (_, completed) = c.control.proposal(&proposal_id).await.unwrap();
+    assert_eq!(completed["status"], "applied", "{completed}");
+    assert_eq!(completed["result"], serde_json::to_value(&late).unwrap());
+    let (status, body) = device.post_result(c.result_url(), &late).await.unwrap();
+    assert_eq!((status, body), (StatusCode::NOT_FOUND, json!({"delivered": false})), "recorded once");
+    let (status, _) = c.control.approve(&proposal_id).await.unwrap();
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(conn.times_received(&apply.call_id), 1, "pushed once");
+    assert_eq!(c.pending_calls(), 0);
+}
+
+/// Small caps and quotas (set per test): lists in pages with `next`, oversized proposals and
+/// manifests 413 with nothing stored, the device list without tools unless asked, and the
+/// quotas of live pairing codes and devices 429 with the limit named.
+async fn lists_are_paged_and_storage_is_capped(c: Cluster) {
+    // c has max 3 live codes, 2 devices, 4 KiB proposals, 2 KiB manifests (see the suite).
+    let device = c.pair("first").await;
+    let plan = |call: &protocol::HostCall| {
+        let size = call.input["planBytes"].as_u64().unwrap_or(0) as usize;
+        json!({"tool": call.tool, "summary": "w", "diff": "+".repeat(size), "preconditions": {}})
+    };
+    let answer = Answer::with(move |call| Some(HostResult::proposal(&call.call_id, plan(call))));
+    let _conn = device.connect(c.stream_url(), c.answer(answer)).await.unwrap();
+    let propose = |content: usize, plan: usize| {
+        let input = json!({"path": "x", "content": "a".repeat(content), "planBytes": plan});
+        c.control.call(&device.device_id, "write_file", input, Some(5000))
+    };
+    let mut made = Vec::new();
+    for _ in 0..7 {
+        let (status, body) = propose(100, 100).await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+        made.push(body["proposalId"].as_str().expect("proposalId").to_owned());
+    }
+    let (status, body) = propose(3000, 3000).await.unwrap();
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("4096") && e.contains("nothing was stored")), "{body}");
+
+    // Pages of three, newest first, each proposal once.
+    let mut seen = Vec::new();
+    let mut path = "/api/proposals?limit=3".to_owned();
+    loop {
+        let (status, page) = c.control.request(reqwest::Method::GET, &path, None).await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let items = page["proposals"].as_array().expect("proposals");
+        assert!(items.len() <= 3);
+        seen.extend(items.iter().map(|p| p["id"].as_str().unwrap().to_owned()));
+        match page["next"].as_str() {
+            Some(next) => path = format!("/api/proposals?limit=3&status=pending&cursor={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, made.iter().rev().cloned().collect::<Vec<_>>());
+    let (_, all) = c.control.proposals(Some("pending")).await.unwrap();
+    assert_eq!(all["proposals"].as_array().map(Vec::len), Some(7));
+    assert!(all.get("next").is_none(), "{all}");
+    for query in ["limit=0", "limit=501", "limit=x", "cursor=bogus"] {
+        let (status, body) =
+            c.control.request(reqwest::Method::GET, &format!("/api/proposals?{query}"), None).await.unwrap();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+    }
+
+    // Manifests: over the cap refused, the list without tools unless asked.
+    let tool = |name: &str, description: usize| json!({"name": name, "description": "d".repeat(description), "inputSchema": {"type": "object"}, "class": "read"});
+    let manifest = |tools: Vec<Value>| json!({"tools": tools, "roots": ["/r"], "version": "1", "platform": "linux"});
+    let (status, body) = device.put_manifest(c.stream_url(), &manifest(vec![tool("big", 3000)])).await.unwrap();
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("2048")), "{body}");
+    let small = manifest(vec![tool("stat", 5), tool("grep", 5), tool("glob", 5)]);
+    assert_eq!(device.put_manifest(c.stream_url(), &small).await.unwrap().0, StatusCode::NO_CONTENT);
+    let (_, list) = c.control.devices().await.unwrap();
+    let listed = &list["devices"][0];
+    assert!(listed.get("tools").is_none(), "{listed}");
+    assert_eq!((&listed["toolCount"], &listed["roots"]), (&json!(3), &json!(["/r"])));
+    let (_, list) = c.control.request(reqwest::Method::GET, "/api/devices?include=tools", None).await.unwrap();
+    assert_eq!(list["devices"][0]["tools"], small["tools"]);
+    let (_, one) = c.control.device(&device.device_id).await.unwrap();
+    assert_eq!((&one["tools"], &one["toolCount"]), (&small["tools"], &json!(3)));
+
+    // Quotas: three live codes; two devices, the refused code kept.
+    let second = c.pair("second").await;
+    let codes = [c.control.pairing_code().await.unwrap(), c.control.pairing_code().await.unwrap()];
+    c.control.pairing_code().await.expect("a third live code");
+    let (status, body) = c.control.create_pairing_code(&json!({})).await.unwrap();
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("pairing codes") && e.contains('3')), "{body}");
+    let (status, body) =
+        TestDevice::enroll_raw(c.stream_url(), &json!({"code": codes[0], "name": "third"})).await.unwrap();
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("device limit") && e.contains('2')), "{body}");
+    let (status, _) = c.control.delete_device(&second.device_id).await.unwrap();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    TestDevice::enroll(c.stream_url(), &codes[0], "third").await.expect("the refused code still enrolls");
+    let (_, list) = c.control.request(reqwest::Method::GET, "/api/devices?limit=1", None).await.unwrap();
+    assert_eq!(list["devices"].as_array().map(Vec::len), Some(1));
+    let next = list["next"].as_str().expect("a next page");
+    let (_, rest) =
+        c.control.request(reqwest::Method::GET, &format!("/api/devices?limit=1&cursor={next}"), None).await.unwrap();
+    assert_eq!(rest["devices"][0]["name"], "third");
+    assert!(rest.get("next").is_none(), "{rest}");
 }

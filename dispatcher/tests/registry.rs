@@ -8,7 +8,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use chrono::Utc;
-use dispatcher::registry::{EnrollOutcome, NewProposal, Registry, RegistryError};
+use dispatcher::registry::{
+    Cursor, EnrollOutcome, Expired, Expiry, LateApply, Limit, Limits, NewProposal, PageRequest, Registry, RegistryError,
+};
 use protocol::{HostResult, Manifest, ProposalStatus, ToolClass, ToolDescriptor};
 use serde_json::json;
 use sqlx::Connection;
@@ -605,4 +607,484 @@ async fn stream_epochs_only_increase_and_never_repeat() {
         }
     })
     .await;
+}
+
+// ---- applies that outlive their replica -------------------------------------------------------
+
+/// A pending proposal of a fresh device of alice's: (registry's proposal id, device id).
+async fn pending_proposal(registry: &Registry, path: &str) -> (String, String) {
+    let (device, _) = enroll_device(registry, "alice", "laptop").await;
+    let proposal = registry.create_proposal(new_proposal("alice", &device, "write_file", path)).await.expect("create");
+    (proposal.id, device)
+}
+
+fn call_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+async fn status_of(registry: &Registry, id: &str) -> protocol::Proposal {
+    registry.proposal("alice", id).await.expect("read").expect("exists").proposal
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_applies_are_swept_once_and_late_results_complete_them() {
+    on_every_engine(|registry| async move {
+        let (stuck, device) = pending_proposal(&registry, "stuck.txt").await;
+        let (fresh, fresh_device) = pending_proposal(&registry, "fresh.txt").await;
+        let (stuck_call, fresh_call) = (call_id(), call_id());
+        let now = Utc::now();
+        assert!(registry.begin_apply(&stuck, &stuck_call, now - chrono::Duration::seconds(60)).await.expect("begin"));
+        assert!(registry.begin_apply(&fresh, &fresh_call, now + chrono::Duration::seconds(60)).await.expect("begin"));
+        assert!(!registry.begin_apply(&stuck, &call_id(), now).await.expect("approve twice"), "applies once");
+
+        // Sweeps racing on several replicas fail the stale one once between them.
+        let sweeps: Vec<_> = (0..4)
+            .map(|_| {
+                let registry = registry.clone();
+                tokio::spawn(async move { registry.fail_stale_applies(Utc::now()).await })
+            })
+            .collect();
+        let mut failed = Vec::new();
+        for sweep in sweeps {
+            failed.extend(sweep.await.expect("task").expect("sweep"));
+        }
+        assert_eq!(failed, std::slice::from_ref(&stuck), "only the stale apply, once");
+        let swept = status_of(&registry, &stuck).await;
+        assert_eq!(swept.status, ProposalStatus::Failed);
+        assert_eq!(swept.result, Some(HostResult::timed_out(&stuck_call)));
+        assert!(swept.decided_at.is_some());
+        assert_eq!(status_of(&registry, &fresh).await.status, ProposalStatus::Applying, "its deadline is ahead");
+        assert!(!registry.begin_apply(&stuck, &call_id(), now).await.expect("approve"), "never pushed again");
+
+        // The device's late result records the real outcome, once, and only from that device.
+        let (other, _) = enroll_device(&registry, "alice", "other").await;
+        let late = HostResult::success(&stuck_call, json!({"written": 5}));
+        assert_eq!(registry.complete_late_apply(&other, &late).await.expect("late"), LateApply::OtherDevice);
+        assert_eq!(status_of(&registry, &stuck).await.status, ProposalStatus::Failed, "unchanged");
+        let recorded = registry.complete_late_apply(&device, &late).await.expect("late");
+        assert_eq!(recorded, LateApply::Recorded { proposal_id: stuck.clone(), status: ProposalStatus::Applied });
+        let completed = status_of(&registry, &stuck).await;
+        assert_eq!((completed.status, completed.result.as_ref()), (ProposalStatus::Applied, Some(&late)));
+        let again = HostResult::failure(&stuck_call, "changed my mind");
+        assert_eq!(registry.complete_late_apply(&device, &again).await.expect("late"), LateApply::Unknown);
+        assert_eq!(status_of(&registry, &stuck).await, completed, "recorded once");
+
+        // A late result while still applying (its replica gone, not swept yet) completes it too.
+        let refused = HostResult::failure(&fresh_call, "the target changed since the proposal");
+        assert_eq!(registry.complete_late_apply(&device, &refused).await.expect("late"), LateApply::OtherDevice);
+        let recorded = registry.complete_late_apply(&fresh_device, &refused).await.expect("late");
+        assert_eq!(recorded, LateApply::Recorded { proposal_id: fresh.clone(), status: ProposalStatus::Failed });
+        assert_eq!(status_of(&registry, &fresh).await.result, Some(refused));
+        assert!(registry.fail_stale_applies(Utc::now() + chrono::Duration::hours(1)).await.expect("sweep").is_empty());
+
+        // Results of calls that were no apply, or odd ids, find nothing.
+        for odd in [call_id(), "not-a-call".into(), String::new()] {
+            let result = HostResult::success(&odd, json!(1));
+            assert_eq!(registry.complete_late_apply(&device, &result).await.expect("late"), LateApply::Unknown);
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_approving_replica_records_its_apply_unless_overtaken() {
+    on_every_engine(|registry| async move {
+        let later = Utc::now() + chrono::Duration::seconds(30);
+        // Offline: nothing pushed, pending again, approvable again with a new call.
+        let (offline, _) = pending_proposal(&registry, "a").await;
+        let first = call_id();
+        assert!(registry.begin_apply(&offline, &first, later).await.expect("begin"));
+        let recorded = registry.finish_apply(&offline, &first, &HostResult::offline(&first)).await.expect("finish");
+        assert_eq!(recorded, Some(ProposalStatus::Pending));
+        let pending = status_of(&registry, &offline).await;
+        assert_eq!((pending.status, pending.decided_at, pending.result), (ProposalStatus::Pending, None, None));
+        let late = HostResult::success(&first, json!(1));
+        let device = pending.device_id.clone();
+        assert_eq!(registry.complete_late_apply(&device, &late).await.expect("late"), LateApply::Unknown);
+        let second = call_id();
+        assert!(registry.begin_apply(&offline, &second, later).await.expect("approve again"));
+        let done = HostResult::success(&second, json!({"written": 1}));
+        assert_eq!(
+            registry.finish_apply(&offline, &second, &done).await.expect("finish"),
+            Some(ProposalStatus::Applied)
+        );
+        assert_eq!(registry.finish_apply(&offline, &second, &done).await.expect("finish"), None, "once");
+
+        // Timed out: failed; the late answer replaces the timeout.
+        let (timed_out, device) = pending_proposal(&registry, "b").await;
+        let call = call_id();
+        assert!(registry.begin_apply(&timed_out, &call, later).await.expect("begin"));
+        let recorded = registry.finish_apply(&timed_out, &call, &HostResult::timed_out(&call)).await.expect("finish");
+        assert_eq!(recorded, Some(ProposalStatus::Failed));
+        assert_eq!(status_of(&registry, &timed_out).await.result, Some(HostResult::timed_out(&call)));
+        let late = HostResult::success(&call, json!({"late": true}));
+        assert!(matches!(
+            registry.complete_late_apply(&device, &late).await.expect("late"),
+            LateApply::Recorded { .. }
+        ));
+        assert_eq!(status_of(&registry, &timed_out).await.status, ProposalStatus::Applied);
+
+        // Swept first: the approving replica's own answer still lands (it is the device's).
+        let (swept, _) = pending_proposal(&registry, "c").await;
+        let call = call_id();
+        assert!(registry.begin_apply(&swept, &call, Utc::now() - chrono::Duration::seconds(1)).await.expect("begin"));
+        assert_eq!(registry.fail_stale_applies(Utc::now()).await.expect("sweep"), std::slice::from_ref(&swept));
+        let answer = HostResult::success(&call, json!({"written": 2}));
+        assert_eq!(registry.finish_apply(&swept, &call, &answer).await.expect("finish"), Some(ProposalStatus::Applied));
+        // ... but its own timeout does not overwrite a late answer.
+        let (overtaken, device) = pending_proposal(&registry, "d").await;
+        let call = call_id();
+        assert!(registry.begin_apply(&overtaken, &call, later).await.expect("begin"));
+        let late = HostResult::success(&call, json!({"written": 3}));
+        assert!(matches!(
+            registry.complete_late_apply(&device, &late).await.expect("late"),
+            LateApply::Recorded { .. }
+        ));
+        assert_eq!(
+            registry.finish_apply(&overtaken, &call, &HostResult::timed_out(&call)).await.expect("finish"),
+            None
+        );
+        assert_eq!(status_of(&registry, &overtaken).await.result, Some(late));
+        // Another call's outcome changes nothing.
+        assert_eq!(registry.finish_apply(&overtaken, &call_id(), &answer).await.expect("finish"), None);
+    })
+    .await;
+}
+
+// ---- bounded storage --------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_proposals_and_manifests_are_refused_and_nothing_is_stored() {
+    on_every_engine(|registry| async move {
+        let limits = Limits {
+            max_proposal_bytes: 10_000,
+            max_manifest_bytes: 2_000,
+            max_manifest_tools: 3,
+            ..Limits::default()
+        };
+        let registry = registry.with_limits(limits);
+        let (device, _) = enroll_device(&registry, "alice", "laptop").await;
+        let big = |input: usize, plan: usize| NewProposal {
+            input: json!({"path": "x", "content": "a".repeat(input)}),
+            plan: json!({"summary": "s", "diff": "+".repeat(plan)}),
+            ..new_proposal("alice", &device, "write_file", "x")
+        };
+        registry.create_proposal(big(4_000, 4_000)).await.expect("under the cap");
+        match registry.create_proposal(big(6_000, 6_000)).await {
+            Err(RegistryError::OverLimit { limit: Limit::ProposalBytes, value, max: 10_000 }) => {
+                assert!(value > 12_000, "{value}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            registry.create_proposal(big(11_000, 0)).await,
+            Err(RegistryError::OverLimit { limit: Limit::ProposalBytes, .. })
+        ));
+        assert_eq!(registry.proposals("alice", None).await.expect("list").len(), 1, "nothing else stored");
+
+        let tool = |name: &str, description: usize| ToolDescriptor {
+            name: name.into(),
+            description: "d".repeat(description),
+            input_schema: json!({"type": "object"}),
+            class: ToolClass::Read,
+        };
+        let manifest = |tools: Vec<ToolDescriptor>| Manifest {
+            tools,
+            roots: vec!["/home/a".into(), "/srv".into()],
+            version: "1".into(),
+            platform: "linux".into(),
+        };
+        let fits = manifest(vec![tool("a", 10), tool("b", 10)]);
+        registry.set_manifest(&device, &fits).await.expect("fits");
+        let too_big = manifest(vec![tool("a", 3_000)]);
+        assert!(matches!(
+            registry.set_manifest(&device, &too_big).await,
+            Err(RegistryError::OverLimit { limit: Limit::ManifestBytes, max: 2_000, .. })
+        ));
+        let too_many = manifest((0..4).map(|i| tool(&format!("t{i}"), 1)).collect());
+        assert!(matches!(
+            registry.set_manifest(&device, &too_many).await,
+            Err(RegistryError::OverLimit { limit: Limit::ManifestTools, value: 4, max: 3 })
+        ));
+        let stored = registry.device("alice", &device).await.expect("device").expect("exists");
+        assert_eq!(stored.manifest, Some(fits.clone()), "the last manifest that fit stays");
+
+        // A list without manifests has roots and counts, and reads no manifest.
+        let page = registry.devices_page("alice", &PageRequest::default(), false).await.expect("page");
+        let listed = &page.items[0];
+        assert_eq!((listed.manifest.as_ref(), listed.tool_count), (None, Some(2)));
+        assert_eq!(listed.roots.as_deref(), Some(&fits.roots[..]));
+        let page = registry.devices_page("alice", &PageRequest::default(), true).await.expect("page");
+        assert_eq!(page.items[0].manifest, Some(fits));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_pairing_codes_are_limited_per_user_even_when_minted_at_once() {
+    on_every_engine(|registry| async move {
+        let registry = registry.with_limits(Limits { max_live_pairing_codes: 5, ..Limits::default() });
+        let ttl = Duration::from_secs(600);
+        // 40 at once from one user, on what could be several replicas: exactly five.
+        let mints: Vec<_> = (0..40)
+            .map(|_| {
+                let registry = registry.clone();
+                tokio::spawn(async move { registry.create_pairing_code("alice", ttl).await })
+            })
+            .collect();
+        let (mut minted, mut refused) = (Vec::new(), 0);
+        for mint in mints {
+            match mint.await.expect("task") {
+                Ok(code) => minted.push(code),
+                Err(RegistryError::OverLimit { limit: Limit::LivePairingCodes, value: 5, max: 5 }) => refused += 1,
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+        assert_eq!((minted.len(), refused), (5, 35));
+        registry.create_pairing_code("bob", ttl).await.expect("another user has a quota of its own");
+
+        // A used code and an expired one are not live: room for two more.
+        enrolled(registry.enroll(&minted[0].code, "laptop", None).await.expect("enroll"));
+        assert!(registry.create_pairing_code("alice", ttl).await.is_ok());
+        assert!(registry.create_pairing_code("alice", ttl).await.is_err());
+        let short = registry.with_limits(Limits { max_live_pairing_codes: 6, ..Limits::default() });
+        short.create_pairing_code("alice", Duration::from_millis(1)).await.expect("a sixth, short-lived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        short.create_pairing_code("alice", ttl).await.expect("the expired one does not count");
+        assert!(short.create_pairing_code("alice", ttl).await.is_err());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_are_limited_per_user_at_enrollment_and_the_code_is_kept() {
+    on_every_engine(|registry| async move {
+        let registry = registry.with_limits(Limits { max_devices_per_user: 2, ..Limits::default() });
+        let (first, _) = enroll_device(&registry, "alice", "one").await;
+        enroll_device(&registry, "alice", "two").await;
+        let code = registry.create_pairing_code("alice", Duration::from_secs(600)).await.expect("code");
+        match registry.enroll(&code.code, "three", None).await {
+            Err(RegistryError::OverLimit { limit: Limit::DevicesPerUser, value: 2, max: 2 }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(registry.devices("alice").await.expect("devices").len(), 2);
+        enroll_device(&registry, "bob", "bob's").await;
+
+        // Revoking one makes room, and the refused code still works.
+        assert!(registry.revoke_device("alice", &first).await.expect("revoke"));
+        let third = enrolled(registry.enroll(&code.code, "three", None).await.expect("enroll"));
+        assert!(registry.device("alice", &third.device_id).await.expect("device").is_some());
+        assert_eq!(registry.enroll(&code.code, "four", None).await.expect("enroll"), EnrollOutcome::Refused);
+
+        // Many enrollments at once with codes of one user: never past the quota.
+        let registry = registry.with_limits(Limits { max_devices_per_user: 6, ..Limits::default() });
+        let mut codes = Vec::new();
+        for _ in 0..8 {
+            codes.push(registry.create_pairing_code("carol", Duration::from_secs(600)).await.expect("code").code);
+        }
+        let enrollments: Vec<_> = codes
+            .into_iter()
+            .map(|code| {
+                let registry = registry.clone();
+                tokio::spawn(async move { registry.enroll(&code, "racer", None).await })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for enrollment in enrollments {
+            results.push(enrollment.await.expect("task"));
+        }
+        let enrolled = results.iter().filter(|r| matches!(r, Ok(EnrollOutcome::Enrolled(_)))).count();
+        let refused = results.iter().filter(|r| matches!(r, Err(RegistryError::OverLimit { .. }))).count();
+        assert_eq!((enrolled, refused), (6, 2), "{results:?}");
+        assert_eq!(registry.devices("carol").await.expect("devices").len(), 6);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_deletes_decided_proposals_and_done_codes_and_nothing_else() {
+    on_every_engine(|registry| async move {
+        let started = Utc::now() - chrono::Duration::seconds(1);
+        let (device, _) = enroll_device(&registry, "alice", "laptop").await; // its code is used
+        let make = |path: &str| registry.create_proposal(new_proposal("alice", &device, "write_file", path));
+        let pending = make("pending").await.expect("create").id;
+        let applying = make("applying").await.expect("create").id;
+        let applied = make("applied").await.expect("create").id;
+        let failed = make("failed").await.expect("create").id;
+        let rejected = make("rejected").await.expect("create").id;
+        let later = Utc::now() + chrono::Duration::seconds(60);
+        for (id, call) in [(&applying, call_id()), (&applied, call_id()), (&failed, call_id())] {
+            assert!(registry.begin_apply(id, &call, later).await.expect("begin"));
+            let result = match id == &applied {
+                true => HostResult::success(&call, json!(1)),
+                false if id == &failed => HostResult::failure(&call, "refused"),
+                false => continue,
+            };
+            registry.finish_apply(id, &call, &result).await.expect("finish");
+        }
+        assert!(registry
+            .transition_proposal(&rejected, ProposalStatus::Pending, ProposalStatus::Rejected, None)
+            .await
+            .expect("reject"));
+        let live = registry.create_pairing_code("alice", Duration::from_secs(600)).await.expect("code");
+        registry.create_pairing_code("alice", Duration::from_millis(1)).await.expect("soon expired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let bobs = registry.create_pairing_code("bob", Duration::from_secs(600)).await.expect("code");
+
+        // Cutoffs before everything: nothing goes.
+        let none = Expiry { proposals_decided_before: started, codes_done_before: started };
+        assert_eq!(registry.delete_expired(none).await.expect("expire"), Expired::default());
+        assert_eq!(registry.proposals("alice", None).await.expect("list").len(), 5);
+
+        // Cutoffs after everything: the decided proposals, the used and the expired code.
+        let all = Expiry {
+            proposals_decided_before: Utc::now() + chrono::Duration::seconds(1),
+            codes_done_before: Utc::now() + chrono::Duration::seconds(1),
+        };
+        let expired = registry.delete_expired(all).await.expect("expire");
+        assert_eq!(expired, Expired { proposals: 3, pairing_codes: 2 });
+        let mut left: Vec<String> =
+            registry.proposals("alice", None).await.expect("list").into_iter().map(|p| p.id).collect();
+        left.sort();
+        let mut want = vec![pending.clone(), applying.clone()];
+        want.sort();
+        assert_eq!(left, want, "pending and applying proposals stay");
+        assert_eq!(registry.delete_expired(all).await.expect("again"), Expired::default(), "idempotent");
+        assert!(registry.device("alice", &device).await.expect("device").is_some(), "devices stay");
+        enrolled(registry.enroll(&live.code, "live code", None).await.expect("live codes stay"));
+        enrolled(registry.enroll(&bobs.code, "bob's live code", None).await.expect("live codes stay"));
+    })
+    .await;
+}
+
+/// Pages of `page_size` walked with `next` until the end: the ids in order.
+async fn walk_proposals(
+    registry: &Registry,
+    owner: &str,
+    status: Option<ProposalStatus>,
+    size: usize,
+) -> (Vec<String>, usize) {
+    let mut request = PageRequest { limit: size, after: None };
+    let (mut ids, mut pages) = (Vec::new(), 0);
+    loop {
+        let page = registry.proposals_page(owner, status, &request).await.expect("page");
+        pages += 1;
+        assert!(page.items.len() <= size);
+        ids.extend(page.items.into_iter().map(|p| p.id));
+        match page.next {
+            Some(next) => request.after = Some(next),
+            None => return (ids, pages),
+        }
+        assert!(pages < 1000, "no end");
+    }
+}
+
+async fn walk_devices(registry: &Registry, owner: &str, size: usize) -> Vec<String> {
+    let mut request = PageRequest { limit: size, after: None };
+    let mut ids = Vec::new();
+    loop {
+        let page = registry.devices_page(owner, &request, false).await.expect("page");
+        ids.extend(page.items.into_iter().map(|d| d.id));
+        match page.next {
+            Some(next) => request.after = Some(next),
+            None => return ids,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_walk_every_row_once_in_order_and_within_the_byte_budget() {
+    on_every_engine(|registry| async move {
+        let (device, _) = enroll_device(&registry, "alice", "laptop").await;
+        let mut made = Vec::new();
+        for i in 0..12 {
+            made.push(
+                registry
+                    .create_proposal(new_proposal("alice", &device, "write_file", &format!("{i}")))
+                    .await
+                    .expect("create")
+                    .id,
+            );
+        }
+        let newest_first: Vec<String> = made.iter().rev().cloned().collect();
+        for size in [1, 5, 11, 12, 13, 500] {
+            let (ids, pages) = walk_proposals(&registry, "alice", None, size).await;
+            assert_eq!(ids, newest_first, "pages of {size}");
+            assert_eq!(pages, 12usize.div_ceil(size).max(1), "pages of {size}");
+        }
+        assert!(registry
+            .transition_proposal(&made[3], ProposalStatus::Pending, ProposalStatus::Rejected, None)
+            .await
+            .expect("reject"));
+        let (pending, _) = walk_proposals(&registry, "alice", Some(ProposalStatus::Pending), 4).await;
+        assert_eq!(pending, newest_first.iter().filter(|id| **id != made[3]).cloned().collect::<Vec<_>>());
+        let (rejected, _) = walk_proposals(&registry, "alice", Some(ProposalStatus::Rejected), 4).await;
+        assert_eq!(rejected, [made[3].clone()]);
+        assert_eq!(walk_proposals(&registry, "bob", None, 4).await, (vec![], 1));
+
+        // A byte budget cuts a page short; one row always goes.
+        let tight = registry.clone().with_limits(Limits { max_page_bytes: 1, ..Limits::default() });
+        let (ids, pages) = walk_proposals(&tight, "alice", None, 100).await;
+        assert_eq!((ids, pages), (newest_first.clone(), 12));
+        let stored = registry.proposal("alice", &made[11]).await.expect("read").expect("exists");
+        let one = serde_json::to_string(&stored.proposal.input).unwrap().len()
+            + serde_json::to_string(&stored.proposal.proposal).unwrap().len();
+        let three = registry.clone().with_limits(Limits { max_page_bytes: 3 * one + 1, ..Limits::default() });
+        let first = three.proposals_page("alice", None, &PageRequest::default()).await.expect("page");
+        assert_eq!(first.items.len(), 3);
+
+        // Devices, oldest first.
+        let mut devices = vec![device.clone()];
+        for i in 0..6 {
+            devices.push(enroll_device(&registry, "alice", &format!("d{i}")).await.0);
+        }
+        for size in [1, 2, 7, 100] {
+            assert_eq!(walk_devices(&registry, "alice", size).await, devices, "pages of {size}");
+        }
+        // A cursor past the end is an empty last page.
+        let past = Cursor { at_ms: 0, id: uuid::Uuid::new_v4().to_string() };
+        let page =
+            registry.proposals_page("alice", None, &PageRequest { limit: 5, after: Some(past) }).await.expect("page");
+        assert_eq!((page.items.len(), page.next), (0, None));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_walk_rows_that_share_a_time_exactly_once() {
+    // Rows made on several replicas can share a millisecond: give every row the same time.
+    for kind in [Kind::SqliteFile, Kind::Postgres] {
+        let database = TestDatabase::create(kind).await;
+        let url = database.url.clone();
+        database
+            .run(async move {
+                let registry = Registry::connect(&url).await.expect("connect");
+                let (device, _) = enroll_device(&registry, "alice", "laptop").await;
+                let mut proposals = Vec::new();
+                for i in 0..23 {
+                    let new = new_proposal("alice", &device, "write_file", &format!("{i}"));
+                    proposals.push(registry.create_proposal(new).await.expect("create").id);
+                }
+                let mut devices = vec![device];
+                for i in 0..9 {
+                    devices.push(enroll_device(&registry, "alice", &format!("d{i}")).await.0);
+                }
+                sqlx::any::install_default_drivers();
+                let pool = sqlx::AnyPool::connect(&url).await.expect("raw pool");
+                sqlx::query("UPDATE proposals SET created_at = 1767225600000").execute(&pool).await.expect("tie");
+                sqlx::query("UPDATE devices SET created_at = 1767225600000").execute(&pool).await.expect("tie");
+                pool.close().await;
+
+                proposals.sort();
+                proposals.reverse(); // newest first, then by id descending
+                devices.sort();
+                for size in [1, 4, 22, 23, 24] {
+                    let (walked, _) = walk_proposals(&registry, "alice", None, size).await;
+                    assert_eq!(walked, proposals, "proposals in pages of {size}");
+                    assert_eq!(walk_devices(&registry, "alice", size).await, devices, "devices in pages of {size}");
+                }
+                registry.close().await;
+            })
+            .await;
+    }
 }

@@ -9,6 +9,9 @@ use crate::{HostResult, ToolDescriptor};
 /// Default and largest `ttlSeconds` of a pairing code.
 pub const PAIRING_TTL_DEFAULT_SECS: u64 = 600;
 pub const PAIRING_TTL_MAX_SECS: u64 = 86_400;
+/// Default and largest `limit` of a page of a list (`GET /api/devices`, `GET /api/proposals`).
+pub const PAGE_LIMIT_DEFAULT: usize = 100;
+pub const PAGE_LIMIT_MAX: usize = 500;
 /// Default and largest `timeoutMs` of a dispatch.
 pub const CALL_TIMEOUT_DEFAULT_MS: u64 = 30_000;
 pub const CALL_TIMEOUT_MAX_MS: u64 = 300_000;
@@ -60,6 +63,8 @@ pub struct PairingCode {
 }
 
 /// A device as the control API shows it. `online` and `replica` are cluster-wide truths.
+/// `GET /api/devices` leaves `tools` out unless asked (`?include=tools`); `toolCount` and
+/// `roots` are always there once the device sent a manifest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Device {
@@ -77,12 +82,17 @@ pub struct Device {
     pub tools: Option<Vec<ToolDescriptor>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub roots: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_count: Option<usize>,
 }
 
-/// `GET /api/devices`.
+/// `GET /api/devices?limit=&cursor=&include=tools`: one page, oldest first; `next` is the
+/// cursor of the next page when there is one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceList {
     pub devices: Vec<Device>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 /// `POST /api/devices/{id}/calls`. A `mode` field is refused: only the server applies.
@@ -159,10 +169,13 @@ pub struct Proposal {
     pub result: Option<HostResult>,
 }
 
-/// `GET /api/proposals`.
+/// `GET /api/proposals?status=&limit=&cursor=`: one page, newest first; `next` is the cursor
+/// of the next page when there is one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProposalList {
     pub proposals: Vec<Proposal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 /// `POST /api/host/approve` and `POST /api/host/reject`.

@@ -129,8 +129,17 @@ fn device_offline_omits_replica() {
         last_seen_at: None,
         tools: None,
         roots: None,
+        tool_count: None,
     };
     pin(&device, json!({"id": "d", "name": "n", "online": false, "createdAt": "2026-01-01T00:00:00Z"}));
+    let listed = Device { roots: Some(vec!["/home/a".into()]), tool_count: Some(16), ..device.clone() };
+    pin(
+        &DeviceList { devices: vec![listed], next: Some("MTIuYQ".into()) },
+        json!({"devices": [{"id": "d", "name": "n", "online": false, "createdAt": "2026-01-01T00:00:00Z",
+                            "roots": ["/home/a"], "toolCount": 16}], "next": "MTIuYQ"}),
+    );
+    pin(&DeviceList { devices: vec![], next: None }, json!({"devices": []}));
+    pin(&ProposalList { proposals: vec![], next: None }, json!({"proposals": []}));
 }
 
 #[test]

@@ -1299,3 +1299,107 @@ async fn a_result_after_its_dispatching_replica_died_is_404() {
     }
     assert_eq!(conn.times_received(&call.call_id), 1);
 }
+
+/// A replica SIGKILLed while it waits on an apply leaves no proposal stuck in `applying`: the
+/// surviving replica's sweep fails it with `device timed out` shortly after the apply's
+/// deadline (it is never pushed again), and the device's late result, POSTed to the survivor,
+/// completes it with the real outcome, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_during_an_apply_leaves_no_proposal_stuck() {
+    const APPLY_TIMEOUT: Duration = Duration::from_secs(2);
+    const STALE_APPLY: Duration = Duration::from_secs(1);
+    let mut cluster = LocalCluster::builder()
+        .replicas(2)
+        .configure(|_, builder| {
+            builder
+                .env("DISPATCHER_APPLY_TIMEOUT_SECS", APPLY_TIMEOUT.as_secs().to_string())
+                .env("DISPATCHER_STALE_APPLY_SECS", STALE_APPLY.as_secs().to_string())
+        })
+        .start()
+        .await
+        .expect("cluster");
+    let (a, b) = (0, 1);
+    let device = cluster.pair_device(b, "held").await.expect("enroll");
+    // Proposes in auto mode; holds the apply (no answer) and keeps it for the test.
+    let held: Arc<Mutex<Option<protocol::HostCall>>> = Arc::default();
+    let answer = Answer::with({
+        let held = held.clone();
+        move |call| {
+            if call.mode == Some(CallMode::Apply) {
+                *held.lock() = Some(call.clone());
+                None
+            } else {
+                let plan = json!({"tool": call.tool, "summary": "write f", "preconditions": {"absent": true}});
+                Some(HostResult::proposal(call.call_id.clone(), plan))
+            }
+        }
+    });
+    let conn = device.connect(&cluster.url(b), answer).await.expect("stream on B");
+    cluster.wait_presence(&device.device_id, true, 5 * SECOND).await.expect("online");
+    let record =
+        timed_call(&cluster.control_at(a), &device.device_id, "write_file", json!({"path": "f"}), 10 * SECOND).await;
+    assert!(record.ok() && record.body["proposal"] == true, "{record:?}");
+    let proposal_id = record.body["proposalId"].as_str().expect("proposalId").to_owned();
+
+    // A waits on the apply; the device holds it; A dies.
+    let approving = tokio::spawn({
+        let (control, id) = (cluster.control_at(a), proposal_id.clone());
+        async move { control.approve(&id).await }
+    });
+    let approved_at = Instant::now();
+    let apply = loop {
+        if let Some(call) = held.lock().clone() {
+            break call;
+        }
+        assert!(approved_at.elapsed() < 5 * SECOND, "the apply never reached the device");
+        tokio::time::sleep(10 * MS).await;
+    };
+    cluster.kill(a).await;
+    assert!(approving.await.expect("task").is_err(), "the approval died with A");
+
+    let on_b = cluster.control_at(b);
+    let (status, stored) = on_b.proposal(&proposal_id).await.expect("proposal");
+    assert_eq!((status, stored["status"].as_str()), (StatusCode::OK, Some("applying")), "{stored}");
+    for (what, (status, body)) in [
+        ("approve", on_b.approve(&proposal_id).await.expect("approve")),
+        ("reject", on_b.reject(&proposal_id).await.expect("reject")),
+    ] {
+        assert_eq!(status, StatusCode::CONFLICT, "{what} while applying: {body}");
+    }
+
+    // The sweep on B fails it after the deadline plus the margin.
+    let limit = APPLY_TIMEOUT + 2 * STALE_APPLY + 3 * SECOND;
+    let swept = loop {
+        let (_, stored) = on_b.proposal(&proposal_id).await.expect("proposal");
+        if stored["status"] != "applying" {
+            break stored;
+        }
+        if approved_at.elapsed() > 20 * SECOND {
+            panic!("proposal still applying {} ms after the approval: {stored}", ms(approved_at.elapsed()));
+        }
+        tokio::time::sleep(100 * MS).await;
+    };
+    let failed_after = approved_at.elapsed();
+    println!("stuck apply: failed by the sweep {} ms after the approval", ms(failed_after));
+    assert_eq!(swept["status"], "failed", "{swept}");
+    assert_eq!(swept["result"]["error"], "device timed out", "{swept}");
+    assert_eq!(swept["result"]["callId"], apply.call_id.as_str(), "{swept}");
+    assert!(failed_after <= limit, "failed after {failed_after:?}, want at most {limit:?}");
+    let (status, _) = on_b.approve(&proposal_id).await.expect("approve");
+    assert_eq!(status, StatusCode::CONFLICT, "a failed apply is never approved again");
+
+    // The device's late result completes it with the real outcome, once.
+    let late = HostResult::success(apply.call_id.clone(), json!({"written": 7}));
+    let (status, body) = device.post_result(&cluster.url(b), &late).await.expect("post");
+    assert_eq!((status, body.clone()), (StatusCode::OK, json!({"delivered": true})), "late result: {body}");
+    let (_, completed) = on_b.proposal(&proposal_id).await.expect("proposal");
+    assert_eq!(completed["status"], "applied", "{completed}");
+    assert_eq!(completed["result"], serde_json::to_value(&late).expect("json"), "{completed}");
+    let (status, body) = device.post_result(&cluster.url(b), &late).await.expect("post again");
+    assert_eq!((status, body), (StatusCode::NOT_FOUND, json!({"delivered": false})), "recorded once");
+    let (_, still) = on_b.proposal(&proposal_id).await.expect("proposal");
+    assert_eq!(still, completed, "a second POST changes nothing");
+    tokio::time::sleep(500 * MS).await;
+    assert_eq!(conn.times_received(&apply.call_id), 1, "the apply was pushed once");
+    assert_eq!(conn.total_received(), 2, "the proposal and the apply, nothing else");
+}

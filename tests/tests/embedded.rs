@@ -902,3 +902,163 @@ async fn round_trip_latency() {
     assert!(conn.calls.lock().values().all(|&n| n == 1), "every call pushed once");
     assert_eq!(metric(&env.base(), "pending_calls").await, Some(0.0));
 }
+
+/// Bytes of a SQLite database on disk: the file and its write-ahead log.
+fn sqlite_bytes(dir: &std::path::Path) -> u64 {
+    ["dispatcher.db", "dispatcher.db-wal"]
+        .iter()
+        .filter_map(|name| std::fs::metadata(dir.join(name)).ok())
+        .map(|meta| meta.len())
+        .sum()
+}
+
+/// `GET {url}` with an api token: status, size of the body in bytes, and the body as JSON.
+async fn get_sized(client: &reqwest::Client, url: &str, token: &str) -> (StatusCode, usize, Value) {
+    let response = client.get(url).bearer_auth(token).timeout(60 * SECOND).send().await.expect("answered");
+    let status = response.status();
+    let bytes = response.bytes().await.expect("body");
+    (status, bytes.len(), serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+fn mb(bytes: impl TryInto<u64>) -> f64 {
+    bytes.try_into().unwrap_or(u64::MAX) as f64 / 1e6
+}
+
+/// The hostile review's storage cases against the binary, with its defaults: proposals of
+/// 1 MiB input + 1 MiB plan, proposals of ~1 MB walked page by page, a 7.6 MB manifest and a
+/// 1 MiB one, one user minting pairing codes as fast as it can. Prints the figures (database
+/// growth, largest response, codes minted), then asserts the caps, the pages and the quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_storage_is_capped_and_lists_are_paged() {
+    const MIB: usize = 1 << 20;
+    let env = Env::start_with(Backend::Sqlite, |b| b.rust_log("warn")).await;
+    let base = env.base();
+    let token = env.control.token.clone();
+    let client = reqwest::Client::new();
+    let device = env.device("hoarder").await;
+    // Proposes every mutation, with a plan of `planBytes` bytes.
+    let answer = Answer::with(|call| {
+        let size = call.input["planBytes"].as_u64().unwrap_or(0) as usize;
+        let plan = json!({"tool": call.tool, "summary": "write", "diff": "+".repeat(size), "preconditions": {}});
+        Some(HostResult::proposal(call.call_id.clone(), plan))
+    });
+    let _conn = device.connect(&base, answer).await.unwrap();
+    let propose = |content: usize, plan: usize| {
+        let input = json!({"path": "f", "content": "a".repeat(content), "planBytes": plan});
+        let (control, id) = (env.control.clone(), device.device_id.clone());
+        async move { control.call(&id, "write_file", input, Some(30_000)).await.expect("call") }
+    };
+
+    // 1. Forty proposals of 1 MiB input + 1 MiB plan.
+    let db_before = sqlite_bytes(env.dispatcher.dir());
+    let mut hostile = std::collections::BTreeMap::<u16, usize>::new();
+    let mut refusal = Value::Null;
+    for _ in 0..40 {
+        let (status, body) = propose(MIB, MIB).await;
+        *hostile.entry(status.as_u16()).or_default() += 1;
+        if status != StatusCode::OK {
+            refusal = body;
+        }
+    }
+    let db_growth = sqlite_bytes(env.dispatcher.dir()).saturating_sub(db_before);
+    let (_, first_list, _) = get_sized(&client, &format!("{base}/api/proposals"), &token).await;
+    println!(
+        "40 proposals of 1 MiB + 1 MiB: {hostile:?}, database +{:.3} MB, GET /api/proposals {:.3} MB",
+        mb(db_growth),
+        mb(first_list)
+    );
+
+    // 2. Forty-one proposals of ~1 MB each, walked page by page.
+    let mut made = Vec::new();
+    for _ in 0..41 {
+        let (status, body) = propose(500_000, 500_000).await;
+        assert_eq!(status, StatusCode::OK, "{}", &body.to_string()[..body.to_string().len().min(300)]);
+        made.push(body["proposalId"].as_str().expect("proposalId").to_owned());
+    }
+    let mut seen = Vec::new();
+    let (mut pages, mut largest_page) = (0, 0);
+    let mut url = format!("{base}/api/proposals");
+    loop {
+        let (status, bytes, page) = get_sized(&client, &url, &token).await;
+        assert_eq!(status, StatusCode::OK);
+        pages += 1;
+        largest_page = largest_page.max(bytes);
+        for proposal in page["proposals"].as_array().expect("proposals") {
+            seen.push(proposal["id"].as_str().expect("id").to_owned());
+        }
+        match page["next"].as_str() {
+            Some(next) => url = format!("{base}/api/proposals?cursor={next}"),
+            None => break,
+        }
+        assert!(pages < 100, "pages without end");
+    }
+    println!("41 proposals of ~1 MB: {} rows in {pages} pages, largest page {:.1} MB", seen.len(), mb(largest_page));
+
+    // 3. A 7.6 MB manifest, then a 1 MiB one, then 513 small tools.
+    let tool = |name: String, description: String| json!({"name": name, "description": description, "inputSchema": {"type": "object"}, "class": "read"});
+    let manifest =
+        |tools: Vec<Value>| json!({"tools": tools, "roots": ["/home/a"], "version": "1", "platform": "linux"});
+    let huge = manifest((0..100).map(|i| tool(format!("t{i}"), "d".repeat(76_000))).collect());
+    let (huge_status, huge_body) = device.put_manifest(&base, &huge).await.unwrap();
+    let (_, huge_list, _) = get_sized(&client, &format!("{base}/api/devices"), &token).await;
+    let mib = manifest((0..16).map(|i| tool(format!("t{i}"), "d".repeat(MIB / 16))).collect());
+    let (mib_status, _) = device.put_manifest(&base, &mib).await.unwrap();
+    let many = manifest((0..513).map(|i| tool(format!("t{i}"), "d".into())).collect());
+    let (many_status, _) = device.put_manifest(&base, &many).await.unwrap();
+    println!(
+        "manifests: 7.6 MB {huge_status} (GET /api/devices then {:.3} MB), 1 MiB {mib_status}, 513 tools {many_status}",
+        mb(huge_list)
+    );
+    let small = manifest(vec![tool("stat".into(), "d".into()), tool("read_file".into(), "d".into())]);
+    let (status, _) = device.put_manifest(&base, &small).await.unwrap();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
+    // 4. One user minting pairing codes as fast as it can.
+    let started = Instant::now();
+    let mut minted = std::collections::BTreeMap::<u16, usize>::new();
+    let mut quota = Value::Null;
+    for _ in 0..200 {
+        let (status, body) = env.control.create_pairing_code(&json!({})).await.unwrap();
+        *minted.entry(status.as_u16()).or_default() += 1;
+        if status != StatusCode::CREATED {
+            quota = body;
+        }
+    }
+    println!("200 pairing codes asked by one user in {} ms: {minted:?} {quota}", started.elapsed().as_millis());
+
+    // What must hold.
+    assert_eq!(hostile.get(&413), Some(&40), "every 2 MiB proposal refused: {hostile:?}");
+    assert!(refusal["error"].as_str().is_some_and(|e| e.contains("2097152")), "{refusal}");
+    assert!(db_growth < 4_000_000, "database grew {db_growth} bytes for refused proposals");
+    let mut walked = seen.clone();
+    walked.sort();
+    walked.dedup();
+    assert_eq!(walked.len(), seen.len(), "a proposal listed twice");
+    assert!(made.iter().all(|id| seen.contains(id)), "a proposal never listed");
+    assert_eq!(seen[..41].iter().rev().cloned().collect::<Vec<_>>(), made, "newest first");
+    assert!(pages >= 5, "{pages} pages");
+    assert!(largest_page <= 8 * MIB + MIB, "a page of {largest_page} bytes");
+
+    assert_error(&(huge_status, huge_body), StatusCode::PAYLOAD_TOO_LARGE, "a 7.6 MB manifest");
+    assert_eq!((mib_status, many_status), (StatusCode::PAYLOAD_TOO_LARGE, StatusCode::PAYLOAD_TOO_LARGE));
+    let (_, _, list) = get_sized(&client, &format!("{base}/api/devices"), &token).await;
+    let listed = &list["devices"][0];
+    assert!(listed.get("tools").is_none(), "{listed}");
+    assert_eq!((listed["toolCount"].clone(), listed["roots"].clone()), (json!(2), json!(["/home/a"])), "{listed}");
+    let (_, _, list) = get_sized(&client, &format!("{base}/api/devices?include=tools"), &token).await;
+    assert_eq!(list["devices"][0]["tools"], small["tools"]);
+    let (_, one) = env.control.device(&device.device_id).await.unwrap();
+    assert_eq!(one["tools"], small["tools"]);
+
+    assert_eq!((minted.get(&201), minted.get(&429)), (Some(&50), Some(&150)), "{minted:?}");
+    assert!(quota["error"].as_str().is_some_and(|e| e.contains("50")), "{quota}");
+    let bad = ["limit=0", "limit=501", "limit=ten", "limit=-1", "limit=1e3", "cursor=nonsense", "cursor=%FF%FE"];
+    for path in bad
+        .iter()
+        .flat_map(|q| [format!("devices?{q}"), format!("proposals?{q}")])
+        .chain(["devices?include=all".into()])
+    {
+        let (status, _, body) = get_sized(&client, &format!("{base}/api/{path}"), &token).await;
+        assert_error(&(status, body), StatusCode::BAD_REQUEST, &path);
+    }
+}

@@ -32,11 +32,14 @@ pub struct DispatchRequest {
     pub preconditions: Option<Value>,
     pub timeout: Duration,
     pub traceparent: Option<String>,
+    /// The call's id, when the caller must know it before the push (an apply records it with
+    /// its proposal): one from [`Dispatcher::new_call_id`]. A fresh one otherwise.
+    pub call_id: Option<String>,
 }
 
 impl DispatchRequest {
     pub fn new(tool: impl Into<String>, input: Value, timeout: Duration) -> Self {
-        Self { tool: tool.into(), input, mode: None, preconditions: None, timeout, traceparent: None }
+        Self { tool: tool.into(), input, mode: None, preconditions: None, timeout, traceparent: None, call_id: None }
     }
 }
 
@@ -88,6 +91,15 @@ impl Drop for StreamGuard {
     }
 }
 
+/// What became of a result handed to [`Dispatcher::deliver_or_keep`].
+#[derive(Debug)]
+pub enum Delivery {
+    /// A dispatch waited for it: delivered, or refused (another device's call).
+    Answered(DeliverAck),
+    /// No dispatch anywhere waits for it; here it is back.
+    Unclaimed(HostResult),
+}
+
 /// Removes a pending call however its dispatch ends.
 struct PendingGuard<'a> {
     hub: &'a Hub,
@@ -111,6 +123,11 @@ impl Dispatcher {
 
     pub fn bus(&self) -> &Arc<dyn Bus> {
         &self.bus
+    }
+
+    /// A new call id that routes results to this replica, for [`DispatchRequest::call_id`].
+    pub fn new_call_id(&self) -> String {
+        new_call_id(self.hub.route_tag(), rand::random())
     }
 
     /// Registers a stream of `device_id` with `epoch` (issued cluster-wide in increasing
@@ -148,7 +165,7 @@ impl Dispatcher {
     async fn dispatch_inner(&self, device_id: &str, request: DispatchRequest) -> HostResult {
         let started = Instant::now();
         let deadline = started + request.timeout;
-        let call_id = new_call_id(self.hub.route_tag(), rand::random());
+        let call_id = request.call_id.unwrap_or_else(|| self.new_call_id());
         let wall_deadline = Utc::now() + chrono::Duration::from_std(request.timeout).unwrap_or(chrono::Duration::MAX);
         let call = HostCall {
             call_id: call_id.clone(),
@@ -199,13 +216,28 @@ impl Dispatcher {
     /// A result posted by `from_device`. Resolved here when this replica dispatched the call,
     /// otherwise handed over the bus to the replica that did.
     pub async fn deliver(&self, from_device: &str, result: HostResult) -> DeliverAck {
+        match self.deliver_or_keep(from_device, result).await {
+            Delivery::Answered(ack) => ack,
+            Delivery::Unclaimed(_) => DeliverAck::Unknown,
+        }
+    }
+
+    /// [`Dispatcher::deliver`], handing the result back when no dispatch waits for it (the
+    /// replica that made the call died, or gave up), so the caller may still record it.
+    pub async fn deliver_or_keep(&self, from_device: &str, result: HostResult) -> Delivery {
         let Some(route) = call_id_route(&result.call_id) else {
-            return DeliverAck::Unknown;
+            return Delivery::Unclaimed(result);
         };
         if route == protocol::subject::route_tag(self.hub.route_tag()) {
-            return self.hub.resolve(from_device, result);
+            if !self.hub.is_pending(&result.call_id) {
+                return Delivery::Unclaimed(result);
+            }
+            return Delivery::Answered(self.hub.resolve(from_device, result));
         }
-        self.bus.send_result(&route, from_device, &result).await
+        match self.bus.send_result(&route, from_device, &result).await {
+            DeliverAck::Unknown => Delivery::Unclaimed(result),
+            ack => Delivery::Answered(ack),
+        }
     }
 
     /// The replica holding the device's stream, if any.

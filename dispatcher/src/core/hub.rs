@@ -281,6 +281,11 @@ impl Hub {
         self.pending.lock().resolve(from_device, result)
     }
 
+    /// True while a dispatch of this replica waits for `call_id`.
+    pub fn is_pending(&self, call_id: &str) -> bool {
+        self.pending.lock().contains(call_id)
+    }
+
     // ---- credential cache ----
 
     pub fn cached_device(&self, token_hash: &[u8; 32]) -> Option<CachedDevice> {

@@ -14,5 +14,5 @@ pub mod hub;
 pub mod pending;
 
 pub use cache::CachedDevice;
-pub use dispatcher::{DeviceStream, DispatchRequest, Dispatcher};
+pub use dispatcher::{Delivery, DeviceStream, DispatchRequest, Dispatcher};
 pub use hub::{Close, Frame, Hub};

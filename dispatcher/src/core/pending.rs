@@ -31,6 +31,11 @@ impl PendingTable {
         self.calls.is_empty()
     }
 
+    /// True while a dispatch waits for `call_id`.
+    pub fn contains(&self, call_id: &str) -> bool {
+        self.calls.contains_key(call_id)
+    }
+
     /// Registers a dispatch to `device_id`; the receiver gets its result. False (and nothing
     /// registered) if the call id is already pending.
     pub fn insert(&mut self, call_id: &str, device_id: &str) -> Option<oneshot::Receiver<HostResult>> {

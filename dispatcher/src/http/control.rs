@@ -1,6 +1,8 @@
 //! The control API, for an app backend acting for one user: pairing codes, devices, calls and
 //! proposals. Owner scoping is enforced by the registry queries: another user's device or
-//! proposal is not found, exactly like one that does not exist.
+//! proposal is not found, exactly like one that does not exist. Lists come in pages
+//! (`limit`, `cursor`, answered with `next`); caps and quotas are the registry's, answered 413
+//! and 429 through [`ApiError`].
 
 use std::time::Duration;
 
@@ -21,7 +23,7 @@ use tracing::Instrument;
 use super::auth::UserCaller;
 use super::{ApiError, AppState, JsonBody};
 use crate::core::DispatchRequest;
-use crate::registry::{DeviceRecord, NewProposal};
+use crate::registry::{DeviceRecord, NewProposal, PageRequest};
 
 const MAX_TOOL_NAME_LEN: usize = 128;
 
@@ -53,10 +55,7 @@ async fn device_view(state: &AppState, record: DeviceRecord) -> Device {
             None
         }
     };
-    let (tools, roots) = match record.manifest {
-        Some(manifest) => (Some(manifest.tools), Some(manifest.roots)),
-        None => (None, None),
-    };
+    let tools = record.manifest.map(|manifest| manifest.tools);
     Device {
         id: record.id,
         name: record.name,
@@ -66,7 +65,8 @@ async fn device_view(state: &AppState, record: DeviceRecord) -> Device {
         created_at: record.created_at,
         last_seen_at: record.last_seen_at,
         tools,
-        roots,
+        roots: record.roots,
+        tool_count: record.tool_count,
     }
 }
 
@@ -90,11 +90,29 @@ async fn owned_device_id(state: &AppState, caller: &UserCaller, id: &str) -> Res
     Ok(record.id)
 }
 
-/// `GET /api/devices`.
-pub async fn list_devices(State(state): State<AppState>, caller: UserCaller) -> Result<Json<DeviceList>, ApiError> {
-    let records = state.registry.devices(&caller.user_id).await?;
-    let devices = join_all(records.into_iter().map(|record| device_view(&state, record))).await;
-    Ok(Json(DeviceList { devices }))
+#[derive(Debug, Deserialize)]
+pub struct DeviceListQuery {
+    limit: Option<String>,
+    cursor: Option<String>,
+    include: Option<String>,
+}
+
+/// `GET /api/devices?limit=&cursor=&include=tools`: a page, oldest first. Tools only when
+/// `include=tools`; roots and tool counts always.
+pub async fn list_devices(
+    State(state): State<AppState>,
+    caller: UserCaller,
+    Query(query): Query<DeviceListQuery>,
+) -> Result<Json<DeviceList>, ApiError> {
+    let request = PageRequest::parse(query.limit.as_deref(), query.cursor.as_deref())?;
+    let with_tools = match query.include.as_deref() {
+        None | Some("") => false,
+        Some("tools") => true,
+        Some(_) => return Err(ApiError::BadRequest("include: only `tools`".into())),
+    };
+    let page = state.registry.devices_page(&caller.user_id, &request, with_tools).await?;
+    let devices = join_all(page.items.into_iter().map(|record| device_view(&state, record))).await;
+    Ok(Json(DeviceList { devices, next: page.next.map(|cursor| cursor.encode()) }))
 }
 
 /// `GET /api/devices/{id}`.
@@ -226,9 +244,11 @@ pub async fn call_device(
 #[derive(Debug, Deserialize)]
 pub struct ProposalQuery {
     status: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
 }
 
-/// `GET /api/proposals?status=…`, newest first.
+/// `GET /api/proposals?status=&limit=&cursor=`: a page, newest first.
 pub async fn list_proposals(
     State(state): State<AppState>,
     caller: UserCaller,
@@ -240,8 +260,9 @@ pub async fn list_proposals(
             ApiError::BadRequest("status: one of pending, applying, applied, failed, rejected".into())
         })?),
     };
-    let proposals = state.registry.proposals(&caller.user_id, status).await?;
-    Ok(Json(ProposalList { proposals }))
+    let request = PageRequest::parse(query.limit.as_deref(), query.cursor.as_deref())?;
+    let page = state.registry.proposals_page(&caller.user_id, status, &request).await?;
+    Ok(Json(ProposalList { proposals: page.items, next: page.next.map(|cursor| cursor.encode()) }))
 }
 
 async fn owned_proposal(
@@ -281,36 +302,28 @@ pub async fn approve(
         return Err(not_pending(proposal.status));
     }
     // The conditional UPDATE is the lock: of any number of racing approvals, on any replicas,
-    // exactly one moves pending -> applying and pushes the call.
-    if !state
-        .registry
-        .transition_proposal(&proposal.id, ProposalStatus::Pending, ProposalStatus::Applying, None)
-        .await?
-    {
+    // exactly one moves pending -> applying and pushes the call. It records the call's id and
+    // deadline first, so that should this replica die waiting, the sweep fails the proposal
+    // and the device's late result still finds it.
+    let timeout = state.settings.storage.apply_timeout;
+    let call_id = state.dispatcher.new_call_id();
+    let deadline = chrono::Utc::now() + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
+    if !state.registry.begin_apply(&proposal.id, &call_id, deadline).await? {
         let now = state.registry.proposal(&caller.user_id, &proposal.id).await?;
         return Err(not_pending(now.map_or(ProposalStatus::Applying, |p| p.proposal.status)));
     }
-    let mut dispatch = DispatchRequest::new(
-        proposal.tool.clone(),
-        proposal.input.clone(),
-        Duration::from_millis(CALL_TIMEOUT_DEFAULT_MS),
-    );
+    let mut dispatch = DispatchRequest::new(proposal.tool.clone(), proposal.input.clone(), timeout);
     dispatch.mode = Some(CallMode::Apply);
     dispatch.preconditions = Some(stored.preconditions);
+    dispatch.call_id = Some(call_id.clone());
     let result = traced_dispatch(&state, "apply", &proposal.device_id, &headers, dispatch).await;
 
-    let next = if result.is_offline() {
-        // Nothing was pushed: the proposal may be approved again later.
-        ProposalStatus::Pending
-    } else if result.ok {
-        ProposalStatus::Applied
-    } else {
-        // Failed on the device, or timed out: it may or may not have applied, so it is
-        // never pushed a second time.
-        ProposalStatus::Failed
-    };
-    let recorded = if next == ProposalStatus::Pending { None } else { Some(&result) };
-    state.registry.transition_proposal(&proposal.id, ProposalStatus::Applying, next, recorded).await?;
+    // Offline: nothing was pushed, pending again. Timed out: failed, never pushed a second
+    // time (the device may have applied it; its late result may still say so). Otherwise the
+    // device's answer. A late result or the sweep may have recorded it first: theirs stands.
+    if state.registry.finish_apply(&proposal.id, &call_id, &result).await?.is_none() {
+        tracing::info!(proposal_id = %proposal.id, %call_id, "apply already recorded elsewhere");
+    }
     Ok((result_status(&result), Json(result)).into_response())
 }
 

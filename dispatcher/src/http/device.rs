@@ -1,4 +1,8 @@
 //! Device-facing routes: enrollment, the SSE stream, result posts and the manifest.
+//!
+//! A result that no replica waits for may still be a proposal's apply whose replica died or
+//! whose approval timed out: the registry records it then (`LateApply`), so the proposal shows
+//! what the device really did.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -18,8 +22,8 @@ use tracing::Instrument;
 
 use super::auth::DeviceCaller;
 use super::{ApiError, AppState, JsonBody};
-use crate::core::{Close, DeviceStream, Frame};
-use crate::registry::{EnrollOutcome, RegistryError};
+use crate::core::{Close, Delivery, DeviceStream, Frame};
+use crate::registry::{EnrollOutcome, LateApply, RegistryError};
 
 const MAX_NAME_LEN: usize = 200;
 
@@ -152,11 +156,30 @@ pub async fn result(
     // The agent posts under the call's trace context: the hand-over joins the dispatch's trace.
     let span = tracing::info_span!("api.result", device_id = %caller.device_id, call_id = %result.call_id);
     crate::telemetry::set_parent(&span, headers.get("traceparent").and_then(|v| v.to_str().ok()));
-    match state.dispatcher.deliver(&caller.device_id, result).instrument(span).await {
-        DeliverAck::Delivered => Ok(Json(Delivered { delivered: true }).into_response()),
-        DeliverAck::Forbidden => Err(ApiError::Forbidden("the call was dispatched to another device".into())),
-        DeliverAck::Unknown => Ok((StatusCode::NOT_FOUND, Json(Delivered { delivered: false })).into_response()),
+    match state.dispatcher.deliver_or_keep(&caller.device_id, result).instrument(span.clone()).await {
+        Delivery::Answered(DeliverAck::Delivered) => Ok(delivered(true)),
+        Delivery::Answered(DeliverAck::Forbidden) => Err(forbidden()),
+        Delivery::Answered(DeliverAck::Unknown) => Ok(delivered(false)),
+        // Nobody waits for it: it may be the apply of a proposal whose replica died or gave up.
+        Delivery::Unclaimed(late) => match state.registry.complete_late_apply(&caller.device_id, &late).await? {
+            LateApply::Recorded { proposal_id, status } => {
+                span.in_scope(|| tracing::info!(%proposal_id, status = status.as_str(), "late apply result recorded"));
+                Ok(delivered(true))
+            }
+            LateApply::OtherDevice => Err(forbidden()),
+            LateApply::Unknown => Ok(delivered(false)),
+        },
     }
+}
+
+/// `{"delivered": …}`: 200 when true, 404 when false.
+fn delivered(delivered: bool) -> Response {
+    let status = if delivered { StatusCode::OK } else { StatusCode::NOT_FOUND };
+    (status, Json(Delivered { delivered })).into_response()
+}
+
+fn forbidden() -> ApiError {
+    ApiError::Forbidden("the call was dispatched to another device".into())
 }
 
 /// `PUT /api/host/manifest`: the device's tools and roots.

@@ -9,7 +9,7 @@ use axum::Json;
 use protocol::ErrorBody;
 
 use crate::bus::BusError;
-use crate::registry::RegistryError;
+use crate::registry::{Limit, PageError, RegistryError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -25,8 +25,14 @@ pub enum ApiError {
     Conflict(String),
     #[error("request body larger than the limit")]
     PayloadTooLarge,
+    /// Something to store is over a size cap (413), with what and which cap.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("too many attempts; slow down")]
     TooManyRequests,
+    /// A per-user quota is reached (429), naming it.
+    #[error("{0}")]
+    OverQuota(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error")]
@@ -41,8 +47,8 @@ impl ApiError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
-            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            Self::PayloadTooLarge | Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::TooManyRequests | Self::OverQuota(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -62,8 +68,39 @@ impl From<RegistryError> for ApiError {
     fn from(error: RegistryError) -> Self {
         match error {
             RegistryError::NotFound => Self::NotFound,
+            RegistryError::OverLimit { limit, value, max } => over_limit(limit, value, max),
             other => Self::Internal(other.to_string()),
         }
+    }
+}
+
+/// The message of a cap or quota, naming the setting that sets it.
+fn over_limit(limit: Limit, value: u64, max: u64) -> ApiError {
+    match limit {
+        Limit::ManifestBytes => ApiError::TooLarge(format!(
+            "manifest too large: {value} bytes of JSON, over the limit of {max} (--max-manifest-bytes)"
+        )),
+        Limit::ManifestTools => {
+            ApiError::TooLarge(format!("manifest has {value} tools, over the limit of {max} tools"))
+        }
+        Limit::ProposalBytes => ApiError::TooLarge(format!(
+            "proposal too large to store: its input and plan are {value} bytes of JSON, over the limit of {max} \
+             (--max-proposal-bytes); nothing was stored"
+        )),
+        Limit::LivePairingCodes => ApiError::OverQuota(format!(
+            "too many live pairing codes: this user holds {value} unused, unexpired codes and the limit is {max} \
+             (--max-pairing-codes-per-user); use one or let one expire"
+        )),
+        Limit::DevicesPerUser => ApiError::OverQuota(format!(
+            "device limit reached: this user has {value} devices and the limit is {max} (--max-devices-per-user); \
+             revoke one to enroll another. The pairing code was not used: it stays valid until it expires"
+        )),
+    }
+}
+
+impl From<PageError> for ApiError {
+    fn from(error: PageError) -> Self {
+        Self::BadRequest(error.to_string())
     }
 }
 

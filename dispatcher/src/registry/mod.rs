@@ -3,16 +3,22 @@
 //! runs on SQLite (one replica, the embedded default) and PostgreSQL (every replica shares it),
 //! picked by the URL's scheme.
 //!
+//! It bounds what it stores: manifests and proposals have size caps, a user's live pairing codes
+//! and devices have quotas ([`Limits`]), lists come in pages cut to a byte budget, and
+//! [`Registry::delete_expired`] removes what is past keeping.
+//!
 //! It does not cache: the hot path's in-memory token and ownership cache, and its eviction on
 //! revocation, belong to the caller. It does not rate-limit enrollment attempts (the HTTP layer
-//! answers 429), speak HTTP, or talk to NATS.
+//! answers 429), speak HTTP, talk to NATS, or schedule its own upkeep (the janitor does).
 //!
 //! Layout:
 //! - `mod.rs`: [`Registry`], connecting, migrating, the error type and the shared helpers.
 //! - `secret.rs`: minting, normalizing, hashing and comparing tokens and pairing codes (pure).
 //! - `tokens.rs`: api tokens.
 //! - `devices.rs`: pairing codes, enrollment, devices.
-//! - `proposals.rs`: proposals and their one-way status transitions.
+//! - `proposals.rs`: proposals, their one-way status transitions, and the life of an apply
+//!   (its call, its deadline, the sweep of stuck applies, a late result).
+//! - `page.rs`: cursors and pages (pure), shared by every list.
 //! - `dispatcher/migrations/`: the schema, embedded in the binary and run at [`Registry::connect`].
 //!
 //! Portability: queries go through sqlx's Any driver with `$n` placeholders (both engines accept
@@ -21,6 +27,7 @@
 //! it holds across replicas, not just within one.
 
 mod devices;
+pub mod page;
 mod proposals;
 mod secret;
 mod tokens;
@@ -35,6 +42,8 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::Migrator;
 use sqlx::AnyPool;
 
+pub use page::{Cursor, Page, PageError, PageRequest};
+pub use proposals::{ApplyOutcome, LateApply};
 pub use secret::{API_TOKEN_PREFIX, DEVICE_TOKEN_PREFIX};
 
 /// The schema. `migrate!` embeds the files; a new file is picked up on the next rebuild of this
@@ -61,6 +70,83 @@ pub struct Registry {
     pool: AnyPool,
     engine: Engine,
     clock: Arc<Clock>,
+    limits: Limits,
+}
+
+/// What the registry agrees to store: size caps and per-user quotas. Every replica sharing a
+/// database should use the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest manifest, in bytes of JSON.
+    pub max_manifest_bytes: usize,
+    /// Most tools in a manifest.
+    pub max_manifest_tools: usize,
+    /// Largest proposal: its input and plan together, in bytes of JSON.
+    pub max_proposal_bytes: usize,
+    /// Most unused, unexpired pairing codes one user may hold.
+    pub max_live_pairing_codes: u64,
+    /// Most devices (not revoked) one user may have.
+    pub max_devices_per_user: u64,
+    /// A page of a list stops before this many bytes of stored rows (one row always goes).
+    pub max_page_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_manifest_bytes: 256 * 1024,
+            max_manifest_tools: 512,
+            max_proposal_bytes: 2 * 1024 * 1024,
+            max_live_pairing_codes: 50,
+            max_devices_per_user: 1000,
+            max_page_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+/// A cap or quota of [`Limits`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    ManifestBytes,
+    ManifestTools,
+    ProposalBytes,
+    LivePairingCodes,
+    DevicesPerUser,
+}
+
+impl Limit {
+    /// True for a quota of a user (try again later), false for a size cap (never fits).
+    pub fn is_quota(self) -> bool {
+        matches!(self, Self::LivePairingCodes | Self::DevicesPerUser)
+    }
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::ManifestBytes => "manifest bytes",
+            Self::ManifestTools => "manifest tools",
+            Self::ProposalBytes => "proposal bytes",
+            Self::LivePairingCodes => "live pairing codes per user",
+            Self::DevicesPerUser => "devices per user",
+        })
+    }
+}
+
+/// What [`Registry::delete_expired`] deletes: rows done with before these times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry {
+    /// Proposals applied, failed or rejected before this.
+    pub proposals_decided_before: DateTime<Utc>,
+    /// Pairing codes used, or expired, before this.
+    pub codes_done_before: DateTime<Utc>,
+}
+
+/// How many rows [`Registry::delete_expired`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Expired {
+    pub proposals: u64,
+    pub pairing_codes: u64,
 }
 
 /// What can go wrong in the registry, by kind.
@@ -81,6 +167,10 @@ pub enum RegistryError {
     /// An argument the registry cannot store (an empty user id, a non-UUID proposal id, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),
+    /// Storing this would pass a cap or quota of [`Limits`]: `value` against `max`. Nothing was
+    /// stored (for enrollment: the pairing code was not used).
+    #[error("{limit}: {value} is over the limit of {max}")]
+    OverLimit { limit: Limit, value: u64, max: u64 },
     /// A stored value could not be read back (bad JSON, an unknown status, a time out of range).
     #[error("stored data could not be read: {0}")]
     Corrupt(String),
@@ -102,7 +192,11 @@ pub struct DeviceRecord {
     pub platform: Option<String>,
     pub created_at: DateTime<Utc>,
     pub last_seen_at: Option<DateTime<Utc>>,
+    /// The last manifest; `None` when there is none, or in a list read without tools.
     pub manifest: Option<protocol::Manifest>,
+    /// The last manifest's roots and tool count (also in a list read without tools).
+    pub roots: Option<Vec<String>>,
+    pub tool_count: Option<usize>,
     pub revoked: bool,
 }
 
@@ -216,7 +310,17 @@ impl Registry {
             sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await?;
         }
         migrate(&pool, engine).await?;
-        Ok(Self { pool, engine, clock: Arc::new(Clock::default()) })
+        Ok(Self { pool, engine, clock: Arc::new(Clock::default()), limits: Limits::default() })
+    }
+
+    /// The same registry (sharing the pool) storing within `limits` instead of the defaults.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Succeeds when the database answers a trivial query (for `/readyz`).
@@ -238,6 +342,17 @@ impl Registry {
 
     fn now_ms(&self) -> i64 {
         self.clock.now_ms()
+    }
+
+    /// Deletes what is past keeping: proposals decided before `expiry.proposals_decided_before`
+    /// and pairing codes used or expired before `expiry.codes_done_before`, in small batches.
+    /// Nothing else: pending and applying proposals and live codes stay. Idempotent, and cheap
+    /// when there is nothing to delete (each DELETE walks an index).
+    pub async fn delete_expired(&self, expiry: Expiry) -> Result<Expired, RegistryError> {
+        Ok(Expired {
+            proposals: self.delete_decided_proposals(&expiry).await?,
+            pairing_codes: self.delete_done_pairing_codes(&expiry).await?,
+        })
     }
 }
 
@@ -264,6 +379,35 @@ async fn migrate(pool: &AnyPool, engine: Engine) -> Result<(), RegistryError> {
             Err(error) => return Err(error.into()),
         }
     }
+}
+
+/// Serializes one user's quota check and insert across replicas: on PostgreSQL an advisory
+/// lock held until the transaction ends, keyed by the quota's kind and the user; SQLite needs
+/// none (a write transaction holds the database's one write lock).
+async fn lock_user_quota(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    engine: Engine,
+    limit: Limit,
+    user_id: &str,
+) -> Result<(), RegistryError> {
+    if engine != Engine::Postgres {
+        return Ok(());
+    }
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{limit}\n{user_id}").as_bytes());
+    let mut key = [0u8; 8];
+    key.copy_from_slice(&digest[..8]);
+    // Read through COUNT: the lock function returns `void`, a type the Any driver cannot read.
+    let _: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM (SELECT pg_advisory_xact_lock($1)) AS locked")
+        .bind(i64::from_be_bytes(key))
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// A count or size as the `u64` of [`RegistryError::OverLimit`].
+fn as_u64(n: impl TryInto<u64>) -> u64 {
+    n.try_into().unwrap_or(u64::MAX)
 }
 
 /// A stored time back as a UTC time.

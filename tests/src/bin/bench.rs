@@ -126,6 +126,8 @@ impl Pair {
 
 /// Rounds the calls at 1 in flight are split into.
 const ROUNDS: u64 = 5;
+/// `--max-devices-per-user` of the replicas measured: the bench enrolls every device for one user.
+const MANY_DEVICES: u64 = 1_000_000;
 
 /// Every figure measured, for the targets at the end.
 #[derive(Debug, Default)]
@@ -741,7 +743,8 @@ async fn offline_figure(target: &CallTarget, control: &Control, base: &str, plan
 }
 
 async fn embedded(plan: &Plan, args: &Args, figures: &mut Figures, addresses: &mut Addresses) -> anyhow::Result<()> {
-    let dispatcher = Dispatcher::builder().start().await?;
+    // Thousands of devices of one user: past the default quota of devices per user.
+    let dispatcher = Dispatcher::builder().flag("--max-devices-per-user", MANY_DEVICES).start().await?;
     let base = dispatcher.base_url();
     let token = dispatcher.mint_token("bench").await?;
     let control = Control::new(base.clone(), token.clone());
@@ -784,7 +787,13 @@ fn check_swarm(swarm: &Swarm, figures: &mut Figures, what: &str) {
 }
 
 async fn cluster(plan: &Plan, args: &Args, figures: &mut Figures, addresses: &mut Addresses) -> anyhow::Result<()> {
-    let mut cluster = LocalCluster::builder().replicas(3).keepalive_secs(15).broker_grace_secs(5).start().await?;
+    let mut cluster = LocalCluster::builder()
+        .replicas(3)
+        .keepalive_secs(15)
+        .broker_grace_secs(5)
+        .configure(|_, builder| builder.flag("--max-devices-per-user", MANY_DEVICES))
+        .start()
+        .await?;
     let urls = cluster.urls();
     let token = cluster.token().to_owned();
     let control = cluster.control().clone();

@@ -402,6 +402,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             .nats_nodes(args.nats_nodes)
             .keepalive_secs(args.keepalive_secs)
             .broker_grace_secs(2)
+            // The swarm's devices all belong to one user: past the default quota of devices.
+            .configure(|_, builder| builder.flag("--max-devices-per-user", 1_000_000))
             .start()
             .await
             .context("starting the local cluster")?;
