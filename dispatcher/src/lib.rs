@@ -8,6 +8,8 @@
 //! - [`bus`]: how replicas reach each other: in-memory, or NATS.
 //! - [`registry`]: api tokens, pairing codes, devices and proposals in SQLite or PostgreSQL.
 //! - [`http`]: the axum handlers of the contract, one [`http::ApiError`].
+//! - [`service`]: what every door (REST, MCP) calls: dispatch a call for a user on a device,
+//!   approve a proposal for a user.
 //! - [`app`]: `app(state) -> Router`, composing the handlers with limits and timeouts.
 //! - [`config`]: the command line and environment.
 //! - [`cli`]: the operator CLI (`dispatcher pair | devices | call | …`), a client of the
@@ -26,4 +28,5 @@ pub mod core;
 pub mod http;
 pub mod registry;
 pub mod server;
+pub mod service;
 pub mod telemetry;

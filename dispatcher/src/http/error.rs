@@ -10,6 +10,7 @@ use protocol::ErrorBody;
 
 use crate::bus::BusError;
 use crate::registry::RegistryError;
+use crate::service::ServiceError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -63,6 +64,16 @@ impl From<RegistryError> for ApiError {
         match error {
             RegistryError::NotFound => Self::NotFound,
             other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(error: ServiceError) -> Self {
+        match error {
+            ServiceError::NotFound => Self::NotFound,
+            ServiceError::TooLarge => Self::PayloadTooLarge,
+            ServiceError::Registry(error) => error.into(),
         }
     }
 }
