@@ -99,6 +99,9 @@ pub struct ServeArgs {
     /// requests.
     #[arg(long, env = "DISPATCHER_HEADER_TIMEOUT_SECS", default_value_t = 30)]
     pub header_timeout_secs: u64,
+    /// How long an MCP `tools/call` waits for the device, in milliseconds (1 to 300000).
+    #[arg(long, env = "DISPATCHER_MCP_CALL_TIMEOUT_MS", default_value_t = protocol::CALL_TIMEOUT_DEFAULT_MS)]
+    pub mcp_call_timeout_ms: u64,
 }
 
 /// Validated settings of `dispatcher serve`.
@@ -115,6 +118,7 @@ pub struct Settings {
     pub drain_delay: Duration,
     pub broker_grace: Duration,
     pub header_timeout: Duration,
+    pub mcp_call_timeout: Duration,
 }
 
 impl ServeArgs {
@@ -157,6 +161,9 @@ impl ServeArgs {
         if self.header_timeout_secs == 0 {
             return Err("--header-timeout-secs: at least 1".into());
         }
+        if !(1..=protocol::CALL_TIMEOUT_MAX_MS).contains(&self.mcp_call_timeout_ms) {
+            return Err(format!("--mcp-call-timeout-ms: between 1 and {}", protocol::CALL_TIMEOUT_MAX_MS));
+        }
         Ok(Settings {
             listen,
             database_url: self.database.database_url.clone(),
@@ -169,6 +176,7 @@ impl ServeArgs {
             drain_delay: Duration::from_secs(self.drain_delay_secs),
             broker_grace: Duration::from_secs(self.broker_grace_secs),
             header_timeout: Duration::from_secs(self.header_timeout_secs),
+            mcp_call_timeout: Duration::from_millis(self.mcp_call_timeout_ms),
         })
     }
 }
@@ -189,6 +197,7 @@ impl Settings {
             drain_delay: Duration::ZERO,
             broker_grace: Duration::from_secs(5),
             header_timeout: Duration::from_secs(30),
+            mcp_call_timeout: Duration::from_millis(protocol::CALL_TIMEOUT_DEFAULT_MS),
         }
     }
 }
@@ -218,6 +227,7 @@ mod tests {
         assert_eq!(settings.max_body_bytes, 8_388_608);
         assert_eq!(settings.shutdown_grace, Duration::from_secs(20));
         assert!(settings.nats_url.is_none());
+        assert_eq!(settings.mcp_call_timeout, Duration::from_millis(30_000));
     }
 
     #[test]
@@ -231,6 +241,8 @@ mod tests {
             &["--replica-id", "has space"],
             &["--nats-url", ","],
             &["--keepalive-secs", "-1"],
+            &["--mcp-call-timeout-ms", "0"],
+            &["--mcp-call-timeout-ms", "300001"],
         ];
         for args in cases {
             assert!(parse(args).is_err(), "{args:?}");
