@@ -10,6 +10,7 @@
 //! - [`http`]: the axum handlers of the contract, one [`http::ApiError`].
 //! - [`service`]: what every door (REST, MCP) calls: dispatch a call for a user on a device,
 //!   approve a proposal for a user.
+//! - [`mcp`]: the MCP door, `/mcp/devices/{id}` (Streamable HTTP, JSON-RPC).
 //! - [`app`]: `app(state) -> Router`, composing the handlers with limits and timeouts.
 //! - [`config`]: the command line and environment.
 //! - [`cli`]: the operator CLI (`dispatcher pair | devices | call | …`), a client of the
@@ -26,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod core;
 pub mod http;
+pub mod mcp;
 pub mod registry;
 pub mod server;
 pub mod service;
