@@ -370,7 +370,8 @@ mod tests {
         let mut duplicated = good.clone();
         duplicated.duplicated = Some(METHOD_HEADER);
         let encoded = headers(Some(MODERN_VERSION), Some("tools/call"), Some("=?base64?cmVhZF9maWxl?="));
-        let cases: &[(&str, Option<Value>, &RoutingHeaders, Result<(), i64>)] = &[
+        type Case<'a> = (&'a str, Option<Value>, &'a RoutingHeaders, Result<(), i64>);
+        let cases: &[Case] = &[
             ("tools/call", Some(call.clone()), &good, Ok(())),
             ("tools/call", Some(call.clone()), &encoded, Ok(())),
             ("tools/call", None, &good, Err(INVALID_PARAMS)),
