@@ -45,7 +45,7 @@ pub enum ApproveOutcome {
     /// tool's failure). An offline apply left the proposal pending.
     Applied { result: HostResult, proposal: protocol::Proposal },
     /// The proposal was not pending (decided before, or being applied by another approval):
-    /// nothing was pushed. `result` is the recorded outcome of an earlier apply, if any.
+    /// nothing was pushed. `proposal.result` is the recorded outcome of an earlier apply, if any.
     NotPending { status: ProposalStatus, proposal: protocol::Proposal },
 }
 
