@@ -86,9 +86,30 @@ ensure_postgres() {
   say "PostgreSQL: accepting user postgres on 127.0.0.1:5432"
 }
 
+# The official MCP SDKs that tests/tests/mcp.rs drives as clients: Python's in a venv under
+# tests/mcp/.venv, TypeScript's from the lock file.
+ensure_mcp_clients() {
+  local dir=tests/mcp
+  if ! "$dir/.venv/bin/python" -c 'import mcp, httpx2' >/dev/null 2>&1; then
+    if ! python3 -m venv "$dir/.venv" >/dev/null 2>&1; then
+      apt_install python3-venv
+      python3 -m venv "$dir/.venv"
+    fi
+    say "pip install -r $dir/requirements.txt"
+    "$dir/.venv/bin/pip" install -q -r "$dir/requirements.txt"
+  fi
+  if [ ! -f "$dir/node_modules/@modelcontextprotocol/sdk/package.json" ]; then
+    command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+    say "npm ci --prefix $dir"
+    npm ci --prefix "$dir" --no-audit --no-fund
+  fi
+  say "MCP clients: Python mcp $("$dir/.venv/bin/python" -c 'import importlib.metadata as m; print(m.version("mcp"))'), TypeScript SDK installed"
+}
+
 if [ "${SKIP_SETUP:-0}" != 1 ]; then
   ensure_nats
   ensure_postgres
+  ensure_mcp_clients
 fi
 
 say "cargo build --workspace --all-targets"

@@ -18,6 +18,7 @@ use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::http::{control, device, ops, ApiError, AppState};
+use crate::mcp;
 
 /// Longest a request may take to be answered: the longest dispatch plus a margin. Streams
 /// answer at once and are not bound by it.
@@ -41,6 +42,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/devices/{id}/calls", post(control::call_device))
         .route("/api/proposals", get(control::list_proposals))
         .route("/api/proposals/{id}", get(control::get_proposal))
+        .route("/mcp/devices/{id}", post(mcp::post).get(mcp::method_not_allowed).delete(mcp::method_not_allowed))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

@@ -118,6 +118,9 @@ pub struct ServeArgs {
     /// --max-connections].
     #[arg(long, env = "DISPATCHER_MAX_CONNECTIONS_PER_IP")]
     pub max_connections_per_ip: Option<usize>,
+    /// How long an MCP `tools/call` waits for the device, in milliseconds (1 to 300000).
+    #[arg(long, env = "DISPATCHER_MCP_CALL_TIMEOUT_MS", default_value_t = protocol::CALL_TIMEOUT_DEFAULT_MS)]
+    pub mcp_call_timeout_ms: u64,
     #[command(flatten)]
     pub storage: StorageArgs,
 }
@@ -241,6 +244,7 @@ pub struct Settings {
     /// `None`: the overall cap.
     pub max_connections_per_ip: Option<usize>,
     pub storage: Storage,
+    pub mcp_call_timeout: Duration,
 }
 
 impl ServeArgs {
@@ -301,6 +305,9 @@ impl ServeArgs {
             }
         }
         let storage = self.storage.storage()?;
+        if !(1..=protocol::CALL_TIMEOUT_MAX_MS).contains(&self.mcp_call_timeout_ms) {
+            return Err(format!("--mcp-call-timeout-ms: between 1 and {}", protocol::CALL_TIMEOUT_MAX_MS));
+        }
         Ok(Settings {
             listen,
             database_url: self.database.database_url.clone(),
@@ -318,6 +325,7 @@ impl ServeArgs {
             max_connections: self.max_connections,
             max_connections_per_ip: self.max_connections_per_ip,
             storage,
+            mcp_call_timeout: Duration::from_millis(self.mcp_call_timeout_ms),
         })
     }
 }
@@ -343,6 +351,7 @@ impl Settings {
             max_connections: None,
             max_connections_per_ip: None,
             storage: Storage::default(),
+            mcp_call_timeout: Duration::from_millis(protocol::CALL_TIMEOUT_DEFAULT_MS),
         }
     }
 }
@@ -372,6 +381,7 @@ mod tests {
         assert_eq!(settings.max_body_bytes, 8_388_608);
         assert_eq!(settings.shutdown_grace, Duration::from_secs(20));
         assert!(settings.nats_url.is_none());
+        assert_eq!(settings.mcp_call_timeout, Duration::from_millis(30_000));
         assert_eq!(settings.connection_timeout, Duration::from_secs(10));
         assert_eq!(settings.idle_timeout, Duration::from_secs(60));
         assert_eq!((settings.max_connections, settings.max_connections_per_ip), (None, None));
@@ -440,6 +450,8 @@ mod tests {
             &["--apply-timeout-secs", "0"],
             &["--apply-timeout-secs", "301"],
             &["--stale-apply-secs", "0"],
+            &["--mcp-call-timeout-ms", "0"],
+            &["--mcp-call-timeout-ms", "300001"],
         ];
         for args in cases {
             assert!(parse(args).is_err(), "{args:?}");

@@ -9,6 +9,9 @@
 //! - [`registry`]: api tokens, pairing codes, devices and proposals in SQLite or PostgreSQL.
 //! - [`janitor`]: each replica's periodic upkeep of the database (stuck applies, expiry).
 //! - [`http`]: the axum handlers of the contract, one [`http::ApiError`].
+//! - [`service`]: what every door (REST, MCP) calls: dispatch a call for a user on a device,
+//!   approve a proposal for a user.
+//! - [`mcp`]: the MCP door, `/mcp/devices/{id}` (Streamable HTTP, JSON-RPC).
 //! - [`app`]: `app(state) -> Router`, composing the handlers with limits and timeouts.
 //! - [`listener`]: the serving loop: connection caps, timeouts, eviction and refusals.
 //! - [`config`]: the command line and environment.
@@ -28,6 +31,8 @@ pub mod core;
 pub mod http;
 pub mod listener;
 pub mod janitor;
+pub mod mcp;
 pub mod registry;
 pub mod server;
+pub mod service;
 pub mod telemetry;

@@ -12,18 +12,17 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::future::join_all;
 use protocol::{
-    CallMode, CallRequest, CallResponse, Device, DeviceList, HostResult, PairingCodeRequest, Plan, Proposal,
-    ProposalDecision, ProposalList, ProposalStatus, CALL_TIMEOUT_DEFAULT_MS, CALL_TIMEOUT_MAX_MS,
-    PAIRING_TTL_DEFAULT_SECS, PAIRING_TTL_MAX_SECS,
+    CallRequest, CallResponse, Device, DeviceList, HostResult, PairingCodeRequest, Proposal, ProposalDecision,
+    ProposalList, ProposalStatus, CALL_TIMEOUT_DEFAULT_MS, CALL_TIMEOUT_MAX_MS, PAIRING_TTL_DEFAULT_SECS,
+    PAIRING_TTL_MAX_SECS,
 };
 use serde::Deserialize;
 use serde_json::Value;
-use tracing::Instrument;
 
 use super::auth::UserCaller;
 use super::{ApiError, AppState, JsonBody};
-use crate::core::DispatchRequest;
-use crate::registry::{DeviceRecord, NewProposal, PageRequest};
+use crate::registry::{DeviceRecord, PageRequest};
+use crate::service::{self, ApproveOutcome, CallOutcome};
 
 const MAX_TOOL_NAME_LEN: usize = 128;
 
@@ -71,23 +70,7 @@ async fn device_view(state: &AppState, record: DeviceRecord) -> Device {
 }
 
 async fn owned_device(state: &AppState, caller: &UserCaller, id: &str) -> Result<DeviceRecord, ApiError> {
-    if !protocol::subject::is_uuid(id) {
-        return Err(ApiError::NotFound);
-    }
-    state.registry.device(&caller.user_id, id).await?.ok_or(ApiError::NotFound)
-}
-
-/// The id of `caller`'s live device `id`: from the hub's owner cache when it was looked up
-/// recently, so a dispatch touches no database (ARCHITECTURE.md, Storage); revocations evict
-/// it on every replica with the device's cached token.
-async fn owned_device_id(state: &AppState, caller: &UserCaller, id: &str) -> Result<String, ApiError> {
-    let hub = state.dispatcher.hub();
-    if hub.cached_owner(id).is_some_and(|owner| owner == caller.user_id) {
-        return Ok(id.to_owned());
-    }
-    let record = owned_device(state, caller, id).await?;
-    hub.cache_owner(record.id.clone(), record.owner);
-    Ok(record.id)
+    Ok(service::owned_device(state, &caller.user_id, id).await?)
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,37 +142,6 @@ fn caller_traceparent(headers: &HeaderMap) -> Option<String> {
     headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
 
-/// Dispatches in a span parented on the caller's trace; the call carries the span's context
-/// (or, when spans are not exported, the caller's own, or a new one) to the device, whose
-/// result POST comes back under it.
-async fn traced_dispatch(
-    state: &AppState,
-    kind: &'static str,
-    device_id: &str,
-    headers: &HeaderMap,
-    mut request: DispatchRequest,
-) -> HostResult {
-    let caller = caller_traceparent(headers);
-    let span = tracing::info_span!("api.dispatch", kind, device_id = %device_id, tool = %request.tool);
-    crate::telemetry::set_parent(&span, caller.as_deref());
-    request.traceparent = Some(crate::telemetry::traceparent_of(&span, caller.as_deref()));
-    state.metrics.observe_dispatch(state.dispatcher.dispatch(device_id, request)).instrument(span).await
-}
-
-/// A call must fit in one bus message (in cluster mode, NATS `max_payload`), with room to
-/// spare for the call's other fields: otherwise no replica could carry it to the device.
-fn fits_the_bus(state: &AppState, input: &Value) -> Result<(), ApiError> {
-    const ENVELOPE: usize = 4096;
-    let Some(limit) = state.dispatcher.bus().max_message_bytes() else {
-        return Ok(());
-    };
-    let size = serde_json::to_vec(input).map_or(usize::MAX, |bytes| bytes.len());
-    if size.saturating_add(ENVELOPE) > limit {
-        return Err(ApiError::PayloadTooLarge);
-    }
-    Ok(())
-}
-
 /// `POST /api/devices/{id}/calls`: run a tool; a mutation's proposal is stored.
 pub async fn call_device(
     State(state): State<AppState>,
@@ -213,30 +165,18 @@ pub async fn call_device(
     if !(1..=CALL_TIMEOUT_MAX_MS).contains(&timeout_ms) {
         return Err(ApiError::BadRequest(format!("timeoutMs: between 1 and {CALL_TIMEOUT_MAX_MS}")));
     }
-    let device_id = owned_device_id(&state, &caller, &id).await?;
-    fits_the_bus(&state, &request.input)?;
-    let dispatch = DispatchRequest::new(request.tool.clone(), request.input.clone(), Duration::from_millis(timeout_ms));
-    let result = traced_dispatch(&state, "call", &device_id, &headers, dispatch).await;
-
-    let mut proposal_id = None;
-    if result.ok && result.is_proposal() {
-        let plan = result.result.clone().unwrap_or(Value::Null);
-        let preconditions =
-            serde_json::from_value::<Plan>(plan.clone()).map(|p| p.preconditions).unwrap_or(Value::Null);
-        let stored = state
-            .registry
-            .create_proposal(NewProposal {
-                id: uuid::Uuid::new_v4().to_string(),
-                device_id: device_id.clone(),
-                owner: caller.user_id.clone(),
-                tool: request.tool,
-                input: request.input,
-                plan,
-                preconditions,
-            })
-            .await?;
-        proposal_id = Some(stored.id);
-    }
+    let timeout = Duration::from_millis(timeout_ms);
+    let traceparent = caller_traceparent(&headers);
+    let CallOutcome { result, proposal_id } = service::call_device(
+        &state,
+        &caller.user_id,
+        &id,
+        &request.tool,
+        request.input,
+        timeout,
+        traceparent.as_deref(),
+    )
+    .await?;
     let status = result_status(&result);
     Ok((status, Json(CallResponse { result, proposal_id })).into_response())
 }
@@ -296,34 +236,13 @@ pub async fn approve(
     headers: HeaderMap,
     JsonBody(decision): JsonBody<ProposalDecision>,
 ) -> Result<Response, ApiError> {
-    let stored = owned_proposal(&state, &caller, &decision.proposal_id).await?;
-    let proposal = stored.proposal;
-    if proposal.status != ProposalStatus::Pending {
-        return Err(not_pending(proposal.status));
-    }
-    // The conditional UPDATE is the lock: of any number of racing approvals, on any replicas,
-    // exactly one moves pending -> applying and pushes the call. It records the call's id and
-    // deadline first, so that should this replica die waiting, the sweep fails the proposal
-    // and the device's late result still finds it.
-    let timeout = state.settings.storage.apply_timeout;
-    let call_id = state.dispatcher.new_call_id();
-    let deadline = chrono::Utc::now() + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
-    if !state.registry.begin_apply(&proposal.id, &call_id, deadline).await? {
-        let now = state.registry.proposal(&caller.user_id, &proposal.id).await?;
-        return Err(not_pending(now.map_or(ProposalStatus::Applying, |p| p.proposal.status)));
-    }
-    let mut dispatch = DispatchRequest::new(proposal.tool.clone(), proposal.input.clone(), timeout);
-    dispatch.mode = Some(CallMode::Apply);
-    dispatch.preconditions = Some(stored.preconditions);
-    dispatch.call_id = Some(call_id.clone());
-    let result = traced_dispatch(&state, "apply", &proposal.device_id, &headers, dispatch).await;
-
-    // Offline: nothing was pushed, pending again. Timed out: failed, never pushed a second
-    // time (the device may have applied it; its late result may still say so). Otherwise the
-    // device's answer. A late result or the sweep may have recorded it first: theirs stands.
-    if state.registry.finish_apply(&proposal.id, &call_id, &result).await?.is_none() {
-        tracing::info!(proposal_id = %proposal.id, %call_id, "apply already recorded elsewhere");
-    }
+    let traceparent = caller_traceparent(&headers);
+    let result = match service::approve_proposal(&state, &caller.user_id, &decision.proposal_id, traceparent.as_deref())
+        .await?
+    {
+        ApproveOutcome::Applied { result, .. } => result,
+        ApproveOutcome::NotPending { status, .. } => return Err(not_pending(status)),
+    };
     Ok((result_status(&result), Json(result)).into_response())
 }
 

@@ -10,6 +10,7 @@ use protocol::ErrorBody;
 
 use crate::bus::BusError;
 use crate::registry::{Limit, PageError, RegistryError};
+use crate::service::ServiceError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -101,6 +102,16 @@ fn over_limit(limit: Limit, value: u64, max: u64) -> ApiError {
 impl From<PageError> for ApiError {
     fn from(error: PageError) -> Self {
         Self::BadRequest(error.to_string())
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(error: ServiceError) -> Self {
+        match error {
+            ServiceError::NotFound => Self::NotFound,
+            ServiceError::TooLarge => Self::PayloadTooLarge,
+            ServiceError::Registry(error) => error.into(),
+        }
     }
 }
 
