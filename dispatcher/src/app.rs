@@ -17,7 +17,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::http::{control, device, ops, ApiError, AppState};
+use crate::http::{control, device, events, ops, ApiError, AppState};
 
 /// Longest a request may take to be answered: the longest dispatch plus a margin. Streams
 /// answer at once and are not bound by it.
@@ -41,6 +41,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/devices/{id}/calls", post(control::call_device))
         .route("/api/proposals", get(control::list_proposals))
         .route("/api/proposals/{id}", get(control::get_proposal))
+        .route("/api/events", get(events::events))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

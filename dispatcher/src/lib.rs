@@ -8,6 +8,8 @@
 //! - [`bus`]: how replicas reach each other: in-memory, or NATS.
 //! - [`registry`]: api tokens, pairing codes, devices and proposals in SQLite or PostgreSQL.
 //! - [`http`]: the axum handlers of the contract, one [`http::ApiError`].
+//! - [`events`]: the live events of the control API: what is published when a device or a
+//!   proposal changes, and this replica's listeners.
 //! - [`app`]: `app(state) -> Router`, composing the handlers with limits and timeouts.
 //! - [`config`]: the command line and environment.
 //! - [`cli`]: the operator CLI (`dispatcher pair | devices | call | …`), a client of the
@@ -23,6 +25,7 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod core;
+pub mod events;
 pub mod http;
 pub mod registry;
 pub mod server;

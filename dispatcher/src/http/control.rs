@@ -21,6 +21,7 @@ use tracing::Instrument;
 use super::auth::UserCaller;
 use super::{ApiError, AppState, JsonBody};
 use crate::core::DispatchRequest;
+use crate::events;
 use crate::registry::{DeviceRecord, NewProposal};
 
 const MAX_TOOL_NAME_LEN: usize = 128;
@@ -45,7 +46,7 @@ pub async fn create_pairing_code(
 }
 
 /// A registry record with its cluster-wide presence.
-async fn device_view(state: &AppState, record: DeviceRecord) -> Device {
+pub(crate) async fn device_view(state: &AppState, record: DeviceRecord) -> Device {
     let holder = match state.dispatcher.is_online(&record.id).await {
         Ok(holder) => holder,
         Err(error) => {
@@ -113,6 +114,7 @@ pub async fn delete_device(
     caller: UserCaller,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    let record = owned_device(&state, &caller, &id).await?;
     if !protocol::subject::is_uuid(&id) || !state.registry.revoke_device(&caller.user_id, &id).await? {
         return Err(ApiError::NotFound);
     }
@@ -122,6 +124,7 @@ pub async fn delete_device(
         tracing::error!(device_id = %id, %error, "revoked in the registry, but the cluster could not be told");
     }
     tracing::info!(device_id = %id, "device revoked");
+    events::device_revoked(&state, &caller.user_id, record);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -217,6 +220,7 @@ pub async fn call_device(
                 preconditions,
             })
             .await?;
+        events::proposal_changed(&state, &caller.user_id, &stored).await;
         proposal_id = Some(stored.id);
     }
     let status = result_status(&result);
@@ -290,6 +294,7 @@ pub async fn approve(
         let now = state.registry.proposal(&caller.user_id, &proposal.id).await?;
         return Err(not_pending(now.map_or(ProposalStatus::Applying, |p| p.proposal.status)));
     }
+    events::proposal_reloaded(&state, &caller.user_id, &proposal.id).await;
     let mut dispatch = DispatchRequest::new(
         proposal.tool.clone(),
         proposal.input.clone(),
@@ -311,6 +316,7 @@ pub async fn approve(
     };
     let recorded = if next == ProposalStatus::Pending { None } else { Some(&result) };
     state.registry.transition_proposal(&proposal.id, ProposalStatus::Applying, next, recorded).await?;
+    events::proposal_reloaded(&state, &caller.user_id, &proposal.id).await;
     Ok((result_status(&result), Json(result)).into_response())
 }
 
@@ -332,5 +338,7 @@ pub async fn reject(
         let now = owned_proposal(&state, &caller, &decision.proposal_id).await?;
         return Err(not_pending(now.proposal.status));
     }
-    Ok(Json(owned_proposal(&state, &caller, &decision.proposal_id).await?.proposal))
+    let rejected = owned_proposal(&state, &caller, &decision.proposal_id).await?.proposal;
+    events::proposal_changed(&state, &caller.user_id, &rejected).await;
+    Ok(Json(rejected))
 }
