@@ -42,6 +42,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/proposals", get(control::list_proposals))
         .route("/api/proposals/{id}", get(control::get_proposal))
         .route("/api/events", get(events::events))
+        .merge(crate::ui::routes())
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

@@ -10,6 +10,7 @@
 //! - [`http`]: the axum handlers of the contract, one [`http::ApiError`].
 //! - [`events`]: the live events of the control API: what is published when a device or a
 //!   proposal changes, and this replica's listeners.
+//! - [`ui`]: the admin page at `/ui`, its assets compiled in.
 //! - [`app`]: `app(state) -> Router`, composing the handlers with limits and timeouts.
 //! - [`config`]: the command line and environment.
 //! - [`cli`]: the operator CLI (`dispatcher pair | devices | call | …`), a client of the
@@ -30,3 +31,4 @@ pub mod http;
 pub mod registry;
 pub mod server;
 pub mod telemetry;
+pub mod ui;
