@@ -376,6 +376,7 @@ async fn the_page_and_its_assets_are_served_locked_down() {
     // revalidation is a 304; nothing anywhere points at another origin.
     let mut names = vec!["style.css".to_owned(), "app.js".to_owned()];
     let mut seen = Vec::new();
+    let mut etags = Vec::new();
     while let Some(name) = names.pop() {
         if seen.contains(&name) {
             continue;
@@ -387,7 +388,9 @@ async fn the_page_and_its_assets_are_served_locked_down() {
         assert_eq!(header(&response, "content-type"), want, "{name}");
         assert_eq!(header(&response, "content-security-policy"), CSP, "{name}");
         let etag = header(&response, "etag").to_owned();
-        assert!(etag.starts_with('"'), "{name}: {etag:?}");
+        assert!(etag.len() == 26 && etag.starts_with('"') && etag.ends_with('"'), "{name}: {etag:?}");
+        assert!(!etags.contains(&etag), "{name}: {etag} is another asset's");
+        etags.push(etag.clone());
         let text = response.text().await.unwrap();
         for line in text.lines().filter(|l| l.starts_with("import ")) {
             let module = line.rsplit_once("'./").expect("a relative import").1.trim_end_matches("';");

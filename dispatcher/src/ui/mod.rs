@@ -37,7 +37,7 @@ pub struct Asset {
 const JS: &str = "text/javascript; charset=utf-8";
 
 /// Every file of the page. `index.html` is served at `/ui`, the others at `/ui/assets/{name}`.
-pub const ASSETS: &[Asset] = &[
+pub static ASSETS: &[Asset] = &[
     Asset { name: "index.html", content_type: "text/html; charset=utf-8", body: include_bytes!("assets/index.html") },
     Asset { name: "style.css", content_type: "text/css; charset=utf-8", body: include_bytes!("assets/style.css") },
     Asset { name: "app.js", content_type: JS, body: include_bytes!("assets/app.js") },
