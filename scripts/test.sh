@@ -3,6 +3,9 @@
 # PostgreSQL accepting user postgres on 127.0.0.1:5432 without a password), then builds every
 # target and runs every test of the workspace.
 #
+# The page suite (tests/tests/ui.rs) also needs Node.js 20+, Debian's chromium and the
+# playwright-core of tests/ui (npm ci); no browser is ever downloaded.
+#
 # Works on a fresh Debian machine as root with apt reachable; on a prepared machine it installs
 # and changes nothing. Safe to run again and again.
 #
@@ -106,10 +109,31 @@ ensure_mcp_clients() {
   say "MCP clients: Python mcp $("$dir/.venv/bin/python" -c 'import importlib.metadata as m; print(m.version("mcp"))'), TypeScript SDK installed"
 }
 
+ensure_browser() {
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    apt_install nodejs npm
+  fi
+  local major
+  major=$(node -p 'process.versions.node.split(".")[0]')
+  if [ "$major" -lt 20 ]; then
+    echo "error: node $(node --version) is too old for playwright-core; install Node.js 20 or newer" >&2
+    exit 1
+  fi
+  if [ ! -x /usr/bin/chromium ]; then
+    apt_install chromium
+  fi
+  if [ ! -d tests/ui/node_modules/playwright-core ]; then
+    say "npm ci in tests/ui"
+    (cd tests/ui && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund)
+  fi
+  say "browser: $(/usr/bin/chromium --version 2>/dev/null | head -n 1), node $(node --version)"
+}
+
 if [ "${SKIP_SETUP:-0}" != 1 ]; then
   ensure_nats
   ensure_postgres
   ensure_mcp_clients
+  ensure_browser
 fi
 
 say "cargo build --workspace --all-targets"

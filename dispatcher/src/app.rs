@@ -17,7 +17,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::http::{control, device, ops, ApiError, AppState};
+use crate::http::{control, device, events, ops, ApiError, AppState};
 use crate::mcp;
 
 /// Longest a request may take to be answered: the longest dispatch plus a margin. Streams
@@ -43,6 +43,8 @@ pub fn app(state: AppState) -> Router {
         .route("/api/proposals", get(control::list_proposals))
         .route("/api/proposals/{id}", get(control::get_proposal))
         .route("/mcp/devices/{id}", post(mcp::post).get(mcp::method_not_allowed).delete(mcp::method_not_allowed))
+        .route("/api/events", get(events::events))
+        .merge(crate::ui::routes())
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

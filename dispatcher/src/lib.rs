@@ -12,6 +12,9 @@
 //! - [`service`]: what every door (REST, MCP) calls: dispatch a call for a user on a device,
 //!   approve a proposal for a user.
 //! - [`mcp`]: the MCP door, `/mcp/devices/{id}` (Streamable HTTP, JSON-RPC).
+//! - [`events`]: the live events of the control API: what is published when a device or a
+//!   proposal changes, and this replica's listeners.
+//! - [`ui`]: the admin page at `/ui`, its assets compiled in.
 //! - [`app`]: `app(state) -> Router`, composing the handlers with limits and timeouts.
 //! - [`listener`]: the serving loop: connection caps, timeouts, eviction and refusals.
 //! - [`config`]: the command line and environment.
@@ -28,6 +31,7 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod core;
+pub mod events;
 pub mod http;
 pub mod listener;
 pub mod janitor;
@@ -36,3 +40,4 @@ pub mod registry;
 pub mod server;
 pub mod service;
 pub mod telemetry;
+pub mod ui;

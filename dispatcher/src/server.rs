@@ -61,6 +61,7 @@ pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Resul
     };
     tokio::spawn(hub.clone().watch_stalls(settings.keepalive, cancel.child_token()));
     tokio::spawn(crate::janitor::run(registry.clone(), settings.storage.clone(), cancel.child_token()));
+    let events = crate::events::EventHub::start(&bus, cancel.child_token());
     tracing::info!(
         replica = %settings.replica_id,
         bus = bus.kind(),
@@ -74,6 +75,7 @@ pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Resul
         metrics: Arc::new(Metrics::new()),
         draining: Arc::new(AtomicBool::new(false)),
         enroll_limiter: Arc::new(RateLimiter::new(ENROLL_BURST, ENROLL_REFILL)),
+        events,
     })
 }
 
@@ -134,6 +136,7 @@ async fn drain_on(shutdown: CancellationToken, state: AppState, stop_accepting: 
     tokio::time::sleep(state.settings.drain_delay).await;
     let hub = state.dispatcher.hub();
     let closed = hub.close_all(Close::Reconnect(ReconnectReason::Shutdown));
+    state.events.close_all();
     tracing::info!(closed, pending = hub.pending_calls(), "streams closed with reconnect");
     let deadline = tokio::time::Instant::now() + state.settings.shutdown_grace;
     while hub.pending_calls() > 0 && tokio::time::Instant::now() < deadline {

@@ -135,6 +135,7 @@ pub async fn call_device(
                 preconditions,
             })
             .await?;
+        crate::events::proposal_changed(state, user_id, &stored).await;
         proposal_id = Some(stored.id);
     }
     Ok(CallOutcome { result, proposal_id })
@@ -178,6 +179,7 @@ pub async fn approve_proposal(
         let now = now.unwrap_or(protocol::Proposal { status: ProposalStatus::Applying, ..proposal });
         return Ok(ApproveOutcome::NotPending { status: now.status, proposal: now });
     }
+    crate::events::proposal_reloaded(state, user_id, &proposal.id).await;
     let mut dispatch = DispatchRequest::new(proposal.tool.clone(), proposal.input.clone(), timeout);
     dispatch.mode = Some(CallMode::Apply);
     dispatch.preconditions = Some(stored.preconditions);
@@ -190,5 +192,6 @@ pub async fn approve_proposal(
     if state.registry.finish_apply(&proposal.id, &call_id, &result).await?.is_none() {
         tracing::info!(proposal_id = %proposal.id, %call_id, "apply already recorded elsewhere");
     }
+    crate::events::proposal_reloaded(state, user_id, &proposal.id).await;
     Ok(ApproveOutcome::Applied { result, proposal })
 }

@@ -12,10 +12,12 @@
 //!   proposals, pairing codes, errors).
 //! - [`tool`]: [`ToolDescriptor`], [`ToolClass`], [`Manifest`] and the mutation [`Plan`].
 //! - [`sse`]: event names and payloads of the device stream.
+//! - [`events`]: frames of the control API's live events and the message carrying them.
 //! - [`subject`]: the NATS subject scheme and message headers of cluster mode.
 
 pub mod api;
 pub mod call;
+pub mod events;
 pub mod sse;
 pub mod subject;
 pub mod tool;

@@ -10,6 +10,7 @@
 //! | `{p}.result.{route}` | the one replica whose route tag is `{route}` | request: a [`crate::HostResult`], header [`HEADER_DEVICE_ID`]; reply: a [`DeliverAck`]. No responders: 404. |
 //! | `{p}.revoked` | every replica | [`Revoked`]: close the stream, fail the device's pending calls, evict cached tokens. |
 //! | `{p}.presence.all` | every replica | request (scatter-gather): each replica answers its [`HeldDevices`]. |
+//! | `{p}.events.{user}` | every replica, once, as `{p}.events.*` | [`crate::events::UserEvent`]: one user's device or proposal change, for that user's listeners on every replica. `{user}` is [`crate::events::user_token`] (user ids are not safe tokens). Core NATS, best effort: a listener that reconnects gets a fresh snapshot. |
 //!
 //! Two departures from a per-call result subject, each saving messages on the hot path:
 //!
@@ -21,6 +22,12 @@
 //!   takes a new tag, so results for its dead dispatches find no responders: 404.
 //! - **Presence and takeover share one subscription** per held device (`control`), next to
 //!   the queue-group `call` subscription: two subscriptions a device stream in all.
+//!
+//! Events (`GET /api/events`) use one subscription per replica, `{p}.events.*`, and fan out in
+//! the process to that replica's listeners: no per-listener subscription, so a page opening or
+//! closing costs the broker nothing, and a user's event is one message whatever the number of
+//! listeners. The per-user subject token keeps the traffic readable and would let a replica
+//! subscribe per user should the cluster grow past what one wildcard carries.
 //!
 //! Fencing: every stream gets an epoch, larger than any the accepting replica has seen for
 //! that device. A takeover carries the new epoch; a holder with a smaller one closes its stream

@@ -14,6 +14,7 @@
 //! - [`device`]: [`device::TestDevice`], a small device speaking the contract over HTTP, and
 //!   [`device::Control`], the control API as an app backend uses it.
 //! - [`sse`]: a minimal Server-Sent-Events frame parser that keeps comment lines.
+//! - [`events`]: [`events::EventStream`], a listener of `GET /api/events`.
 //! - [`swarm`]: thousands of simulated devices in one process, for the measurement tools.
 //! - [`load`]: a load generator (closed and open loop) with latency percentiles.
 //! - [`cluster`]: [`cluster::LocalCluster`], NATS, a database and N dispatcher replicas as one.
@@ -24,6 +25,7 @@
 pub mod bin;
 pub mod cluster;
 pub mod device;
+pub mod events;
 pub mod load;
 pub mod nats;
 pub mod postgres;

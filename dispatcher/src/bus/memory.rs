@@ -1,23 +1,28 @@
 //! The in-memory bus: one replica, no broker. Every "remote" replica is this one, so each
-//! operation is a direct call on the local [`Hub`].
+//! operation is a direct call on the local [`Hub`]; events go through a broadcast channel to
+//! this replica's listeners.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use protocol::events::UserEvent;
 use protocol::subject::{route_tag, CallAck, DeliverAck, Holder};
 use protocol::{HostCall, HostResult};
 
-use super::{Bus, BusError, Health, Hub, Routed};
+use tokio::sync::broadcast;
+
+use super::{Bus, BusError, Health, Hub, Routed, EVENTS_CAPACITY};
 
 #[derive(Debug, Clone)]
 pub struct MemoryBus {
     hub: Arc<Hub>,
+    events: broadcast::Sender<Arc<UserEvent>>,
 }
 
 impl MemoryBus {
     pub fn new(hub: Arc<Hub>) -> Self {
-        Self { hub }
+        Self { hub, events: broadcast::channel(EVENTS_CAPACITY).0 }
     }
 }
 
@@ -58,6 +63,16 @@ impl Bus for MemoryBus {
     async fn revoke(&self, device_id: &str) -> Result<(), BusError> {
         self.hub.revoke(device_id);
         Ok(())
+    }
+
+    async fn publish_event(&self, event: &UserEvent) -> Result<(), BusError> {
+        // No receiver (nobody listens yet) is not a failure.
+        let _ = self.events.send(Arc::new(event.clone()));
+        Ok(())
+    }
+
+    fn subscribe_events(&self) -> broadcast::Receiver<Arc<UserEvent>> {
+        self.events.subscribe()
     }
 
     fn health(&self) -> Health {

@@ -10,7 +10,10 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
+use protocol::events::UserEvent;
 use protocol::subject::{DeliverAck, Holder};
 use protocol::{HostCall, HostResult};
 
@@ -34,6 +37,9 @@ pub enum Routed {
     /// No answer in time, or the broker is unreachable: worth another try until the deadline.
     Unreachable,
 }
+
+/// Events a replica buffers for its fan-out before the slowest reader misses some.
+pub const EVENTS_CAPACITY: usize = 4096;
 
 /// Whether the bus can route right now (readiness).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +83,15 @@ pub trait Bus: Send + Sync + 'static {
     /// Revoke `device_id` on every replica: close its stream, fail its pending calls, evict its
     /// cached token. Acts on the local hub too.
     async fn revoke(&self, device_id: &str) -> Result<(), BusError>;
+
+    /// Publishes one user's event to the listeners of every replica, this one's included.
+    /// Best effort, like core NATS: an event lost on the way is made good by the snapshot a
+    /// listener gets when it reconnects.
+    async fn publish_event(&self, event: &UserEvent) -> Result<(), BusError>;
+
+    /// The events published from now on, by any replica (this one's included). A receiver that
+    /// falls more than [`EVENTS_CAPACITY`] behind misses events (`Lagged`).
+    fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<Arc<UserEvent>>;
 
     fn health(&self) -> Health;
 

@@ -23,6 +23,7 @@ use super::auth::UserCaller;
 use super::{ApiError, AppState, JsonBody};
 use crate::registry::{DeviceRecord, PageRequest};
 use crate::service::{self, ApproveOutcome, CallOutcome};
+use crate::events;
 
 const MAX_TOOL_NAME_LEN: usize = 128;
 
@@ -46,7 +47,7 @@ pub async fn create_pairing_code(
 }
 
 /// A registry record with its cluster-wide presence.
-async fn device_view(state: &AppState, record: DeviceRecord) -> Device {
+pub(crate) async fn device_view(state: &AppState, record: DeviceRecord) -> Device {
     let holder = match state.dispatcher.is_online(&record.id).await {
         Ok(holder) => holder,
         Err(error) => {
@@ -114,6 +115,7 @@ pub async fn delete_device(
     caller: UserCaller,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    let record = owned_device(&state, &caller, &id).await?;
     if !protocol::subject::is_uuid(&id) || !state.registry.revoke_device(&caller.user_id, &id).await? {
         return Err(ApiError::NotFound);
     }
@@ -123,6 +125,7 @@ pub async fn delete_device(
         tracing::error!(device_id = %id, %error, "revoked in the registry, but the cluster could not be told");
     }
     tracing::info!(device_id = %id, "device revoked");
+    events::device_revoked(&state, &caller.user_id, record);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -264,5 +267,7 @@ pub async fn reject(
         let now = owned_proposal(&state, &caller, &decision.proposal_id).await?;
         return Err(not_pending(now.proposal.status));
     }
-    Ok(Json(owned_proposal(&state, &caller, &decision.proposal_id).await?.proposal))
+    let rejected = owned_proposal(&state, &caller, &decision.proposal_id).await?.proposal;
+    events::proposal_changed(&state, &caller.user_id, &rejected).await;
+    Ok(Json(rejected))
 }

@@ -23,6 +23,7 @@ use tracing::Instrument;
 use super::auth::DeviceCaller;
 use super::{ApiError, AppState, JsonBody};
 use crate::core::{Close, Delivery, DeviceStream, Frame};
+use crate::events;
 use crate::registry::{EnrollOutcome, LateApply, RegistryError};
 
 const MAX_NAME_LEN: usize = 200;
@@ -49,6 +50,7 @@ pub async fn enroll(State(state): State<AppState>, request: Request) -> Result<R
     match state.registry.enroll(&code, name, platform.as_deref()).await? {
         EnrollOutcome::Enrolled(enrolled) => {
             tracing::info!(device_id = %enrolled.device_id, "device enrolled");
+            events::device_enrolled(&state, &enrolled.token);
             Ok((StatusCode::CREATED, Json(enrolled)).into_response())
         }
         EnrollOutcome::Refused => Err(ApiError::Unauthorized),
@@ -78,8 +80,10 @@ pub async fn stream(State(state): State<AppState>, caller: DeviceCaller) -> Resu
     };
     let stream = state.dispatcher.connect(&caller.device_id, epoch).await?;
     tracing::info!(device_id = %caller.device_id, epoch, "stream opened");
+    events::device_changed(&state, &caller.owner, &caller.device_id);
     let ready = Ready { device_id: caller.device_id.clone(), replica: state.settings.replica_id.clone() };
-    let events = frames(ready, stream, StreamEnd { state: state.clone(), device_id: caller.device_id });
+    let events =
+        frames(ready, stream, StreamEnd { state: state.clone(), device_id: caller.device_id, owner: caller.owner });
     let keepalive = KeepAlive::new().interval(state.settings.keepalive).text(sse::KEEPALIVE_COMMENT);
     Ok(Sse::new(events).keep_alive(keepalive).into_response())
 }
@@ -88,12 +92,15 @@ pub async fn stream(State(state): State<AppState>, caller: DeviceCaller) -> Resu
 struct StreamEnd {
     state: AppState,
     device_id: String,
+    owner: String,
 }
 
 impl Drop for StreamEnd {
     fn drop(&mut self) {
+        let state = self.state.clone();
         let registry = self.state.registry.clone();
         let device_id = std::mem::take(&mut self.device_id);
+        let owner = std::mem::take(&mut self.owner);
         tracing::info!(%device_id, "stream closed");
         // A draining replica closes every stream at once, and its devices reconnect elsewhere
         // (which records them as seen): no burst of writes on the way out.
@@ -105,6 +112,8 @@ impl Drop for StreamEnd {
                 if let Err(error) = registry.touch_device(&device_id).await {
                     tracing::warn!(%device_id, %error, "could not record last seen");
                 }
+                // Offline, unless the device already holds a stream elsewhere.
+                events::device_changed(&state, &owner, &device_id);
             });
         }
     }
@@ -164,6 +173,7 @@ pub async fn result(
         Delivery::Unclaimed(late) => match state.registry.complete_late_apply(&caller.device_id, &late).await? {
             LateApply::Recorded { proposal_id, status } => {
                 span.in_scope(|| tracing::info!(%proposal_id, status = status.as_str(), "late apply result recorded"));
+                events::proposal_reloaded(&state, &caller.owner, &proposal_id).await;
                 Ok(delivered(true))
             }
             LateApply::OtherDevice => Err(forbidden()),
@@ -195,5 +205,6 @@ pub async fn manifest(
         Err(RegistryError::NotFound) => return Err(ApiError::Unauthorized),
         other => other?,
     }
+    events::device_changed(&state, &caller.owner, &caller.device_id);
     Ok(StatusCode::NO_CONTENT)
 }

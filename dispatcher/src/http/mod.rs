@@ -1,5 +1,5 @@
 //! The HTTP API of CONTRACT.md: device-facing routes ([`device`]), the control API
-//! ([`control`]) and operations ([`ops`]). Handlers extract, call the core or the registry,
+//! ([`control`]), its live events ([`events`]) and operations ([`ops`]). Handlers extract, call the core or the registry,
 //! and map the outcome to a response; [`ApiError`] is the one error type.
 
 use std::sync::atomic::AtomicBool;
@@ -14,6 +14,7 @@ pub mod auth;
 pub mod control;
 pub mod device;
 pub mod error;
+pub mod events;
 pub mod limit;
 pub mod ops;
 
@@ -29,6 +30,8 @@ pub struct AppState {
     /// Set when a graceful shutdown began: readiness fails, new streams are refused.
     pub draining: Arc<AtomicBool>,
     pub enroll_limiter: Arc<limit::RateLimiter>,
+    /// This replica's listeners of `GET /api/events`.
+    pub events: Arc<crate::events::EventHub>,
 }
 
 impl std::fmt::Debug for AppState {

@@ -5,6 +5,8 @@
 //! - `{p}.result.{tag}`: results for the calls this replica dispatched ([`Hub::resolve`]);
 //! - `{p}.revoked`: revocations from any replica ([`Hub::revoke`]);
 //! - `{p}.presence.all`: the scatter-gather of online devices ([`Hub::held_devices`]);
+//! - `{p}.events.*`: every user's events, handed to this replica's listeners through
+//!   [`Bus::subscribe_events`];
 //! - its own reply inbox ([`inbox`]), which answers every request this bus makes;
 //! - per held device, `{p}.device.{id}.call` in queue group `holders` ([`Hub::push`]) and
 //!   `{p}.device.{id}.control` (takeovers, presence), in one task per device.
@@ -30,18 +32,20 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use parking_lot::Mutex;
+use protocol::events::UserEvent;
 use protocol::subject::{
     is_uuid, route_tag, CallAck, Control, DeliverAck, HeldDevices, Holder, Revoked, Subjects, HEADER_DEVICE_ID,
     HEADER_TRACEPARENT, HOLDERS_QUEUE,
 };
 use protocol::{HostCall, HostResult};
 use serde::Serialize;
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use self::inbox::Inbox;
-use super::{Bus, BusError, Health, Hub, Routed};
+use super::{Bus, BusError, Health, Hub, Routed, EVENTS_CAPACITY};
 
 /// Longest a fire-and-forget publish (a reply, a takeover, a revocation) may wait for room in
 /// the client's command queue, which fills while the broker is unreachable.
@@ -106,6 +110,8 @@ struct Shared {
     held: Mutex<HashMap<String, Held>>,
     options: NatsOptions,
     cancel: CancellationToken,
+    /// Users' events from `{p}.events.*`, for this replica's listeners.
+    events: broadcast::Sender<Arc<UserEvent>>,
 }
 
 #[derive(Debug)]
@@ -189,6 +195,7 @@ impl NatsBus {
             held: Mutex::default(),
             options,
             cancel: cancel.clone(),
+            events: broadcast::channel(EVENTS_CAPACITY).0,
         });
 
         let route = route_tag(shared.hub.route_tag());
@@ -196,12 +203,14 @@ impl NatsBus {
         let results = shared.subscribe(shared.subjects.result(&route)).await?;
         let revoked = shared.subscribe(shared.subjects.revoked()).await?;
         let presence = shared.subscribe(shared.subjects.presence_all()).await?;
+        let events = shared.subscribe(shared.subjects.all_user_events()).await?;
         tokio::spawn(serve(shared.clone(), inbox, cancel.clone(), |shared, message| async move {
             shared.inbox.route(message);
         }));
         tokio::spawn(serve(shared.clone(), results, cancel.clone(), Shared::on_result));
         tokio::spawn(serve(shared.clone(), revoked, cancel.clone(), Shared::on_revoked));
         tokio::spawn(serve(shared.clone(), presence, cancel.clone(), Shared::on_presence_all));
+        tokio::spawn(serve(shared.clone(), events, cancel.clone(), Shared::on_user_event));
         tokio::spawn(link::watch(shared.clone(), events_rx, shared.options.broker_grace, cancel.clone()));
         // Server URLs may carry credentials: log how many, not what.
         tracing::info!(replica = %shared.replica, route = %route, servers = server_count, "NATS bus started");
@@ -281,6 +290,25 @@ impl Bus for NatsBus {
 
     async fn revoke(&self, device_id: &str) -> Result<(), BusError> {
         self.shared.revoke(device_id).await
+    }
+
+    async fn publish_event(&self, event: &UserEvent) -> Result<(), BusError> {
+        let payload = encode(event).map_err(|error| BusError::Malformed(error.to_string()))?;
+        let max_payload = self.shared.client.max_payload();
+        if payload.len() + HEADER_ROOM > max_payload {
+            return Err(BusError::Malformed(format!(
+                "an event of {} bytes exceeds NATS max_payload ({max_payload} bytes)",
+                payload.len()
+            )));
+        }
+        self.shared
+            .publish(self.shared.subjects.user_events(&event.user_id), payload)
+            .await
+            .map_err(|failure| BusError::Unavailable(format!("event: {failure}")))
+    }
+
+    fn subscribe_events(&self) -> broadcast::Receiver<Arc<UserEvent>> {
+        self.shared.events.subscribe()
     }
 
     fn max_message_bytes(&self) -> Option<usize> {
@@ -686,6 +714,15 @@ impl Shared {
                 }
             }
             Err(error) => tracing::warn!(%error, "malformed revocation"),
+        }
+    }
+
+    /// `{p}.events.*`: a user's event, for this replica's listeners.
+    async fn on_user_event(self: Arc<Self>, message: Message) {
+        match serde_json::from_slice::<UserEvent>(&message.payload) {
+            // No receiver (no listener task yet) is not a failure.
+            Ok(event) => drop(self.events.send(Arc::new(event))),
+            Err(error) => tracing::warn!(%error, "malformed user event"),
         }
     }
 
