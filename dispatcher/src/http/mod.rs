@@ -1,6 +1,6 @@
 //! The HTTP API of CONTRACT.md: device-facing routes ([`device`]), the control API
-//! ([`control`]) and operations ([`ops`]). Handlers extract, call the core or the registry,
-//! and map the outcome to a response; [`ApiError`] is the one error type.
+//! ([`control`]) and operations ([`ops`]), described by [`openapi`]. Handlers extract, call the
+//! core or the registry, and map the outcome to a response; [`ApiError`] is the one error type.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -15,6 +15,7 @@ pub mod control;
 pub mod device;
 pub mod error;
 pub mod limit;
+pub mod openapi;
 pub mod ops;
 
 pub use error::ApiError;
