@@ -50,9 +50,11 @@ pub async fn create_pairing_code(
     caller: UserCaller,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    // No body, and a JSON `null`, take the defaults.
+    // No body, and a JSON `null`, take the defaults; otherwise an object.
     let request: PairingCodeRequest = if body.iter().all(u8::is_ascii_whitespace) {
         PairingCodeRequest::default()
+    } else if !super::is_json_object(&body) && body.trim_ascii() != b"null" {
+        return Err(ApiError::BadRequest("expected a JSON object {ttlSeconds?}, or no body".into()));
     } else {
         serde_json::from_slice::<Option<PairingCodeRequest>>(&body)
             .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
