@@ -428,6 +428,7 @@ mod tests {
             last_seen_at: last_seen.map(at),
             tools: None,
             roots: None,
+            tool_count: None,
         }
     }
 

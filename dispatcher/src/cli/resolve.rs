@@ -65,6 +65,7 @@ mod tests {
             last_seen_at: None,
             tools: None,
             roots: None,
+            tool_count: None,
         }
     }
 
