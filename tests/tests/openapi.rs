@@ -25,10 +25,10 @@ fn requirements() -> PathBuf {
     workspace_root().join("tests/openapi/requirements.txt")
 }
 
-/// Runs `python3 args…`, failing the test with a clear message when python or the module is
-/// not there.
-async fn python(args: &[&str], module: &str) -> Output {
-    let output = tokio::process::Command::new("python3").args(args).output().await.unwrap_or_else(|e| {
+/// Runs `python3 args…` in `dir` (where the tools leave their caches), failing the test with a
+/// clear message when python or the module is not there.
+async fn python(dir: &std::path::Path, args: &[&str], module: &str) -> Output {
+    let output = tokio::process::Command::new("python3").args(args).current_dir(dir).output().await.unwrap_or_else(|e| {
         panic!("python3 is needed for the OpenAPI checks and could not be run ({e}); install python3, then `python3 -m pip install -r {}`", requirements().display())
     });
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -122,7 +122,7 @@ async fn document_validates_and_names_every_route() {
     let file = dir.path().join("openapi.json");
     std::fs::write(&file, &text).expect("write");
     let file = file.display().to_string();
-    let output = python(&["-m", "openapi_spec_validator", &file], "openapi_spec_validator").await;
+    let output = python(dir.path(), &["-m", "openapi_spec_validator", &file], "openapi_spec_validator").await;
     assert!(output.status.success(), "openapi-spec-validator refused the document:\n{}", show(&output));
     assert!(String::from_utf8_lossy(&output.stdout).contains("OK"), "{}", show(&output));
 }
@@ -156,7 +156,7 @@ async fn schemathesis_finds_no_server_error_and_no_drift() {
         "--report-dir",
         &report.path().display().to_string(),
     ];
-    let output = python(&args, "schemathesis").await;
+    let output = python(report.path(), &args, "schemathesis").await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
