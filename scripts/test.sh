@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command: makes sure what the suites need is there (nats-server, a
-# PostgreSQL accepting user postgres on 127.0.0.1:5432 without a password), then builds every
-# target and runs every test of the workspace.
+# PostgreSQL accepting user postgres on 127.0.0.1:5432 without a password, the Python tools of
+# tests/openapi/requirements.txt), then builds every target and runs every test of the workspace.
 #
 # The page suite (tests/tests/ui.rs) also needs Node.js 20+, Debian's chromium and the
 # playwright-core of tests/ui (npm ci); no browser is ever downloaded.
@@ -129,11 +129,33 @@ ensure_browser() {
   say "browser: $(/usr/bin/chromium --version 2>/dev/null | head -n 1), node $(node --version)"
 }
 
+# The OpenAPI suite (tests/tests/openapi.rs) runs openapi-spec-validator and Schemathesis.
+ensure_openapi_tools() {
+  local requirements=tests/openapi/requirements.txt
+  if ! command -v python3 >/dev/null 2>&1; then
+    apt_install python3 python3-pip
+  fi
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    apt_install python3-pip
+  fi
+  if ! python3 - "$requirements" <<'PY' 2>/dev/null; then
+import sys
+from importlib.metadata import version
+pins = [l.split("==") for l in open(sys.argv[1]) if "==" in l and not l.startswith("#")]
+sys.exit(0 if all(version(name.strip()) == want.strip() for name, want in pins) else 1)
+PY
+    say "python3 -m pip install -r $requirements"
+    python3 -m pip install -q -r "$requirements" || python3 -m pip install -q --break-system-packages -r "$requirements"
+  fi
+  say "OpenAPI tools: $(python3 -m pip freeze 2>/dev/null | grep -iE '^(schemathesis|openapi-spec-validator)==' | tr '\n' ' ')"
+}
+
 if [ "${SKIP_SETUP:-0}" != 1 ]; then
   ensure_nats
   ensure_postgres
   ensure_mcp_clients
   ensure_browser
+  ensure_openapi_tools
 fi
 
 say "cargo build --workspace --all-targets"

@@ -17,7 +17,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::http::{control, device, events, ops, ApiError, AppState};
+use crate::http::{control, device, events, openapi, ops, ApiError, AppState};
 use crate::mcp;
 
 /// Longest a request may take to be answered: the longest dispatch plus a margin. Streams
@@ -48,6 +48,7 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
         .fallback(|| async { ApiError::NotFound })
         .with_state(state)
         .layer(DefaultBodyLimit::disable())

@@ -959,3 +959,51 @@ async fn lists_are_paged_and_storage_is_capped(c: Cluster) {
     assert_eq!(rest["devices"][0]["name"], "third");
     assert!(rest.get("next").is_none(), "{rest}");
 }
+
+/// What Schemathesis found against `/openapi.json`, fixed: bodies must be JSON objects (serde
+/// would read a struct from an array of its fields), whole numbers may be written `5.0`, a
+/// `null` pairing body takes the defaults, and lengths are counted in characters.
+#[tokio::test]
+async fn bodies_as_the_openapi_document_describes() {
+    let c = embedded().await;
+    let base = c.stream_url().to_owned();
+    let http = reqwest::Client::new();
+    let token = c.control.token.clone();
+    let unknown = "00000000-0000-4000-8000-000000000000";
+    let post = |path: String, body: &'static str| {
+        http.post(format!("{base}{path}"))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let cases: Vec<(String, &str, u16)> = vec![
+        ("/api/pairing-codes".into(), "[]", 400),
+        ("/api/pairing-codes".into(), "[60]", 400),
+        ("/api/pairing-codes".into(), "null", 201),
+        ("/api/pairing-codes".into(), r#"{"ttlSeconds": 60.0}"#, 201),
+        ("/api/pairing-codes".into(), r#"{"ttlSeconds": 60.5}"#, 400),
+        ("/api/host/enroll".into(), r#"["AAAA-BBBB-CCCC", "laptop"]"#, 400),
+        ("/api/host/approve".into(), r#"["00000000-0000-4000-8000-000000000000"]"#, 400),
+        ("/api/host/reject".into(), "[]", 400),
+        (format!("/api/devices/{unknown}/calls"), r#"{"tool": "t", "input": {}, "timeoutMs": 1000.0}"#, 404),
+        (format!("/api/devices/{unknown}/calls"), r#"{"tool": "t", "input": {}, "timeoutMs": 1000.5}"#, 400),
+    ];
+    for (path, body, want) in cases {
+        let response = post(path.clone(), body).await.expect("request");
+        assert_eq!(response.status().as_u16(), want, "POST {path} {body}");
+        if want == 400 {
+            let error: Value = response.json().await.expect("JSON error body");
+            assert!(error["error"].as_str().is_some_and(|e| !e.is_empty()), "{error}");
+        }
+    }
+    // 200 characters of two bytes each: within the documented maxLength of the name.
+    let code = c.control.pairing_code().await.expect("code");
+    let name = "é".repeat(200);
+    let (status, body) = TestDevice::enroll_raw(&base, &json!({"code": code, "name": name})).await.expect("enroll");
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let code = c.control.pairing_code().await.expect("code");
+    let (status, _) =
+        TestDevice::enroll_raw(&base, &json!({"code": code, "name": "é".repeat(201)})).await.expect("enroll");
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}

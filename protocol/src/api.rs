@@ -20,21 +20,27 @@ pub const REPLICA_HEADER: &str = "x-replica-id";
 
 /// Every error response: `{"error": "<human-readable message>"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub error: String,
 }
 
 /// `POST /api/host/enroll`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct EnrollRequest {
     pub code: String,
+    /// Shown to the user; surrounding blanks are trimmed and it must not be blank.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 200, pattern = r"\S"))]
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(max_length = 200))]
     pub platform: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct EnrollResponse {
     pub device_id: String,
@@ -43,19 +49,24 @@ pub struct EnrollResponse {
 
 /// `POST /api/host/result` answers `{"delivered": bool}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Delivered {
     pub delivered: bool,
 }
 
 /// `POST /api/pairing-codes`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct PairingCodeRequest {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Lifetime of the code; default [`PAIRING_TTL_DEFAULT_SECS`], at most [`PAIRING_TTL_MAX_SECS`].
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole_number")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86400))]
     pub ttl_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct PairingCode {
     pub code: String,
@@ -66,6 +77,7 @@ pub struct PairingCode {
 /// `GET /api/devices` leaves `tools` out unless asked (`?include=tools`); `toolCount` and
 /// `roots` are always there once the device sent a manifest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Device {
     pub id: String,
@@ -89,6 +101,7 @@ pub struct Device {
 /// `GET /api/devices?limit=&cursor=&include=tools`: one page, oldest first; `next` is the
 /// cursor of the next page when there is one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeviceList {
     pub devices: Vec<Device>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -97,17 +110,23 @@ pub struct DeviceList {
 
 /// `POST /api/devices/{id}/calls`. A `mode` field is refused: only the server applies.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct CallRequest {
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 128))]
     pub tool: String,
     pub input: Value,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// How long to wait for the device; default [`CALL_TIMEOUT_DEFAULT_MS`], at most
+    /// [`CALL_TIMEOUT_MAX_MS`].
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole_number")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 300000))]
     pub timeout_ms: Option<u64>,
 }
 
 /// The answer of a dispatch: the [`HostResult`], plus the id of the stored proposal when the
 /// result is one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct CallResponse {
     #[serde(flatten)]
@@ -118,6 +137,7 @@ pub struct CallResponse {
 
 /// Where a proposal is in its life. Only `pending` may be approved or rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ProposalStatus {
     Pending,
@@ -152,6 +172,7 @@ impl ProposalStatus {
 
 /// A stored mutation awaiting (or past) its user's decision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Proposal {
     pub id: String,
@@ -172,6 +193,7 @@ pub struct Proposal {
 /// `GET /api/proposals?status=&limit=&cursor=`: one page, newest first; `next` is the cursor
 /// of the next page when there is one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProposalList {
     pub proposals: Vec<Proposal>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -180,7 +202,53 @@ pub struct ProposalList {
 
 /// `POST /api/host/approve` and `POST /api/host/reject`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ProposalDecision {
     pub proposal_id: String,
+}
+
+/// An optional whole number that JSON may write either way, `5` or `5.0` (JSON Schema calls
+/// both an integer); a fraction, a negative or anything else is refused.
+fn whole_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    use serde::de::Error;
+    let Some(number) = Option::<serde_json::Number>::deserialize(deserializer)? else {
+        return Ok(None);
+    };
+    if let Some(whole) = number.as_u64() {
+        return Ok(Some(whole));
+    }
+    match number.as_f64() {
+        // Below 2^53 every whole f64 is exact.
+        Some(float) if float.fract() == 0.0 && (0.0..9_007_199_254_740_992.0).contains(&float) => {
+            Ok(Some(float as u64))
+        }
+        _ => Err(D::Error::custom(format!("expected a whole number from 0, got {number}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_numbers_either_way() {
+        let cases: &[(&str, Option<Option<u64>>)] = &[
+            (r#"{"tool":"t","input":null}"#, Some(None)),
+            (r#"{"tool":"t","input":null,"timeoutMs":null}"#, Some(None)),
+            (r#"{"tool":"t","input":null,"timeoutMs":5}"#, Some(Some(5))),
+            (r#"{"tool":"t","input":null,"timeoutMs":262145.0}"#, Some(Some(262_145))),
+            (r#"{"tool":"t","input":null,"timeoutMs":0.5}"#, None),
+            (r#"{"tool":"t","input":null,"timeoutMs":-1}"#, None),
+            (r#"{"tool":"t","input":null,"timeoutMs":-1.0}"#, None),
+            (r#"{"tool":"t","input":null,"timeoutMs":1e300}"#, None),
+            (r#"{"tool":"t","input":null,"timeoutMs":"5"}"#, None),
+        ];
+        for (json, want) in cases {
+            let got = serde_json::from_str::<CallRequest>(json).ok().map(|r| r.timeout_ms);
+            assert_eq!(got, *want, "{json}");
+        }
+        let ttl = serde_json::from_str::<PairingCodeRequest>(r#"{"ttlSeconds":60.0}"#).expect("whole float");
+        assert_eq!(ttl.ttl_seconds, Some(60));
+    }
 }

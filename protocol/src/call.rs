@@ -11,6 +11,7 @@ pub const ERROR_DEVICE_TIMED_OUT: &str = "device timed out";
 
 /// How a device runs a call. Absent means [`CallMode::Auto`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum CallMode {
     /// Reads and actions run; a mutation answers with its proposal and changes nothing.
@@ -21,6 +22,7 @@ pub enum CallMode {
 
 /// A tool call dispatched from the server down to one device.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct HostCall {
     /// Generated server-side per call; opaque to the device.
@@ -54,6 +56,7 @@ impl HostCall {
 
 /// A device's answer to a [`HostCall`], or one of the two server-made failures.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct HostResult {
     pub call_id: String,

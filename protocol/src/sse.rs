@@ -20,6 +20,7 @@ pub const KEEPALIVE_COMMENT: &str = "keepalive";
 
 /// Data of the `ready` frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Ready {
     pub device_id: String,
@@ -28,6 +29,7 @@ pub struct Ready {
 
 /// Data of the `reconnect` frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Reconnect {
     pub reason: ReconnectReason,
@@ -35,6 +37,7 @@ pub struct Reconnect {
 
 /// Why a replica asks its devices to go elsewhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum ReconnectReason {
     /// Graceful shutdown (SIGTERM, rolling restart).

@@ -6,6 +6,7 @@ use serde_json::Value;
 
 /// How a tool is run: reads and actions on arrival, mutations through propose and apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ToolClass {
     Read,
@@ -15,6 +16,7 @@ pub enum ToolClass {
 
 /// An MCP-shaped description of one tool.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ToolDescriptor {
     pub name: String,
@@ -26,6 +28,7 @@ pub struct ToolDescriptor {
 
 /// The body of `PUT /api/host/manifest`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Manifest {
     pub tools: Vec<ToolDescriptor>,
@@ -36,6 +39,7 @@ pub struct Manifest {
 
 /// A mutation's proposal: the `result` of a [`crate::HostResult`] whose `proposal` is true.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Plan {
     pub tool: String,

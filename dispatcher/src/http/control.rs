@@ -16,8 +16,10 @@ use protocol::{
     ProposalList, ProposalStatus, CALL_TIMEOUT_DEFAULT_MS, CALL_TIMEOUT_MAX_MS, PAIRING_TTL_DEFAULT_SECS,
     PAIRING_TTL_MAX_SECS,
 };
+use protocol::{ErrorBody, PairingCode};
 use serde::Deserialize;
 use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
 
 use super::auth::UserCaller;
 use super::{ApiError, AppState, JsonBody};
@@ -28,15 +30,35 @@ use crate::events;
 const MAX_TOOL_NAME_LEN: usize = 128;
 
 /// `POST /api/pairing-codes`. The body is optional.
+#[utoipa::path(
+    post,
+    path = "/api/pairing-codes",
+    tag = "control",
+    security(("apiToken" = [])),
+    request_body(content = Option<PairingCodeRequest>, description = "Optional; an empty body takes the defaults"),
+    responses(
+        (status = 201, description = "A new single-use pairing code", body = PairingCode),
+        (status = 400, description = "Malformed body, or ttlSeconds out of range", body = ErrorBody),
+        (status = 401, description = "Missing, bad or revoked api token", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 413, description = "Body over the limit", body = ErrorBody),
+        (status = 429, description = "The user holds too many live pairing codes", body = ErrorBody),
+    ),
+)]
 pub async fn create_pairing_code(
     State(state): State<AppState>,
     caller: UserCaller,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    // No body, and a JSON `null`, take the defaults; otherwise an object.
     let request: PairingCodeRequest = if body.iter().all(u8::is_ascii_whitespace) {
         PairingCodeRequest::default()
+    } else if !super::is_json_object(&body) && body.trim_ascii() != b"null" {
+        return Err(ApiError::BadRequest("expected a JSON object {ttlSeconds?}, or no body".into()));
     } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
+        serde_json::from_slice::<Option<PairingCodeRequest>>(&body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
+            .unwrap_or_default()
     };
     let ttl = request.ttl_seconds.unwrap_or(PAIRING_TTL_DEFAULT_SECS);
     if !(1..=PAIRING_TTL_MAX_SECS).contains(&ttl) {
@@ -74,15 +96,40 @@ async fn owned_device(state: &AppState, caller: &UserCaller, id: &str) -> Result
     Ok(service::owned_device(state, &caller.user_id, id).await?)
 }
 
-#[derive(Debug, Deserialize)]
+/// `tools`: the only thing a device list may include.
+#[derive(Debug, Clone, Copy, ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum DeviceInclude {
+    Tools,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DeviceListQuery {
+    /// Devices per page, 1 to 500 (default 100).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 500)]
     limit: Option<String>,
+    /// The previous page's `next`, as it was handed out.
     cursor: Option<String>,
+    /// `tools` to include each device's tool descriptors.
+    #[param(value_type = Option<DeviceInclude>)]
     include: Option<String>,
 }
 
 /// `GET /api/devices?limit=&cursor=&include=tools`: a page, oldest first. Tools only when
 /// `include=tools`; roots and tool counts always.
+#[utoipa::path(
+    get,
+    path = "/api/devices",
+    tag = "control",
+    security(("apiToken" = [])),
+    params(DeviceListQuery),
+    responses(
+        (status = 200, description = "A page of the user's devices, oldest first", body = DeviceList),
+        (status = 400, description = "A bad limit, cursor or include", body = ErrorBody),
+        (status = 401, description = "Missing, bad or revoked api token", body = ErrorBody),
+    ),
+)]
 pub async fn list_devices(
     State(state): State<AppState>,
     caller: UserCaller,
@@ -100,6 +147,18 @@ pub async fn list_devices(
 }
 
 /// `GET /api/devices/{id}`.
+#[utoipa::path(
+    get,
+    path = "/api/devices/{id}",
+    tag = "control",
+    security(("apiToken" = [])),
+    params(("id" = String, Path, description = "The device id")),
+    responses(
+        (status = 200, description = "The device", body = Device),
+        (status = 401, description = "Missing, bad or revoked api token", body = ErrorBody),
+        (status = 404, description = "No such device or proposal of this user", body = ErrorBody),
+    ),
+)]
 pub async fn get_device(
     State(state): State<AppState>,
     caller: UserCaller,
@@ -110,6 +169,18 @@ pub async fn get_device(
 }
 
 /// `DELETE /api/devices/{id}`: revoke, cluster-wide.
+#[utoipa::path(
+    delete,
+    path = "/api/devices/{id}",
+    tag = "control",
+    security(("apiToken" = [])),
+    params(("id" = String, Path, description = "The device id")),
+    responses(
+        (status = 204, description = "Revoked: its token is refused and its stream closed, wherever it is"),
+        (status = 401, description = "Missing, bad or revoked api token", body = ErrorBody),
+        (status = 404, description = "No such device or proposal of this user", body = ErrorBody),
+    ),
+)]
 pub async fn delete_device(
     State(state): State<AppState>,
     caller: UserCaller,
@@ -146,6 +217,24 @@ fn caller_traceparent(headers: &HeaderMap) -> Option<String> {
 }
 
 /// `POST /api/devices/{id}/calls`: run a tool; a mutation's proposal is stored.
+#[utoipa::path(
+    post,
+    path = "/api/devices/{id}/calls",
+    tag = "control",
+    security(("apiToken" = [])),
+    params(("id" = String, Path, description = "The device id")),
+    request_body = CallRequest,
+    responses(
+        (status = 200, description = "The device's answer; a mutation's proposal carries `proposalId`", body = CallResponse),
+        (status = 400, description = "Malformed body, a `mode` field, or tool or timeoutMs out of range", body = ErrorBody),
+        (status = 401, description = "Missing, bad or revoked api token", body = ErrorBody),
+        (status = 404, description = "No such device or proposal of this user", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 413, description = "Body over the limit, input too large for the bus, or a proposal too large to store", body = ErrorBody),
+        (status = 503, description = "`device offline`: the device holds no stream anywhere", body = CallResponse),
+        (status = 504, description = "`device timed out`: no answer before timeoutMs", body = CallResponse),
+    ),
+)]
 pub async fn call_device(
     State(state): State<AppState>,
     caller: UserCaller,
@@ -161,7 +250,7 @@ pub async fn call_device(
     }
     let request: CallRequest =
         serde_json::from_value(body).map_err(|e| ApiError::BadRequest(format!("invalid call: {e}")))?;
-    if request.tool.is_empty() || request.tool.len() > MAX_TOOL_NAME_LEN {
+    if !(1..=MAX_TOOL_NAME_LEN).contains(&request.tool.chars().count()) {
         return Err(ApiError::BadRequest(format!("tool: 1 to {MAX_TOOL_NAME_LEN} characters")));
     }
     let timeout_ms = request.timeout_ms.unwrap_or(CALL_TIMEOUT_DEFAULT_MS);
@@ -184,14 +273,32 @@ pub async fn call_device(
     Ok((status, Json(CallResponse { result, proposal_id })).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ProposalQuery {
+    /// Only proposals in this state.
+    #[param(value_type = Option<ProposalStatus>)]
     status: Option<String>,
+    /// Proposals per page, 1 to 500 (default 100).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 500)]
     limit: Option<String>,
+    /// The previous page's `next`, as it was handed out.
     cursor: Option<String>,
 }
 
 /// `GET /api/proposals?status=&limit=&cursor=`: a page, newest first.
+#[utoipa::path(
+    get,
+    path = "/api/proposals",
+    tag = "control",
+    security(("apiToken" = [])),
+    params(ProposalQuery),
+    responses(
+        (status = 200, description = "A page of the user's proposals, newest first", body = ProposalList),
+        (status = 400, description = "A bad status, limit or cursor", body = ErrorBody),
+        (status = 401, description = "Missing, bad or revoked api token", body = ErrorBody),
+    ),
+)]
 pub async fn list_proposals(
     State(state): State<AppState>,
     caller: UserCaller,
@@ -220,6 +327,18 @@ async fn owned_proposal(
 }
 
 /// `GET /api/proposals/{id}`.
+#[utoipa::path(
+    get,
+    path = "/api/proposals/{id}",
+    tag = "control",
+    security(("apiToken" = [])),
+    params(("id" = String, Path, description = "The proposal id")),
+    responses(
+        (status = 200, description = "The proposal", body = Proposal),
+        (status = 401, description = "Missing, bad or revoked api token", body = ErrorBody),
+        (status = 404, description = "No such device or proposal of this user", body = ErrorBody),
+    ),
+)]
 pub async fn get_proposal(
     State(state): State<AppState>,
     caller: UserCaller,
@@ -233,6 +352,24 @@ fn not_pending(status: ProposalStatus) -> ApiError {
 }
 
 /// `POST /api/host/approve`: apply a pending proposal once, with the stored input.
+#[utoipa::path(
+    post,
+    path = "/api/host/approve",
+    tag = "control",
+    security(("apiToken" = [])),
+    request_body = ProposalDecision,
+    responses(
+        (status = 200, description = "The device's answer to the apply", body = HostResult),
+        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 401, description = "Missing, bad or revoked api token", body = ErrorBody),
+        (status = 404, description = "No such device or proposal of this user", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 409, description = "The proposal is not pending (applying, applied, failed or rejected)", body = ErrorBody),
+        (status = 413, description = "Body over the limit", body = ErrorBody),
+        (status = 503, description = "`device offline`: nothing was pushed, the proposal stays pending", body = HostResult),
+        (status = 504, description = "`device timed out`: the proposal is failed and never pushed again", body = HostResult),
+    ),
+)]
 pub async fn approve(
     State(state): State<AppState>,
     caller: UserCaller,
@@ -250,6 +387,22 @@ pub async fn approve(
 }
 
 /// `POST /api/host/reject`.
+#[utoipa::path(
+    post,
+    path = "/api/host/reject",
+    tag = "control",
+    security(("apiToken" = [])),
+    request_body = ProposalDecision,
+    responses(
+        (status = 200, description = "The rejected proposal", body = Proposal),
+        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 401, description = "Missing, bad or revoked api token", body = ErrorBody),
+        (status = 404, description = "No such device or proposal of this user", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 409, description = "The proposal is not pending", body = ErrorBody),
+        (status = 413, description = "Body over the limit", body = ErrorBody),
+    ),
+)]
 pub async fn reject(
     State(state): State<AppState>,
     caller: UserCaller,

@@ -17,7 +17,7 @@ use axum::Json;
 use futures::Stream;
 use protocol::sse::{self, Ready, Reconnect};
 use protocol::subject::DeliverAck;
-use protocol::{Delivered, EnrollRequest, HostResult, Manifest};
+use protocol::{Delivered, EnrollRequest, EnrollResponse, ErrorBody, HostResult, Manifest};
 use tracing::Instrument;
 
 use super::auth::DeviceCaller;
@@ -29,6 +29,20 @@ use crate::registry::{EnrollOutcome, LateApply, RegistryError};
 const MAX_NAME_LEN: usize = 200;
 
 /// `POST /api/host/enroll`: a pairing code for a device id and token.
+#[utoipa::path(
+    post,
+    path = "/api/host/enroll",
+    tag = "device",
+    request_body = EnrollRequest,
+    responses(
+        (status = 201, description = "Enrolled", body = EnrollResponse),
+        (status = 400, description = "Malformed body, or a blank or overlong name or platform", body = ErrorBody),
+        (status = 401, description = "The code is unknown, expired or already used", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 413, description = "Body over the limit", body = ErrorBody),
+        (status = 429, description = "Too many attempts from this address, or the user's device quota is reached", body = ErrorBody),
+    ),
+)]
 pub async fn enroll(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
     let client = client_ip(&request);
     if !state.enroll_limiter.try_acquire(client, Instant::now()) {
@@ -38,13 +52,13 @@ pub async fn enroll(State(state): State<AppState>, request: Request) -> Result<R
         <JsonBody<EnrollRequest> as axum::extract::FromRequest<AppState>>::from_request(request, &state).await?;
     let EnrollRequest { code, name, platform } = body;
     let name = name.trim();
-    if name.is_empty() || name.len() > MAX_NAME_LEN {
+    if !(1..=MAX_NAME_LEN).contains(&name.chars().count()) {
         return Err(ApiError::BadRequest(format!("name: 1 to {MAX_NAME_LEN} characters")));
     }
     if code.is_empty() || code.len() > 64 {
         return Err(ApiError::Unauthorized);
     }
-    if platform.as_ref().is_some_and(|p| p.len() > MAX_NAME_LEN) {
+    if platform.as_ref().is_some_and(|p| p.chars().count() > MAX_NAME_LEN) {
         return Err(ApiError::BadRequest(format!("platform: at most {MAX_NAME_LEN} characters")));
     }
     match state.registry.enroll(&code, name, platform.as_deref()).await? {
@@ -66,6 +80,19 @@ fn client_ip(request: &Request) -> IpAddr {
 }
 
 /// `GET /api/host/stream`: the device's Server-Sent-Events stream.
+#[utoipa::path(
+    get,
+    path = "/api/host/stream",
+    tag = "device",
+    security(("deviceToken" = [])),
+    responses(
+        (status = 200, description = "Server-Sent Events: `ready` first (a `Ready`), then `call` frames (a \
+            `HostCall`, `id:` its call id), `: keepalive` comments, and at most one closing frame: \
+            `reconnect` (a `Reconnect`), `superseded` or `revoked` (`{}`)", content_type = "text/event-stream", body = String),
+        (status = 401, description = "Bad or revoked device token", body = ErrorBody),
+        (status = 503, description = "This replica is shutting down or recovering; reconnect to another", body = ErrorBody),
+    ),
+)]
 pub async fn stream(State(state): State<AppState>, caller: DeviceCaller) -> Result<Response, ApiError> {
     if state.draining.load(Ordering::Acquire) {
         return Err(ApiError::Unavailable("replica is shutting down; reconnect to another".into()));
@@ -156,6 +183,22 @@ fn frames(ready: Ready, stream: DeviceStream, end: StreamEnd) -> impl Stream<Ite
 }
 
 /// `POST /api/host/result`: a device's answer to a call.
+#[utoipa::path(
+    post,
+    path = "/api/host/result",
+    tag = "device",
+    security(("deviceToken" = [])),
+    request_body = HostResult,
+    responses(
+        (status = 200, description = "Handed to the waiting dispatch, or recorded as a proposal's late apply", body = Delivered),
+        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 401, description = "Bad or revoked device token", body = ErrorBody),
+        (status = 403, description = "The call was dispatched to another device", body = ErrorBody),
+        (status = 404, description = "No pending call with that id: `{\"delivered\": false}`", body = Delivered),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 413, description = "Body over the limit", body = ErrorBody),
+    ),
+)]
 pub async fn result(
     State(state): State<AppState>,
     caller: DeviceCaller,
@@ -193,6 +236,20 @@ fn forbidden() -> ApiError {
 }
 
 /// `PUT /api/host/manifest`: the device's tools and roots.
+#[utoipa::path(
+    put,
+    path = "/api/host/manifest",
+    tag = "device",
+    security(("deviceToken" = [])),
+    request_body = Manifest,
+    responses(
+        (status = 204, description = "Stored"),
+        (status = 400, description = "Malformed body, or a tool without a name", body = ErrorBody),
+        (status = 401, description = "Bad or revoked device token", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 413, description = "Body over the limit, or more tools or bytes than the manifest caps", body = ErrorBody),
+    ),
+)]
 pub async fn manifest(
     State(state): State<AppState>,
     caller: DeviceCaller,

@@ -1,6 +1,7 @@
 //! The HTTP API of CONTRACT.md: device-facing routes ([`device`]), the control API
-//! ([`control`]), its live events ([`events`]) and operations ([`ops`]). Handlers extract, call the core or the registry,
-//! and map the outcome to a response; [`ApiError`] is the one error type.
+//! ([`control`]), its live events ([`events`]) and operations ([`ops`]), described by [`openapi`].
+//! Handlers extract, call the core, the service layer or the registry, and map the outcome to a
+//! response; [`ApiError`] is the one error type.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ pub mod device;
 pub mod error;
 pub mod events;
 pub mod limit;
+pub mod openapi;
 pub mod ops;
 
 pub use error::ApiError;
@@ -40,7 +42,91 @@ impl std::fmt::Debug for AppState {
     }
 }
 
-/// A JSON body whose rejections (malformed, wrong types, too large) become [`ApiError`]s.
-#[derive(Debug, Clone, Copy, Default, axum::extract::FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// A JSON object body whose rejections (malformed, wrong types, not an object, too large)
+/// become [`ApiError`]s. Only an object is taken: serde would otherwise read a struct from an
+/// array of its fields (`[]`, `["code", "name"]`), which no client means.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct JsonBody<T>(pub T);
+
+impl<S, T> axum::extract::FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        if !is_json_content_type(request.headers()) {
+            return Err(ApiError::BadRequest("expected a body with Content-Type: application/json".into()));
+        }
+        let bytes = bytes::Bytes::from_request(request, state).await.map_err(|rejection| {
+            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::BadRequest(rejection.body_text())
+            }
+        })?;
+        if !is_json_object(&bytes) {
+            return Err(ApiError::BadRequest("expected a JSON object".into()));
+        }
+        let axum::Json(value) = axum::Json::<T>::from_bytes(&bytes)?;
+        Ok(Self(value))
+    }
+}
+
+/// `application/json`, or a `+json` type, with any parameters.
+fn is_json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// True when the text's first non-blank byte opens a JSON object (the parser judges the rest).
+pub fn is_json_object(bytes: &[u8]) -> bool {
+    bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_objects_only() {
+        let cases: &[(&[u8], bool)] = &[
+            (b"{}", true),
+            (b" \n\t{\"a\":1}", true),
+            (b"{", true),
+            (b"[]", false),
+            (b"[\"code\",\"name\"]", false),
+            (b"null", false),
+            (b"1", false),
+            (b"\"{}\"", false),
+            (b"", false),
+            (b"   ", false),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(is_json_object(bytes), *want, "{:?}", String::from_utf8_lossy(bytes));
+        }
+    }
+
+    #[test]
+    fn json_content_types() {
+        let cases = [
+            (Some("application/json"), true),
+            (Some("Application/JSON; charset=utf-8"), true),
+            (Some("application/merge-patch+json"), true),
+            (Some("text/plain"), false),
+            (Some("application/jsonx"), false),
+            (None, false),
+        ];
+        for (value, want) in cases {
+            let mut headers = axum::http::HeaderMap::new();
+            if let Some(value) = value {
+                headers.insert(axum::http::header::CONTENT_TYPE, value.parse().expect("header"));
+            }
+            assert_eq!(is_json_content_type(&headers), want, "{value:?}");
+        }
+    }
+}

@@ -7,19 +7,44 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use protocol::ErrorBody;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::{ApiError, AppState};
 use crate::bus::Health;
 
+/// The body of a healthy `/healthz` or `/readyz`: `{"ok": true}`.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+pub struct Healthy {
+    pub ok: bool,
+}
+
+const HEALTHY: Healthy = Healthy { ok: true };
+
 /// `GET /healthz`: 200 while the process serves.
-pub async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({"ok": true}))
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "The process serves", body = Healthy)),
+)]
+pub async fn healthz() -> Json<Healthy> {
+    Json(HEALTHY)
 }
 
 /// `GET /readyz`: 200 when the database and (in cluster mode) NATS answer and the replica
 /// is not draining; 503 with the reason otherwise.
-pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "This replica can serve", body = Healthy),
+        (status = 503, description = "Draining, or the database or the message broker is unreachable", body = ErrorBody),
+    ),
+)]
+pub async fn readyz(State(state): State<AppState>) -> Result<Json<Healthy>, ApiError> {
     if state.draining.load(Ordering::Acquire) {
         return Err(ApiError::Unavailable("draining".into()));
     }
@@ -27,7 +52,7 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Va
         return Err(ApiError::Unavailable("message broker unreachable".into()));
     }
     match tokio::time::timeout(Duration::from_secs(2), state.registry.ping()).await {
-        Ok(Ok(())) => Ok(Json(json!({"ok": true}))),
+        Ok(Ok(())) => Ok(Json(HEALTHY)),
         Ok(Err(error)) => {
             tracing::warn!(%error, "database unreachable");
             Err(ApiError::Unavailable("database unreachable".into()))
@@ -37,6 +62,15 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Va
 }
 
 /// `GET /metrics`: Prometheus text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Metrics in the OpenMetrics text format", content_type = "application/openmetrics-text", body = String),
+        (status = 500, description = "The metrics could not be rendered"),
+    ),
+)]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let hub = state.dispatcher.hub();
     let up = state.dispatcher.bus().health() == Health::Up;
