@@ -42,7 +42,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/devices/{id}/calls", post(control::call_device))
         .route("/api/proposals", get(control::list_proposals))
         .route("/api/proposals/{id}", get(control::get_proposal))
-        .route("/mcp/devices/{id}", post(mcp::post).get(mcp::method_not_allowed).delete(mcp::method_not_allowed))
+        .route("/mcp/devices/{id}", post(mcp::post).get(mcp::get).delete(mcp::delete))
         .route("/api/events", get(events::events))
         .merge(crate::ui::routes())
         .route("/healthz", get(ops::healthz))

@@ -28,6 +28,20 @@ use crate::events::listeners::EncodedFrame;
 use crate::events::{self, Subscription};
 
 /// `GET /api/events`.
+#[utoipa::path(
+    get,
+    path = "/api/events",
+    tag = "control",
+    security(("apiToken" = [])),
+    responses(
+        (status = 200, description = "Server-Sent Events: `snapshot` first (`{devices, proposals}`, the \
+            pending proposals), then `device` (a Device, with `revoked: true` on revocation) and `proposal` \
+            (a Proposal) frames as they change on any replica, and `: keepalive` comments",
+            content_type = "text/event-stream", body = String),
+        (status = 401, description = "No api token, or a bad or revoked one", body = protocol::ErrorBody),
+        (status = 503, description = "This replica is shutting down; reconnect to another", body = protocol::ErrorBody),
+    ),
+)]
 pub async fn events(
     State(state): State<AppState>,
     caller: UserCaller,

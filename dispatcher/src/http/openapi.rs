@@ -11,7 +11,7 @@ use serde_json::Value;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{control, device, ops};
+use super::{control, device, events, ops};
 
 /// Security scheme of the control API: `Authorization: Bearer <api token>`.
 pub const API_TOKEN: &str = "apiToken";
@@ -40,6 +40,10 @@ pub const DEVICE_TOKEN: &str = "deviceToken";
         control::get_proposal,
         control::approve,
         control::reject,
+        events::events,
+        crate::mcp::post,
+        crate::mcp::get,
+        crate::mcp::delete,
         ops::healthz,
         ops::readyz,
         ops::metrics,
@@ -58,6 +62,7 @@ pub const DEVICE_TOKEN: &str = "deviceToken";
     tags(
         (name = "device", description = "Device-facing: enrollment, the call stream, results, the manifest"),
         (name = "control", description = "The control API, for an app backend acting for one user"),
+        (name = "mcp", description = "A Model Context Protocol server per device (Streamable HTTP, JSON-RPC)"),
         (name = "operations", description = "Liveness, readiness, metrics and this document; no auth"),
     )
 )]

@@ -53,7 +53,31 @@ struct Context<'a> {
     elicitation: bool,
 }
 
-/// `GET` and `DELETE /mcp/devices/{id}`: this server offers no stream and keeps no session.
+/// `GET /mcp/devices/{id}`: this server offers no stream (405).
+#[utoipa::path(
+    get,
+    path = "/mcp/devices/{id}",
+    tag = "mcp",
+    params(("id" = String, Path, description = "The device's id")),
+    responses((status = 405, description = "Only POST: no stream is offered", body = protocol::ErrorBody)),
+)]
+pub async fn get() -> Response {
+    method_not_allowed().await
+}
+
+/// `DELETE /mcp/devices/{id}`: this server keeps no session to end (405).
+#[utoipa::path(
+    delete,
+    path = "/mcp/devices/{id}",
+    tag = "mcp",
+    params(("id" = String, Path, description = "The device's id")),
+    responses((status = 405, description = "Only POST: no session is kept", body = protocol::ErrorBody)),
+)]
+pub async fn delete() -> Response {
+    method_not_allowed().await
+}
+
+/// The answer to any method but POST: this server offers no stream and keeps no session.
 pub async fn method_not_allowed() -> Response {
     let body = protocol::ErrorBody { error: "method not allowed: POST JSON-RPC messages here".into() };
     (StatusCode::METHOD_NOT_ALLOWED, [(header::ALLOW, "POST")], axum::Json(body)).into_response()
@@ -95,6 +119,25 @@ fn routing_headers(headers: &HeaderMap) -> RoutingHeaders {
 }
 
 /// `POST /mcp/devices/{id}`.
+#[utoipa::path(
+    post,
+    path = "/mcp/devices/{id}",
+    tag = "mcp",
+    security(("apiToken" = [])),
+    params(("id" = String, Path, description = "The device's id")),
+    request_body(content = serde_json::Value, content_type = "application/json",
+        description = "A JSON-RPC 2.0 message of the Model Context Protocol (2026-07-28 or a 2025 revision)"),
+    responses(
+        (status = 200, description = "The JSON-RPC response (a result, or a JSON-RPC error)", body = serde_json::Value),
+        (status = 202, description = "A notification or a client response, accepted"),
+        (status = 400, description = "Malformed JSON or a message the revision refuses (a JSON-RPC error)", body = serde_json::Value),
+        (status = 401, description = "No api token, or a bad or revoked one", body = protocol::ErrorBody),
+        (status = 404, description = "No such device of this user, or a method the revision does not have", body = serde_json::Value),
+        (status = 406, description = "The Accept header allows neither application/json nor text/event-stream", body = protocol::ErrorBody),
+        (status = 413, description = "Body over the limit", body = protocol::ErrorBody),
+        (status = 415, description = "Not a JSON body", body = protocol::ErrorBody),
+    ),
+)]
 pub async fn post(
     State(state): State<AppState>,
     caller: Result<UserCaller, ApiError>,
