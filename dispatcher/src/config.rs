@@ -44,11 +44,19 @@ pub enum TokenCommand {
         #[command(flatten)]
         database: DatabaseArgs,
     },
-    /// Revoke the api tokens starting with a prefix (at least 8 characters).
+    /// Revoke the api tokens starting with a prefix (at least 8 characters). Replicas refuse
+    /// them within a second; with a NATS URL (as a replica's pod has it) they hear at once.
     Revoke {
         prefix: String,
         #[command(flatten)]
         database: DatabaseArgs,
+        /// NATS server URLs of the cluster, comma-separated: the revocation is published there
+        /// too. Without it (or when the publish fails) replicas read it from the database.
+        #[arg(long, env = "NATS_URL")]
+        nats_url: Option<String>,
+        /// Prefix of every NATS subject (as the replicas have it).
+        #[arg(long, env = "DISPATCHER_SUBJECT_PREFIX", default_value = protocol::subject::DEFAULT_PREFIX)]
+        subject_prefix: String,
     },
 }
 

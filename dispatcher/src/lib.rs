@@ -11,6 +11,7 @@
 //! - [`app`]: `app(state) -> Router`, composing the handlers with limits and timeouts.
 //! - [`config`]: the command line and environment.
 //! - [`telemetry`]: logging, tracing and Prometheus metrics.
+//! - [`revocation`]: the watch that evicts api tokens revoked in the database from the cache.
 //! - [`server`]: `run(config, listener, shutdown)`: builds the state, serves, drains.
 //!
 //! The core is also a library: an app can build a [`core::Dispatcher`] over its own bus and
@@ -22,5 +23,6 @@ pub mod config;
 pub mod core;
 pub mod http;
 pub mod registry;
+pub mod revocation;
 pub mod server;
 pub mod telemetry;

@@ -63,6 +63,7 @@ pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Resul
         }
     };
     tokio::spawn(hub.clone().watch_stalls(settings.keepalive, cancel.child_token()));
+    tokio::spawn(crate::revocation::watch(registry.clone(), hub.clone(), cancel.child_token()));
     tracing::info!(
         replica = %settings.replica_id,
         bus = bus.kind(),

@@ -9,6 +9,7 @@
 //! | `{p}.device.{id}.control` | every replica holding a stream of the device | [`Control::Takeover`] (published) and [`Control::Presence`] (request; reply: [`Holder`]). |
 //! | `{p}.result.{route}` | the one replica whose route tag is `{route}` | request: a [`crate::HostResult`], header [`HEADER_DEVICE_ID`]; reply: a [`DeliverAck`]. No responders: 404. |
 //! | `{p}.revoked` | every replica | [`Revoked`]: close the stream, fail the device's pending calls, evict cached tokens. |
+//! | `{p}.api-tokens.revoked` | every replica | [`ApiTokensRevoked`]: evict those api tokens from the credential cache. Published by `dispatcher token revoke`; replicas also poll the database for it, so a missed message costs at most that poll. |
 //! | `{p}.presence.all` | every replica | request (scatter-gather): each replica answers its [`HeldDevices`]. |
 //!
 //! Two departures from a per-call result subject, each saving messages on the hot path:
@@ -70,6 +71,10 @@ impl Subjects {
 
     pub fn revoked(&self) -> String {
         format!("{}.revoked", self.prefix)
+    }
+
+    pub fn api_tokens_revoked(&self) -> String {
+        format!("{}.api-tokens.revoked", self.prefix)
     }
 
     pub fn presence_all(&self) -> String {
@@ -173,6 +178,14 @@ pub struct Revoked {
     pub device_id: String,
 }
 
+/// Body of `{p}.api-tokens.revoked`: the revoked api tokens, by the lowercase hex SHA-256 of
+/// the token (never the token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiTokensRevoked {
+    pub token_hashes: Vec<String>,
+}
+
 /// One replica's answer to `{p}.presence.all`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -225,5 +238,6 @@ mod tests {
         assert_eq!(s.result("0000abcd"), "pulsn.host.result.0000abcd");
         assert_eq!(s.revoked(), "pulsn.host.revoked");
         assert_eq!(s.presence_all(), "pulsn.host.presence.all");
+        assert_eq!(s.api_tokens_revoked(), "pulsn.host.api-tokens.revoked");
     }
 }

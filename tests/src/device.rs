@@ -436,6 +436,22 @@ impl Control {
         body["code"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("pairing code without code: {body}"))
     }
 
+    /// Asks `GET /api/devices` every 20 ms until it answers 401; how long that took, or `None`
+    /// when the token still worked after `limit`.
+    pub async fn time_until_refused(&self, limit: Duration) -> anyhow::Result<Option<Duration>> {
+        let started = Instant::now();
+        loop {
+            let (status, _) = self.devices().await?;
+            if status == StatusCode::UNAUTHORIZED {
+                return Ok(Some(started.elapsed()));
+            }
+            if started.elapsed() > limit {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn devices(&self) -> anyhow::Result<(StatusCode, Value)> {
         self.request(Method::GET, "/api/devices", None).await
     }

@@ -488,11 +488,31 @@ pub async fn mint_token(database_url: &str, user: &str) -> anyhow::Result<String
 
 /// `dispatcher token revoke <prefix>`.
 pub async fn revoke_token(database_url: &str, prefix: &str) -> anyhow::Result<()> {
-    let output = dispatcher_command(&["token", "revoke", prefix, "--database-url", database_url]).await?;
-    if !output.status.success() {
-        bail!("token revoke failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr));
+    revoke_token_with_env(database_url, prefix, &[]).await.map(|_| ())
+}
+
+/// `dispatcher token revoke <prefix>` with extra environment (`NATS_URL`,
+/// `DISPATCHER_SUBJECT_PREFIX`, as a replica's pod has them). Returns what it printed on stderr.
+pub async fn revoke_token_with_env(database_url: &str, prefix: &str, env: &[(&str, &str)]) -> anyhow::Result<String> {
+    let mut command = tokio::process::Command::new(crate::bin::dispatcher());
+    command.args(["token", "revoke", prefix, "--database-url", database_url]);
+    command.stdin(Stdio::null()).env("RUST_LOG", "warn").env("NO_COLOR", "1");
+    for name in DISPATCHER_ENV {
+        command.env_remove(name);
     }
-    Ok(())
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .context("dispatcher token revoke took over 60 s")?
+        .context("running the dispatcher binary")?;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    if !output.status.success() {
+        bail!("token revoke failed ({}): {stderr}", output.status);
+    }
+    Ok(stderr)
 }
 
 /// How to start a `host-agent run`. Defaults tuned for tests: keepalive 15 s, reconnect

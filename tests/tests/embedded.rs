@@ -478,6 +478,31 @@ async fn api_token_revoke(backend: Backend) {
     assert_error(&got, StatusCode::UNAUTHORIZED, "revoked, minting codes");
 }
 
+/// A cached api token revoked with `dispatcher token revoke` (no broker: the command only
+/// writes the database) is refused within a second, and a pairing code it minted before, still
+/// unused, no longer enrolls. (The cache alone kept it working for 30 s.)
+async fn api_token_revoke_is_prompt(backend: Backend) {
+    let env = Env::start(backend).await;
+    let url = env.dispatcher.database_url().to_owned();
+    let code = env.control.pairing_code().await.expect("a code minted before the revocation");
+    let kept = env.other_user("user-b").await;
+    let (status, _) = env.control.devices().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "the token works, and is cached now");
+
+    revoke_token(&url, &env.control.token[..12]).await.expect("revoke");
+    let after = env.control.time_until_refused(40 * SECOND).await.unwrap();
+    println!("{backend:?}: a revoked, cached api token was refused after {after:?} (from the command's exit)");
+    let after = after.expect("the revoked token is refused within 40 s");
+    assert!(after < 2 * SECOND, "the revoked token kept working for {after:?}");
+
+    let got = TestDevice::enroll_raw(&env.base(), &json!({"code": code, "name": "late"})).await.unwrap();
+    assert_error(&got, StatusCode::UNAUTHORIZED, "enrolling with a code the revoked token minted");
+    let (status, _) = kept.devices().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "another user's token is untouched");
+    let code = kept.pairing_code().await.expect("another user's token mints");
+    TestDevice::enroll(&env.base(), &code, "theirs").await.expect("and its codes enroll");
+}
+
 /// Runs each flow once on SQLite and once on PostgreSQL.
 macro_rules! on_both_databases {
     ($($flow:ident),* $(,)?) => {
@@ -511,6 +536,7 @@ on_both_databases!(
     pairing_codes,
     users_are_isolated,
     api_token_revoke,
+    api_token_revoke_is_prompt,
 );
 
 // ---- the embedded default only ----------------------------------------------------------------

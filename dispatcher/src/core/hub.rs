@@ -299,6 +299,20 @@ impl Hub {
         self.api_tokens.lock().insert(token_hash, user_id, Instant::now());
     }
 
+    /// Api tokens were revoked: forget them, so their next request asks the registry (and is
+    /// refused). Returns how many were cached here.
+    pub fn revoke_api_tokens<'a>(&self, token_hashes: impl IntoIterator<Item = &'a [u8; 32]>) -> usize {
+        let mut cache = self.api_tokens.lock();
+        token_hashes
+            .into_iter()
+            .filter(|hash| {
+                let cached = cache.contains(hash);
+                cache.remove(hash);
+                cached
+            })
+            .count()
+    }
+
     /// The owner of a live device, if this replica looked it up recently.
     pub fn cached_owner(&self, device_id: &str) -> Option<String> {
         self.device_owners.lock().get(&device_id.to_owned(), Instant::now())
@@ -534,5 +548,23 @@ mod tests {
         hub.flush_credentials();
         assert!(hub.cached_owner("other").is_none());
         assert_eq!(hub.pending_calls(), 0);
+    }
+
+    #[test]
+    fn revoked_api_tokens_are_evicted() {
+        let hub = Hub::new("r", 1);
+        hub.cache_user([1; 32], "alice".into());
+        hub.cache_user([2; 32], "bob".into());
+        // (hashes revoked, how many were cached, alice still cached, bob still cached)
+        let cases: [(&[[u8; 32]], usize, bool, bool); 3] = [
+            (&[[9; 32]], 0, true, true),
+            (&[[1; 32], [9; 32]], 1, false, true),
+            (&[[1; 32], [2; 32]], 1, false, false),
+        ];
+        for (revoked, evicted, alice, bob) in cases {
+            assert_eq!(hub.revoke_api_tokens(revoked), evicted, "{revoked:?}");
+            assert_eq!(hub.cached_user(&[1; 32]).is_some(), alice);
+            assert_eq!(hub.cached_user(&[2; 32]).is_some(), bob);
+        }
     }
 }

@@ -39,7 +39,14 @@ fn device_of_row(row: DeviceRow) -> Result<DeviceRecord, RegistryError> {
 impl Registry {
     /// Mints a single-use pairing code for `user_id`, valid for `ttl`. The code is returned in
     /// clear (`XXXX-XXXX-XXXX`) and stored only as the hash of its normalized form.
-    pub async fn create_pairing_code(&self, user_id: &str, ttl: Duration) -> Result<PairingCode, RegistryError> {
+    /// `api_token_hash` (hex SHA-256, as stored) names the api token that minted it: revoking
+    /// that token invalidates the code while it is unused.
+    pub async fn create_pairing_code(
+        &self,
+        user_id: &str,
+        ttl: Duration,
+        api_token_hash: Option<&str>,
+    ) -> Result<PairingCode, RegistryError> {
         if user_id.is_empty() {
             return Err(RegistryError::InvalidArgument("user id is empty"));
         }
@@ -57,20 +64,25 @@ impl Registry {
             .bind(now.saturating_sub(PAIRING_CODE_RETENTION_MS))
             .execute(&self.pool)
             .await?;
-        sqlx::query("INSERT INTO pairing_codes (code_hash, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
-            .bind(secret::hash_secret(&normalized))
-            .bind(user_id)
-            .bind(now)
-            .bind(expires_at)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO pairing_codes (code_hash, user_id, created_at, expires_at, api_token_hash) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(secret::hash_secret(&normalized))
+        .bind(user_id)
+        .bind(now)
+        .bind(expires_at)
+        .bind(api_token_hash)
+        .execute(&self.pool)
+        .await?;
         Ok(PairingCode { code, expires_at: time_of(expires_at)? })
     }
 
     /// Trades a pairing code for a new device of the code's user, with its token. The code is
-    /// claimed by one conditional UPDATE (unused and unexpired, or nothing happens) in the same
-    /// transaction that creates the device, so of any number of concurrent attempts with one
-    /// code, on any number of replicas, exactly one enrolls.
+    /// claimed by one conditional UPDATE (unused, unexpired, and not minted by an api token
+    /// revoked since, or nothing happens) in the same transaction that creates the device, so
+    /// of any number of concurrent attempts with one code, on any number of replicas, exactly
+    /// one enrolls.
     pub async fn enroll(&self, code: &str, name: &str, platform: Option<&str>) -> Result<EnrollOutcome, RegistryError> {
         let Some(normalized) = secret::normalize_pairing_code(code) else {
             return Ok(EnrollOutcome::Refused);
@@ -84,7 +96,10 @@ impl Registry {
         // (waiting its turn) instead of failing to upgrade a read.
         let claimed: Option<(String,)> = sqlx::query_as(
             "UPDATE pairing_codes SET used_at = $1, device_id = $2 \
-             WHERE code_hash = $3 AND used_at IS NULL AND expires_at > $1 RETURNING user_id",
+             WHERE code_hash = $3 AND used_at IS NULL AND expires_at > $1 \
+             AND NOT EXISTS (SELECT 1 FROM api_tokens \
+                 WHERE api_tokens.token_hash = pairing_codes.api_token_hash AND api_tokens.revoked_at IS NOT NULL) \
+             RETURNING user_id",
         )
         .bind(now)
         .bind(&device_id)
