@@ -104,6 +104,10 @@ pub struct ServeArgs {
     /// requests.
     #[arg(long, env = "DISPATCHER_HEADER_TIMEOUT_SECS", default_value_t = 30)]
     pub header_timeout_secs: u64,
+    /// Bytes of call JSON a device stream may have waiting to be written; calls beyond wait
+    /// for room. A stream that does not drain for two keepalive intervals is dropped.
+    #[arg(long, env = "DISPATCHER_STREAM_QUEUE_BYTES", default_value_t = crate::core::hub::STREAM_QUEUE_BYTES)]
+    pub stream_queue_bytes: usize,
 }
 
 /// Validated settings of `dispatcher serve`.
@@ -120,6 +124,7 @@ pub struct Settings {
     pub drain_delay: Duration,
     pub broker_grace: Duration,
     pub header_timeout: Duration,
+    pub stream_queue_bytes: usize,
 }
 
 impl ServeArgs {
@@ -162,6 +167,9 @@ impl ServeArgs {
         if self.header_timeout_secs == 0 {
             return Err("--header-timeout-secs: at least 1".into());
         }
+        if self.stream_queue_bytes < 65_536 {
+            return Err("--stream-queue-bytes: at least 65536".into());
+        }
         Ok(Settings {
             listen,
             database_url: self.database.database_url.clone(),
@@ -174,6 +182,7 @@ impl ServeArgs {
             drain_delay: Duration::from_secs(self.drain_delay_secs),
             broker_grace: Duration::from_secs(self.broker_grace_secs),
             header_timeout: Duration::from_secs(self.header_timeout_secs),
+            stream_queue_bytes: self.stream_queue_bytes,
         })
     }
 }
@@ -194,6 +203,7 @@ impl Settings {
             drain_delay: Duration::ZERO,
             broker_grace: Duration::from_secs(5),
             header_timeout: Duration::from_secs(30),
+            stream_queue_bytes: crate::core::hub::STREAM_QUEUE_BYTES,
         }
     }
 }
@@ -235,6 +245,7 @@ mod tests {
             &["--replica-id", "has space"],
             &["--nats-url", ","],
             &["--keepalive-secs", "-1"],
+            &["--stream-queue-bytes", "1000"],
         ];
         for args in cases {
             assert!(parse(args).is_err(), "{args:?}");

@@ -25,6 +25,7 @@ use crate::bus::nats::{NatsBus, NatsOptions};
 use crate::bus::{Bus, BusError};
 use crate::config::Settings;
 use crate::core::{Close, Dispatcher, Hub};
+use crate::http::device::ConnectionAbort;
 use crate::http::limit::RateLimiter;
 use crate::http::AppState;
 use crate::registry::{Registry, RegistryError};
@@ -48,7 +49,7 @@ pub enum ServeError {
 /// Background tasks stop when `cancel` fires.
 pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Result<AppState, ServeError> {
     let registry = Registry::connect(&settings.database_url).await?;
-    let hub = Hub::new(settings.replica_id.clone(), rand::random());
+    let hub = Hub::with_stream_queue_bytes(settings.replica_id.clone(), rand::random(), settings.stream_queue_bytes);
     let bus: Arc<dyn Bus> = match &settings.nats_url {
         Some(urls) => {
             let options = NatsOptions { broker_grace: settings.broker_grace, ..NatsOptions::default() };
@@ -115,15 +116,24 @@ pub async fn serve(state: AppState, listener: TcpListener, shutdown: Cancellatio
             },
         };
         let _ = stream.set_nodelay(true);
-        let service = router.clone().map_request(move |mut request: axum::http::Request<hyper::body::Incoming>| {
-            request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-            request
+        let abort = ConnectionAbort::default();
+        let service = router.clone().map_request({
+            let abort = abort.clone();
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                request.extensions_mut().insert(abort.clone());
+                request
+            }
         });
         let connection =
             builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service));
         let connection = graceful.watch(connection.into_owned());
         tokio::spawn(async move {
-            let _ = connection.await;
+            // A stream that does not drain is cut off here: its writes are blocked for good.
+            tokio::select! {
+                _ = connection => {}
+                _ = abort.0.cancelled() => {}
+            }
         });
     }
     drop(listener);

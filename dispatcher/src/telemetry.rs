@@ -164,6 +164,8 @@ pub struct Metrics {
     streams: Gauge<i64, AtomicI64>,
     pending: Gauge<i64, AtomicI64>,
     broker_up: Gauge<i64, AtomicI64>,
+    stream_queue_bytes: Gauge<i64, AtomicI64>,
+    stuck_streams: Counter,
 }
 
 impl Default for Metrics {
@@ -186,7 +188,15 @@ impl Metrics {
         registry.register("pending_calls", "Dispatches this replica waits for", pending.clone());
         let broker_up = Gauge::<i64, AtomicI64>::default();
         registry.register("broker_up", "1 while the bus can route (always 1 in memory)", broker_up.clone());
-        Self { registry, dispatches, latency, streams, pending, broker_up }
+        let stream_queue_bytes = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "stream_queue_bytes",
+            "Bytes of call JSON queued on this replica's device streams, not yet written",
+            stream_queue_bytes.clone(),
+        );
+        let stuck_streams = Counter::default();
+        registry.register("stuck_streams", "Device streams dropped because they did not drain", stuck_streams.clone());
+        Self { registry, dispatches, latency, streams, pending, broker_up, stream_queue_bytes, stuck_streams }
     }
 
     /// Runs a dispatch and records its outcome and latency.
@@ -207,6 +217,14 @@ impl Metrics {
         self.dispatches.get_or_create(&Outcome { outcome }).inc();
         self.latency.observe(started.elapsed().as_secs_f64());
         result
+    }
+
+    /// Records the streams' queue figures (read from the hub before [`Metrics::render`]):
+    /// bytes queued now, and the streams dropped for not draining so far.
+    pub fn set_stream_queues(&self, queued_bytes: usize, stuck_streams: u64) {
+        self.stream_queue_bytes.set(i64::try_from(queued_bytes).unwrap_or(i64::MAX));
+        let counted = self.stuck_streams.get();
+        self.stuck_streams.inc_by(stuck_streams.saturating_sub(counted));
     }
 
     /// The text exposition, with the gauges read now.

@@ -140,6 +140,10 @@ pub enum CallAck {
     Expired,
     /// This replica does not (or no longer) hold a live stream of the device: try again.
     NotHeld,
+    /// The device's stream here has more waiting than its budget (it is not reading fast
+    /// enough, or not at all): nothing was queued. Try again later; a stream that stays stuck
+    /// is dropped, and the device is then offline.
+    Full,
 }
 
 /// The dispatching replica's reply to a forwarded result.

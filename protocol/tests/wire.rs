@@ -174,6 +174,7 @@ fn sse_payloads() {
 #[test]
 fn nats_bodies() {
     pin(&CallAck::NotHeld, json!("not-held"));
+    pin(&CallAck::Full, json!("full"));
     pin(&DeliverAck::Forbidden, json!("forbidden"));
     pin(&Control::Takeover { epoch: 7, replica: "b".into() }, json!({"kind": "takeover", "epoch": 7, "replica": "b"}));
     pin(&Control::Presence, json!({"kind": "presence"}));

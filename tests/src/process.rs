@@ -35,6 +35,7 @@ const DISPATCHER_ENV: &[&str] = &[
     "DISPATCHER_DRAIN_DELAY_SECS",
     "DISPATCHER_BROKER_GRACE_SECS",
     "DISPATCHER_HEADER_TIMEOUT_SECS",
+    "DISPATCHER_STREAM_QUEUE_BYTES",
 ];
 
 const AGENT_ENV: &[&str] = &[
@@ -454,6 +455,14 @@ impl Dispatcher {
     pub async fn mint_token(&self, user: &str) -> anyhow::Result<String> {
         mint_token(&self.database_url, user).await
     }
+}
+
+/// The resident set size of process `pid` in KiB (`VmRSS` of `/proc/<pid>/status`); `None` when
+/// it cannot be read (the process is gone, or this is not Linux).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Runs `dispatcher <args>` (a short-lived command) with DATABASE_URL cleared; returns its

@@ -350,6 +350,7 @@ impl Shared {
                 Ok(CallAck::Accepted) => Routed::Accepted,
                 Ok(CallAck::NotHeld) => Routed::NotHeld,
                 Ok(CallAck::Expired) => Routed::Expired,
+                Ok(CallAck::Full) => Routed::Full,
                 Err(error) => {
                     tracing::warn!(%error, "malformed call ack");
                     Routed::Unreachable
@@ -729,7 +730,7 @@ impl Shared {
             traceparent = traceparent.map(|value| value.as_str()),
         );
         crate::telemetry::set_parent(&span, traceparent.map(|value| value.as_str()));
-        let ack = span.in_scope(|| self.hub.push(device_id, call));
+        let ack = span.in_scope(|| self.hub.push(device_id, &call));
         self.reply(&message, &ack).instrument(span).await;
         if ack == CallAck::NotHeld {
             self.release_if_gone(device_id, epoch);
