@@ -9,6 +9,16 @@ use dispatcher::registry::Registry;
 use protocol::subject::Subjects;
 use tokio_util::sync::CancellationToken;
 
+/// The global allocator, by Cargo feature: mimalloc by default, jemalloc with `--features
+/// jemalloc`, the system's with neither. After a burst of large calls mimalloc gives the memory
+/// back to the system, where glibc's malloc keeps most of it (BENCHMARKS.md).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+#[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Longest `token revoke` spends publishing the revocation on NATS.
 const REVOKE_PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
