@@ -49,11 +49,19 @@ pub enum TokenCommand {
         #[command(flatten)]
         database: DatabaseArgs,
     },
-    /// Revoke the api tokens starting with a prefix (at least 8 characters).
+    /// Revoke the api tokens starting with a prefix (at least 8 characters). Replicas refuse
+    /// them within a second; with a NATS URL (as a replica's pod has it) they hear at once.
     Revoke {
         prefix: String,
         #[command(flatten)]
         database: DatabaseArgs,
+        /// NATS server URLs of the cluster, comma-separated: the revocation is published there
+        /// too. Without it (or when the publish fails) replicas read it from the database.
+        #[arg(long, env = "NATS_URL")]
+        nats_url: Option<String>,
+        /// Prefix of every NATS subject (as the replicas have it).
+        #[arg(long, env = "DISPATCHER_SUBJECT_PREFIX", default_value = protocol::subject::DEFAULT_PREFIX)]
+        subject_prefix: String,
     },
 }
 
@@ -121,6 +129,10 @@ pub struct ServeArgs {
     /// How long an MCP `tools/call` waits for the device, in milliseconds (1 to 300000).
     #[arg(long, env = "DISPATCHER_MCP_CALL_TIMEOUT_MS", default_value_t = protocol::CALL_TIMEOUT_DEFAULT_MS)]
     pub mcp_call_timeout_ms: u64,
+    /// Bytes of call JSON a device stream may have waiting to be written; calls beyond wait
+    /// for room. A stream that does not drain for two keepalive intervals is dropped.
+    #[arg(long, env = "DISPATCHER_STREAM_QUEUE_BYTES", default_value_t = crate::core::hub::STREAM_QUEUE_BYTES)]
+    pub stream_queue_bytes: usize,
     #[command(flatten)]
     pub storage: StorageArgs,
 }
@@ -245,6 +257,7 @@ pub struct Settings {
     pub max_connections_per_ip: Option<usize>,
     pub storage: Storage,
     pub mcp_call_timeout: Duration,
+    pub stream_queue_bytes: usize,
 }
 
 impl ServeArgs {
@@ -308,6 +321,9 @@ impl ServeArgs {
         if !(1..=protocol::CALL_TIMEOUT_MAX_MS).contains(&self.mcp_call_timeout_ms) {
             return Err(format!("--mcp-call-timeout-ms: between 1 and {}", protocol::CALL_TIMEOUT_MAX_MS));
         }
+        if self.stream_queue_bytes < 65_536 {
+            return Err("--stream-queue-bytes: at least 65536".into());
+        }
         Ok(Settings {
             listen,
             database_url: self.database.database_url.clone(),
@@ -326,6 +342,7 @@ impl ServeArgs {
             max_connections_per_ip: self.max_connections_per_ip,
             storage,
             mcp_call_timeout: Duration::from_millis(self.mcp_call_timeout_ms),
+            stream_queue_bytes: self.stream_queue_bytes,
         })
     }
 }
@@ -352,6 +369,7 @@ impl Settings {
             max_connections_per_ip: None,
             storage: Storage::default(),
             mcp_call_timeout: Duration::from_millis(protocol::CALL_TIMEOUT_DEFAULT_MS),
+            stream_queue_bytes: crate::core::hub::STREAM_QUEUE_BYTES,
         }
     }
 }
@@ -452,6 +470,7 @@ mod tests {
             &["--stale-apply-secs", "0"],
             &["--mcp-call-timeout-ms", "0"],
             &["--mcp-call-timeout-ms", "300001"],
+            &["--stream-queue-bytes", "1000"],
         ];
         for args in cases {
             assert!(parse(args).is_err(), "{args:?}");

@@ -21,6 +21,7 @@
 //! - [`cli`]: the operator CLI (`dispatcher pair | devices | call | …`), a client of the
 //!   control API.
 //! - [`telemetry`]: logging, tracing and Prometheus metrics.
+//! - [`revocation`]: the watch that evicts api tokens revoked in the database from the cache.
 //! - [`server`]: `run(config, listener, shutdown)`: builds the state, serves, drains.
 //!
 //! The core is also a library: an app can build a [`core::Dispatcher`] over its own bus and
@@ -37,6 +38,7 @@ pub mod listener;
 pub mod janitor;
 pub mod mcp;
 pub mod registry;
+pub mod revocation;
 pub mod server;
 pub mod service;
 pub mod telemetry;

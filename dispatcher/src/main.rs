@@ -4,9 +4,24 @@
 
 use anyhow::Context;
 use clap::Parser;
+use dispatcher::bus::nats::publish_api_token_revocation;
 use dispatcher::config::{Cli, Command, TokenCommand};
 use dispatcher::registry::Registry;
+use protocol::subject::Subjects;
 use tokio_util::sync::CancellationToken;
+
+/// The global allocator, by Cargo feature: mimalloc by default, jemalloc with `--features
+/// jemalloc`, the system's with neither. After a burst of large calls mimalloc gives the memory
+/// back to the system, where glibc's malloc keeps most of it (BENCHMARKS.md).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+#[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Longest `token revoke` spends publishing the revocation on NATS.
+const REVOKE_PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -40,13 +55,28 @@ async fn main() -> anyhow::Result<()> {
             println!("{token}");
             registry.close().await;
         }
-        Command::Token { command: TokenCommand::Revoke { prefix, database } } => {
+        Command::Token { command: TokenCommand::Revoke { prefix, database, nats_url, subject_prefix } } => {
             dispatcher::telemetry::init_logging();
+            anyhow::ensure!(
+                protocol::subject::is_valid_prefix(&subject_prefix),
+                "--subject-prefix: {subject_prefix:?} must be dot-separated tokens of letters, digits, '-' and '_'"
+            );
             let registry = Registry::connect(&database.database_url).await.context("opening the database")?;
             let revoked = registry.revoke_api_token(&prefix).await?;
             registry.close().await;
-            anyhow::ensure!(revoked > 0, "no active api token starts with {prefix:?}");
-            eprintln!("revoked {revoked} api token(s)");
+            anyhow::ensure!(!revoked.is_empty(), "no active api token starts with {prefix:?}");
+            eprintln!("revoked {} api token(s)", revoked.len());
+            if let Some(urls) = nats_url.filter(|urls| !urls.trim().is_empty()) {
+                let subjects = Subjects::new(subject_prefix);
+                match publish_api_token_revocation(&urls, &subjects, &revoked, REVOKE_PUBLISH_TIMEOUT).await {
+                    Ok(()) => eprintln!("published the revocation on NATS"),
+                    // Committed all the same: the replicas poll the database for it.
+                    Err(error) => eprintln!(
+                        "warning: could not publish the revocation on NATS ({error}); replicas read it from \
+                         the database within a second"
+                    ),
+                }
+            }
         }
         Command::Operator(command) => std::process::exit(dispatcher::cli::run(command).await),
     }

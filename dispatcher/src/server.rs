@@ -45,7 +45,7 @@ pub enum ServeError {
 /// Background tasks stop when `cancel` fires.
 pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Result<AppState, ServeError> {
     let registry = Registry::connect(&settings.database_url).await?.with_limits(settings.storage.limits);
-    let hub = Hub::new(settings.replica_id.clone(), rand::random());
+    let hub = Hub::with_stream_queue_bytes(settings.replica_id.clone(), rand::random(), settings.stream_queue_bytes);
     let bus: Arc<dyn Bus> = match &settings.nats_url {
         Some(urls) => {
             let options = NatsOptions { broker_grace: settings.broker_grace, ..NatsOptions::default() };
@@ -62,6 +62,7 @@ pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Resul
     tokio::spawn(hub.clone().watch_stalls(settings.keepalive, cancel.child_token()));
     tokio::spawn(crate::janitor::run(registry.clone(), settings.storage.clone(), cancel.child_token()));
     let events = crate::events::EventHub::start(&bus, cancel.child_token());
+    tokio::spawn(crate::revocation::watch(registry.clone(), hub.clone(), cancel.child_token()));
     tracing::info!(
         replica = %settings.replica_id,
         bus = bus.kind(),

@@ -174,6 +174,8 @@ pub struct Metrics {
     connections_refused: Family<Reason, Counter>,
     connections_closed: Family<Reason, Counter>,
     accept_errors: Counter,
+    stream_queue_bytes: Gauge<i64, AtomicI64>,
+    stuck_streams: Counter,
 }
 
 impl Default for Metrics {
@@ -216,6 +218,14 @@ impl Metrics {
         );
         let accept_errors = Counter::default();
         registry.register("accept_errors", "Failed accepts (out of descriptors and the like)", accept_errors.clone());
+        let stream_queue_bytes = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "stream_queue_bytes",
+            "Bytes of call JSON queued on this replica's device streams, not yet written",
+            stream_queue_bytes.clone(),
+        );
+        let stuck_streams = Counter::default();
+        registry.register("stuck_streams", "Device streams dropped because they did not drain", stuck_streams.clone());
         Self {
             registry,
             dispatches,
@@ -227,6 +237,8 @@ impl Metrics {
             connections_refused,
             connections_closed,
             accept_errors,
+            stream_queue_bytes,
+            stuck_streams,
         }
     }
 
@@ -270,6 +282,14 @@ impl Metrics {
         self.dispatches.get_or_create(&Outcome { outcome }).inc();
         self.latency.observe(started.elapsed().as_secs_f64());
         result
+    }
+
+    /// Records the streams' queue figures (read from the hub before [`Metrics::render`]):
+    /// bytes queued now, and the streams dropped for not draining so far.
+    pub fn set_stream_queues(&self, queued_bytes: usize, stuck_streams: u64) {
+        self.stream_queue_bytes.set(i64::try_from(queued_bytes).unwrap_or(i64::MAX));
+        let counted = self.stuck_streams.get();
+        self.stuck_streams.inc_by(stuck_streams.saturating_sub(counted));
     }
 
     /// The text exposition, with the gauges read now.

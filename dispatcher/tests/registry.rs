@@ -123,7 +123,7 @@ fn enrolled(outcome: EnrollOutcome) -> protocol::EnrollResponse {
 
 /// A device of `owner`'s, enrolled through a fresh pairing code: its id and token.
 async fn enroll_device(registry: &Registry, owner: &str, name: &str) -> (String, String) {
-    let code = registry.create_pairing_code(owner, Duration::from_secs(600)).await.expect("pairing code");
+    let code = registry.create_pairing_code(owner, Duration::from_secs(600), None).await.expect("pairing code");
     let response = enrolled(registry.enroll(&code.code, name, Some("linux")).await.expect("enroll"));
     (response.device_id, response.token)
 }
@@ -199,13 +199,13 @@ async fn api_tokens_are_created_looked_up_and_revoked_by_prefix() {
         }
 
         // Eight characters are enough; the other user's token is untouched.
-        assert_eq!(registry.revoke_api_token(&alice[..8]).await.expect("revoke"), 1);
+        assert_eq!(registry.revoke_api_token(&alice[..8]).await.expect("revoke").len(), 1);
         assert_eq!(registry.user_for_api_token(&alice).await.expect("lookup"), None);
         assert_eq!(registry.user_for_api_token(&bob).await.expect("lookup").as_deref(), Some("bob"));
-        assert_eq!(registry.revoke_api_token(&alice[..12]).await.expect("revoke again"), 0);
+        assert_eq!(registry.revoke_api_token(&alice[..12]).await.expect("revoke again").len(), 0);
 
         // A whole token revokes itself.
-        assert_eq!(registry.revoke_api_token(&bob).await.expect("revoke by token"), 1);
+        assert_eq!(registry.revoke_api_token(&bob).await.expect("revoke by token").len(), 1);
         assert_eq!(registry.user_for_api_token(&bob).await.expect("lookup"), None);
 
         // The prefix is matched exactly: `_` is no wildcard, case matters.
@@ -217,13 +217,54 @@ async fn api_tokens_are_created_looked_up_and_revoked_by_prefix() {
             .collect();
         other_case.replace_range(4.., &flipped);
         if other_case != carol[..12] {
-            assert_eq!(registry.revoke_api_token(&other_case).await.expect("revoke"), 0);
+            assert_eq!(registry.revoke_api_token(&other_case).await.expect("revoke").len(), 0);
         }
-        assert_eq!(registry.revoke_api_token("pat_%%%%%%%%").await.expect("revoke"), 0);
-        assert_eq!(registry.revoke_api_token("pat_________").await.expect("revoke"), 0);
+        assert_eq!(registry.revoke_api_token("pat_%%%%%%%%").await.expect("revoke").len(), 0);
+        assert_eq!(registry.revoke_api_token("pat_________").await.expect("revoke").len(), 0);
         assert_eq!(registry.user_for_api_token(&carol).await.expect("lookup").as_deref(), Some("carol"));
 
         assert!(matches!(registry.create_api_token("", None).await, Err(RegistryError::InvalidArgument(_))));
+    })
+    .await;
+}
+
+/// SHA-256 of a token as the registry stores it.
+fn stored_hash(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_an_api_token_names_it_and_voids_its_unused_codes() {
+    on_every_engine(|registry| async move {
+        let alice = registry.create_api_token("alice", None).await.expect("token");
+        let other = registry.create_api_token("alice", None).await.expect("token");
+        let (hash, other_hash) = (stored_hash(&alice), stored_hash(&other));
+        let ttl = Duration::from_secs(600);
+        let used = registry.create_pairing_code("alice", ttl, Some(&hash)).await.expect("code");
+        enrolled(registry.enroll(&used.code, "before", None).await.expect("enroll"));
+        let unused = registry.create_pairing_code("alice", ttl, Some(&hash)).await.expect("code");
+        let by_other = registry.create_pairing_code("alice", ttl, Some(&other_hash)).await.expect("code");
+        let unlinked = registry.create_pairing_code("alice", ttl, None).await.expect("code");
+        let since = Utc::now().timestamp_millis() - 1;
+        assert!(registry.api_tokens_revoked_since(since).await.expect("poll").is_empty());
+
+        assert_eq!(registry.revoke_api_token(&alice[..12]).await.expect("revoke"), vec![hash.clone()]);
+        assert_eq!(registry.api_tokens_revoked_since(since).await.expect("poll"), vec![hash.clone()]);
+        assert!(registry
+            .api_tokens_revoked_since(Utc::now().timestamp_millis() + 1000)
+            .await
+            .expect("poll")
+            .is_empty());
+        // Its unused code is void; the other token's, and a code minted by no token, still enroll.
+        assert_eq!(registry.enroll(&unused.code, "late", None).await.expect("enroll"), EnrollOutcome::Refused);
+        enrolled(registry.enroll(&by_other.code, "other", None).await.expect("enroll"));
+        enrolled(registry.enroll(&unlinked.code, "unlinked", None).await.expect("enroll"));
+        // A code minted with the token after its revocation (a replica that had not heard yet)
+        // does not enroll either.
+        let racing = registry.create_pairing_code("alice", ttl, Some(&hash)).await.expect("code");
+        assert_eq!(registry.enroll(&racing.code, "racing", None).await.expect("enroll"), EnrollOutcome::Refused);
+        assert_eq!(registry.devices("alice").await.expect("devices").len(), 3);
     })
     .await;
 }
@@ -247,7 +288,7 @@ async fn too_short_token_prefixes_are_refused() {
 async fn a_pairing_code_enrolls_one_device_once() {
     on_every_engine(|registry| async move {
         let before = Utc::now();
-        let code = registry.create_pairing_code("alice", Duration::from_secs(600)).await.expect("code");
+        let code = registry.create_pairing_code("alice", Duration::from_secs(600), None).await.expect("code");
         let groups: Vec<&str> = code.code.split('-').collect();
         assert_eq!(groups.len(), 3, "{}", code.code);
         for group in groups {
@@ -275,7 +316,7 @@ async fn a_pairing_code_enrolls_one_device_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_and_unknown_pairing_codes_are_refused() {
     on_every_engine(|registry| async move {
-        let code = registry.create_pairing_code("alice", Duration::from_millis(1)).await.expect("code");
+        let code = registry.create_pairing_code("alice", Duration::from_millis(1), None).await.expect("code");
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(registry.enroll(&code.code, "late", None).await.expect("enroll"), EnrollOutcome::Refused);
 
@@ -286,11 +327,11 @@ async fn expired_and_unknown_pairing_codes_are_refused() {
         assert!(registry.devices("alice").await.expect("devices").is_empty());
 
         assert!(matches!(
-            registry.create_pairing_code("alice", Duration::from_secs(400 * 24 * 3600)).await,
+            registry.create_pairing_code("alice", Duration::from_secs(400 * 24 * 3600), None).await,
             Err(RegistryError::InvalidArgument(_))
         ));
         assert!(matches!(
-            registry.create_pairing_code("", Duration::from_secs(60)).await,
+            registry.create_pairing_code("", Duration::from_secs(60), None).await,
             Err(RegistryError::InvalidArgument(_))
         ));
     })
@@ -301,12 +342,12 @@ async fn expired_and_unknown_pairing_codes_are_refused() {
 async fn typed_pairing_codes_are_normalized() {
     on_every_engine(|registry| async move {
         // Lowercase, no hyphens.
-        let code = registry.create_pairing_code("alice", Duration::from_secs(600)).await.expect("code");
+        let code = registry.create_pairing_code("alice", Duration::from_secs(600), None).await.expect("code");
         let typed = code.code.replace('-', "").to_lowercase();
         enrolled(registry.enroll(&typed, "one", None).await.expect("enroll"));
 
         // Spaces, and the letters people type for 0 and 1.
-        let code = registry.create_pairing_code("alice", Duration::from_secs(600)).await.expect("code");
+        let code = registry.create_pairing_code("alice", Duration::from_secs(600), None).await.expect("code");
         let typed: String = code
             .code
             .chars()
@@ -329,7 +370,7 @@ async fn typed_pairing_codes_are_normalized() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_enrollments_with_one_code_enroll_exactly_one_device() {
     on_every_engine(|registry| async move {
-        let code = registry.create_pairing_code("alice", Duration::from_secs(600)).await.expect("code");
+        let code = registry.create_pairing_code("alice", Duration::from_secs(600), None).await.expect("code");
         let attempts: Vec<_> = (0..100)
             .map(|i| {
                 let registry = registry.clone();
@@ -829,7 +870,7 @@ async fn live_pairing_codes_are_limited_per_user_even_when_minted_at_once() {
         let mints: Vec<_> = (0..40)
             .map(|_| {
                 let registry = registry.clone();
-                tokio::spawn(async move { registry.create_pairing_code("alice", ttl).await })
+                tokio::spawn(async move { registry.create_pairing_code("alice", ttl, None).await })
             })
             .collect();
         let (mut minted, mut refused) = (Vec::new(), 0);
@@ -841,17 +882,17 @@ async fn live_pairing_codes_are_limited_per_user_even_when_minted_at_once() {
             }
         }
         assert_eq!((minted.len(), refused), (5, 35));
-        registry.create_pairing_code("bob", ttl).await.expect("another user has a quota of its own");
+        registry.create_pairing_code("bob", ttl, None).await.expect("another user has a quota of its own");
 
         // A used code and an expired one are not live: room for two more.
         enrolled(registry.enroll(&minted[0].code, "laptop", None).await.expect("enroll"));
-        assert!(registry.create_pairing_code("alice", ttl).await.is_ok());
-        assert!(registry.create_pairing_code("alice", ttl).await.is_err());
+        assert!(registry.create_pairing_code("alice", ttl, None).await.is_ok());
+        assert!(registry.create_pairing_code("alice", ttl, None).await.is_err());
         let short = registry.with_limits(Limits { max_live_pairing_codes: 6, ..Limits::default() });
-        short.create_pairing_code("alice", Duration::from_millis(1)).await.expect("a sixth, short-lived");
+        short.create_pairing_code("alice", Duration::from_millis(1), None).await.expect("a sixth, short-lived");
         tokio::time::sleep(Duration::from_millis(20)).await;
-        short.create_pairing_code("alice", ttl).await.expect("the expired one does not count");
-        assert!(short.create_pairing_code("alice", ttl).await.is_err());
+        short.create_pairing_code("alice", ttl, None).await.expect("the expired one does not count");
+        assert!(short.create_pairing_code("alice", ttl, None).await.is_err());
     })
     .await;
 }
@@ -862,7 +903,7 @@ async fn devices_are_limited_per_user_at_enrollment_and_the_code_is_kept() {
         let registry = registry.with_limits(Limits { max_devices_per_user: 2, ..Limits::default() });
         let (first, _) = enroll_device(&registry, "alice", "one").await;
         enroll_device(&registry, "alice", "two").await;
-        let code = registry.create_pairing_code("alice", Duration::from_secs(600)).await.expect("code");
+        let code = registry.create_pairing_code("alice", Duration::from_secs(600), None).await.expect("code");
         match registry.enroll(&code.code, "three", None).await {
             Err(RegistryError::OverLimit { limit: Limit::DevicesPerUser, value: 2, max: 2 }) => {}
             other => panic!("{other:?}"),
@@ -880,7 +921,7 @@ async fn devices_are_limited_per_user_at_enrollment_and_the_code_is_kept() {
         let registry = registry.with_limits(Limits { max_devices_per_user: 6, ..Limits::default() });
         let mut codes = Vec::new();
         for _ in 0..8 {
-            codes.push(registry.create_pairing_code("carol", Duration::from_secs(600)).await.expect("code").code);
+            codes.push(registry.create_pairing_code("carol", Duration::from_secs(600), None).await.expect("code").code);
         }
         let enrollments: Vec<_> = codes
             .into_iter()
@@ -926,10 +967,10 @@ async fn expiry_deletes_decided_proposals_and_done_codes_and_nothing_else() {
             .transition_proposal(&rejected, ProposalStatus::Pending, ProposalStatus::Rejected, None)
             .await
             .expect("reject"));
-        let live = registry.create_pairing_code("alice", Duration::from_secs(600)).await.expect("code");
-        registry.create_pairing_code("alice", Duration::from_millis(1)).await.expect("soon expired");
+        let live = registry.create_pairing_code("alice", Duration::from_secs(600), None).await.expect("code");
+        registry.create_pairing_code("alice", Duration::from_millis(1), None).await.expect("soon expired");
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let bobs = registry.create_pairing_code("bob", Duration::from_secs(600)).await.expect("code");
+        let bobs = registry.create_pairing_code("bob", Duration::from_secs(600), None).await.expect("code");
 
         // Cutoffs before everything: nothing goes.
         let none = Expiry { proposals_decided_before: started, codes_done_before: started };

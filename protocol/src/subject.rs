@@ -9,6 +9,7 @@
 //! | `{p}.device.{id}.control` | every replica holding a stream of the device | [`Control::Takeover`] (published) and [`Control::Presence`] (request; reply: [`Holder`]). |
 //! | `{p}.result.{route}` | the one replica whose route tag is `{route}` | request: a [`crate::HostResult`], header [`HEADER_DEVICE_ID`]; reply: a [`DeliverAck`]. No responders: 404. |
 //! | `{p}.revoked` | every replica | [`Revoked`]: close the stream, fail the device's pending calls, evict cached tokens. |
+//! | `{p}.api-tokens.revoked` | every replica | [`ApiTokensRevoked`]: evict those api tokens from the credential cache. Published by `dispatcher token revoke`; replicas also poll the database for it, so a missed message costs at most that poll. |
 //! | `{p}.presence.all` | every replica | request (scatter-gather): each replica answers its [`HeldDevices`]. |
 //! | `{p}.events.{user}` | every replica, once, as `{p}.events.*` | [`crate::events::UserEvent`]: one user's device or proposal change, for that user's listeners on every replica. `{user}` is [`crate::events::user_token`] (user ids are not safe tokens). Core NATS, best effort: a listener that reconnects gets a fresh snapshot. |
 //!
@@ -79,6 +80,10 @@ impl Subjects {
         format!("{}.revoked", self.prefix)
     }
 
+    pub fn api_tokens_revoked(&self) -> String {
+        format!("{}.api-tokens.revoked", self.prefix)
+    }
+
     pub fn presence_all(&self) -> String {
         format!("{}.presence.all", self.prefix)
     }
@@ -142,6 +147,10 @@ pub enum CallAck {
     Expired,
     /// This replica does not (or no longer) hold a live stream of the device: try again.
     NotHeld,
+    /// The device's stream here has more waiting than its budget (it is not reading fast
+    /// enough, or not at all): nothing was queued. Try again later; a stream that stays stuck
+    /// is dropped, and the device is then offline.
+    Full,
 }
 
 /// The dispatching replica's reply to a forwarded result.
@@ -178,6 +187,14 @@ pub struct Holder {
 #[serde(rename_all = "camelCase")]
 pub struct Revoked {
     pub device_id: String,
+}
+
+/// Body of `{p}.api-tokens.revoked`: the revoked api tokens, by the lowercase hex SHA-256 of
+/// the token (never the token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiTokensRevoked {
+    pub token_hashes: Vec<String>,
 }
 
 /// One replica's answer to `{p}.presence.all`.
@@ -232,5 +249,6 @@ mod tests {
         assert_eq!(s.result("0000abcd"), "pulsn.host.result.0000abcd");
         assert_eq!(s.revoked(), "pulsn.host.revoked");
         assert_eq!(s.presence_all(), "pulsn.host.presence.all");
+        assert_eq!(s.api_tokens_revoked(), "pulsn.host.api-tokens.revoked");
     }
 }

@@ -3,7 +3,7 @@
 
 use chrono::{TimeZone, Utc};
 use protocol::sse::{Ready, Reconnect, ReconnectReason};
-use protocol::subject::{CallAck, Control, DeliverAck, Holder};
+use protocol::subject::{ApiTokensRevoked, CallAck, Control, DeliverAck, Holder};
 use protocol::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -183,8 +183,10 @@ fn sse_payloads() {
 #[test]
 fn nats_bodies() {
     pin(&CallAck::NotHeld, json!("not-held"));
+    pin(&CallAck::Full, json!("full"));
     pin(&DeliverAck::Forbidden, json!("forbidden"));
     pin(&Control::Takeover { epoch: 7, replica: "b".into() }, json!({"kind": "takeover", "epoch": 7, "replica": "b"}));
     pin(&Control::Presence, json!({"kind": "presence"}));
     pin(&Holder { replica: "b".into(), epoch: 7 }, json!({"replica": "b", "epoch": 7}));
+    pin(&ApiTokensRevoked { token_hashes: vec!["ab01".into()] }, json!({"tokenHashes": ["ab01"]}));
 }

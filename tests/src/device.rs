@@ -143,6 +143,23 @@ impl TestDevice {
         Ok(response.status())
     }
 
+    /// Opens the stream on `addr` over a raw TCP connection with a small receive buffer and
+    /// returns the socket without reading a byte of the answer: a device that stopped reading
+    /// (its socket fills, and the server's writes block).
+    pub async fn open_unread_stream(&self, addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpStream> {
+        use tokio::io::AsyncWriteExt;
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_recv_buffer_size(4096)?;
+        let mut stream = socket.connect(addr).await.context("connecting for a raw stream")?;
+        let request = format!(
+            "GET /api/host/stream HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
+             Accept: text/event-stream\r\n\r\n",
+            self.token
+        );
+        stream.write_all(request.as_bytes()).await?;
+        Ok(stream)
+    }
+
     /// `POST /api/host/result`.
     pub async fn post_result(&self, base_url: &str, result: &HostResult) -> anyhow::Result<(StatusCode, Value)> {
         let response = client()
@@ -434,6 +451,22 @@ impl Control {
             bail!("pairing-codes answered {status}: {body}");
         }
         body["code"].as_str().map(str::to_owned).ok_or_else(|| anyhow!("pairing code without code: {body}"))
+    }
+
+    /// Asks `GET /api/devices` every 20 ms until it answers 401; how long that took, or `None`
+    /// when the token still worked after `limit`.
+    pub async fn time_until_refused(&self, limit: Duration) -> anyhow::Result<Option<Duration>> {
+        let started = Instant::now();
+        loop {
+            let (status, _) = self.devices().await?;
+            if status == StatusCode::UNAUTHORIZED {
+                return Ok(Some(started.elapsed()));
+            }
+            if started.elapsed() > limit {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn devices(&self) -> anyhow::Result<(StatusCode, Value)> {

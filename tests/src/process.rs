@@ -47,6 +47,7 @@ const DISPATCHER_ENV: &[&str] = &[
     "DISPATCHER_PROPOSAL_RETENTION_DAYS",
     "DISPATCHER_APPLY_TIMEOUT_SECS",
     "DISPATCHER_STALE_APPLY_SECS",
+    "DISPATCHER_STREAM_QUEUE_BYTES",
 ];
 
 const AGENT_ENV: &[&str] = &[
@@ -483,6 +484,14 @@ impl Dispatcher {
     }
 }
 
+/// The resident set size of process `pid` in KiB (`VmRSS` of `/proc/<pid>/status`); `None` when
+/// it cannot be read (the process is gone, or this is not Linux).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Runs `dispatcher <args>` (a short-lived command) with DATABASE_URL cleared; returns its
 /// output whatever the exit status.
 pub async fn dispatcher_command(args: &[&str]) -> anyhow::Result<std::process::Output> {
@@ -515,11 +524,31 @@ pub async fn mint_token(database_url: &str, user: &str) -> anyhow::Result<String
 
 /// `dispatcher token revoke <prefix>`.
 pub async fn revoke_token(database_url: &str, prefix: &str) -> anyhow::Result<()> {
-    let output = dispatcher_command(&["token", "revoke", prefix, "--database-url", database_url]).await?;
-    if !output.status.success() {
-        bail!("token revoke failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr));
+    revoke_token_with_env(database_url, prefix, &[]).await.map(|_| ())
+}
+
+/// `dispatcher token revoke <prefix>` with extra environment (`NATS_URL`,
+/// `DISPATCHER_SUBJECT_PREFIX`, as a replica's pod has them). Returns what it printed on stderr.
+pub async fn revoke_token_with_env(database_url: &str, prefix: &str, env: &[(&str, &str)]) -> anyhow::Result<String> {
+    let mut command = tokio::process::Command::new(crate::bin::dispatcher());
+    command.args(["token", "revoke", prefix, "--database-url", database_url]);
+    command.stdin(Stdio::null()).env("RUST_LOG", "warn").env("NO_COLOR", "1");
+    for name in DISPATCHER_ENV {
+        command.env_remove(name);
     }
-    Ok(())
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .context("dispatcher token revoke took over 60 s")?
+        .context("running the dispatcher binary")?;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    if !output.status.success() {
+        bail!("token revoke failed ({}): {stderr}", output.status);
+    }
+    Ok(stderr)
 }
 
 /// How to start a `host-agent run`. Defaults tuned for tests: keepalive 15 s, reconnect

@@ -819,6 +819,46 @@ async fn revocation_takes_effect_on_every_replica_within_a_second() {
     );
 }
 
+/// `dispatcher token revoke`, run as an operator runs it in a replica's pod (with `NATS_URL`
+/// and the subject prefix set): an api token cached on every replica is refused on every one
+/// within a second. Run without the broker (a missed publish), the replicas learn it from the
+/// database within a second too. A pairing code the revoked token minted, still unused, does not
+/// enroll on any replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_token_revocation_reaches_every_replica_within_a_second() {
+    let cluster = LocalCluster::start(2).await.expect("cluster");
+    let nats_env = [("NATS_URL", cluster.nats_urls()), ("DISPATCHER_SUBJECT_PREFIX", "pulsn.host".to_owned())];
+    let nats_env: Vec<(&str, &str)> = nats_env.iter().map(|(name, value)| (*name, value.as_str())).collect();
+    let bystander = cluster.control().clone();
+    for (what, env) in [("published on NATS", nats_env.as_slice()), ("database only", &[][..])] {
+        let token = cluster.mint_token("revokee").await.expect("mint");
+        let controls: Vec<Control> = (0..cluster.len()).map(|i| Control::new(cluster.url(i), token.clone())).collect();
+        let code = controls[1].pairing_code().await.expect("a code minted on replica 1 before the revocation");
+        for control in &controls {
+            let (status, _) = control.devices().await.expect("devices");
+            assert_eq!(status, StatusCode::OK, "the token works (and is cached) on {}", control.base_url);
+        }
+        e2e::process::revoke_token_with_env(cluster.database_url(), &token[..12], env).await.expect("revoke");
+        let refused = join_all(controls.iter().map(|control| control.time_until_refused(40 * SECOND))).await;
+        let refused: Vec<Option<Duration>> = refused.into_iter().map(|r| r.expect("request")).collect();
+        let shown: Vec<String> =
+            refused.iter().map(|r| r.map_or("still accepted".into(), |d| format!("{} ms", ms(d)))).collect();
+        println!("api token revoked ({what}): refused on the replicas after {shown:?} (from the command's exit)");
+        for (index, after) in refused.iter().enumerate() {
+            let after = after.unwrap_or_else(|| panic!("{what}: still accepted on replica {index} after 40 s"));
+            assert!(after < 2 * SECOND, "{what}: replica {index} accepted the revoked token for {after:?}");
+        }
+        for index in 0..cluster.len() {
+            let (status, body) = TestDevice::enroll_raw(&cluster.url(index), &json!({"code": code, "name": "late"}))
+                .await
+                .expect("enroll");
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: a code of the revoked token enrolled: {body}");
+        }
+        let (status, _) = bystander.devices().await.expect("devices");
+        assert_eq!(status, StatusCode::OK, "another token is untouched");
+    }
+}
+
 fn uuid() -> String {
     uuid::Uuid::new_v4().to_string()
 }

@@ -478,6 +478,31 @@ async fn api_token_revoke(backend: Backend) {
     assert_error(&got, StatusCode::UNAUTHORIZED, "revoked, minting codes");
 }
 
+/// A cached api token revoked with `dispatcher token revoke` (no broker: the command only
+/// writes the database) is refused within a second, and a pairing code it minted before, still
+/// unused, no longer enrolls. (The cache alone kept it working for 30 s.)
+async fn api_token_revoke_is_prompt(backend: Backend) {
+    let env = Env::start(backend).await;
+    let url = env.dispatcher.database_url().to_owned();
+    let code = env.control.pairing_code().await.expect("a code minted before the revocation");
+    let kept = env.other_user("user-b").await;
+    let (status, _) = env.control.devices().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "the token works, and is cached now");
+
+    revoke_token(&url, &env.control.token[..12]).await.expect("revoke");
+    let after = env.control.time_until_refused(40 * SECOND).await.unwrap();
+    println!("{backend:?}: a revoked, cached api token was refused after {after:?} (from the command's exit)");
+    let after = after.expect("the revoked token is refused within 40 s");
+    assert!(after < 2 * SECOND, "the revoked token kept working for {after:?}");
+
+    let got = TestDevice::enroll_raw(&env.base(), &json!({"code": code, "name": "late"})).await.unwrap();
+    assert_error(&got, StatusCode::UNAUTHORIZED, "enrolling with a code the revoked token minted");
+    let (status, _) = kept.devices().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "another user's token is untouched");
+    let code = kept.pairing_code().await.expect("another user's token mints");
+    TestDevice::enroll(&env.base(), &code, "theirs").await.expect("and its codes enroll");
+}
+
 /// Runs each flow once on SQLite and once on PostgreSQL.
 macro_rules! on_both_databases {
     ($($flow:ident),* $(,)?) => {
@@ -511,6 +536,7 @@ on_both_databases!(
     pairing_codes,
     users_are_isolated,
     api_token_revoke,
+    api_token_revoke_is_prompt,
 );
 
 // ---- the embedded default only ----------------------------------------------------------------
@@ -827,6 +853,137 @@ async fn keepalive_comments() {
         assert_eq!((event.as_str(), data.as_str()), (e2e::sse::KEEPALIVE, ""));
     }
     assert!(started.elapsed() < 4 * SECOND);
+}
+
+/// A device that stops reading its stream (a raw socket with a small buffer, never read) is sent
+/// 100 calls of 1 MB. The stream's queue stays within its byte budget, the stream is dropped
+/// (and its connection closed) after two keepalive intervals, every call is answered, and the
+/// dispatcher's memory comes back near where it started. Prints the figures. (Keepalive 5 s: a
+/// debug build parsing 100 MB of JSON on a busy machine can miss its stall watch's ticks for
+/// seconds, and a shorter keepalive would make it give up its streams as if it had been frozen.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_does_not_read_is_bounded_and_dropped() {
+    const CALLS: usize = 100;
+    const CALL_BYTES: usize = 1 << 20;
+    const BUDGET: f64 = 16.0 * 1024.0 * 1024.0;
+    const KEEPALIVE: Duration = Duration::from_secs(5);
+    let env = Env::start_with(Backend::Sqlite, |b| b.keepalive_secs(KEEPALIVE.as_secs()).rust_log("warn")).await;
+    let pid = env.dispatcher.pid();
+    let base = env.base();
+    // Warm up the paths a call takes with a reading device, then measure the baseline.
+    let reader = env.device("reader").await;
+    let _reading = reader.connect(&base, Answer::Echo).await.unwrap();
+    for _ in 0..5 {
+        let (status, _) = env.control.call(&reader.device_id, "t", json!("x".repeat(CALL_BYTES)), None).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+    }
+    tokio::time::sleep(SECOND).await;
+    let baseline = e2e::process::rss_kib(pid).expect("VmRSS");
+
+    let device = env.device("deaf").await;
+    let mut socket = device.open_unread_stream(env.dispatcher.addr()).await.unwrap();
+    env.control.wait_online(&device.device_id, true, 5 * SECOND).await.expect("the deaf device is online");
+    let started = Instant::now();
+    println!("dispatching at {}", chrono::Utc::now());
+    // One body, encoded once: the test's own CPU goes to sending it, not to encoding it.
+    let body = bytes::Bytes::from(
+        serde_json::to_vec(
+            &json!({"tool": "read_file", "input": {"data": "x".repeat(CALL_BYTES)}, "timeoutMs": 20000}),
+        )
+        .unwrap(),
+    );
+    let client = reqwest::Client::new();
+    let url = format!("{base}/api/devices/{}/calls", device.device_id);
+    let calls = futures::future::join_all((0..CALLS).map(|_| {
+        let request = client
+            .post(&url)
+            .bearer_auth(&env.control.token)
+            .header(CONTENT_TYPE, "application/json")
+            .body(body.clone());
+        tokio::spawn(async move {
+            let response = request.send().await?;
+            let status = response.status();
+            anyhow::Ok((status, response.json::<Value>().await?))
+        })
+    }));
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let calls = async {
+        let answers = calls.await;
+        done.store(true, Ordering::Release);
+        answers
+    };
+    let watch = async {
+        let (mut peak_rss, mut peak_queued, mut dropped_after) = (0u64, 0f64, None);
+        loop {
+            peak_rss = peak_rss.max(e2e::process::rss_kib(pid).unwrap_or(0));
+            peak_queued = peak_queued.max(metric(&base, "stream_queue_bytes").await.unwrap_or(f64::NAN));
+            if dropped_after.is_none() && metric(&base, "stuck_streams_total").await.unwrap_or(0.0) >= 1.0 {
+                dropped_after = Some(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if done.load(Ordering::Acquire) || started.elapsed() > 40 * SECOND {
+                return (peak_rss, peak_queued, dropped_after);
+            }
+        }
+    };
+    let (answers, (peak_rss, peak_queued, dropped_after)) = tokio::join!(calls, watch);
+    // Close the 100 connections the calls came on: their buffers are theirs, not the stream's.
+    drop(client);
+    let mut statuses = std::collections::BTreeMap::new();
+    for answer in answers {
+        let (status, body) = answer.expect("task").expect("an answer");
+        *statuses.entry(status.as_u16()).or_insert(0) += 1;
+        assert!(
+            matches!(status, StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT),
+            "{status}: {body:.200}"
+        );
+    }
+    // The server closed the connection: the device reads what was sent, then the end.
+    let mut unread = 0usize;
+    let closed = tokio::time::timeout(10 * SECOND, async {
+        use tokio::io::AsyncReadExt;
+        let mut buffer = vec![0u8; 1 << 16];
+        loop {
+            match socket.read(&mut buffer).await {
+                Ok(0) | Err(_) => return true,
+                Ok(n) => unread += n,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    // Memory comes back as the allocator returns freed pages: wait for it, 30 s at most.
+    const MARGIN_KIB: u64 = 64 * 1024;
+    let settling = Instant::now();
+    let after = loop {
+        let rss = e2e::process::rss_kib(pid).expect("VmRSS");
+        if rss < baseline + MARGIN_KIB || settling.elapsed() > 30 * SECOND {
+            break rss;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let settled_in = settling.elapsed();
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    println!(
+        "deaf stream, {CALLS} calls of 1 MiB: answers {statuses:?}; stream dropped after {dropped_after:?}; peak queued \
+         {:.1} MiB; RSS baseline {:.1} MiB, peak {:.1} MiB, after {:.1} MiB (within {:.1} s); {:.1} MiB sent before the close",
+        peak_queued / 1048576.0,
+        mib(baseline),
+        mib(peak_rss),
+        mib(after),
+        settled_in.as_secs_f64(),
+        unread as f64 / 1048576.0
+    );
+    for line in env.dispatcher.log().lines().filter(|line| line.contains("stream dropped")) {
+        println!("{line}");
+    }
+    assert!(peak_queued <= BUDGET + CALL_BYTES as f64 * 1.1, "queued {peak_queued} bytes, over the budget");
+    let dropped_after = dropped_after.expect("the stream was dropped");
+    assert!(dropped_after < 2 * KEEPALIVE + 8 * SECOND, "dropped only after {dropped_after:?}");
+    assert!(closed, "the server closed the connection");
+    assert!(after < baseline + MARGIN_KIB, "RSS {after} KiB after 30 s, baseline {baseline} KiB");
+    assert_eq!(metric(&base, "stream_queue_bytes").await, Some(0.0));
+    assert_eq!(metric(&base, "device_streams").await, Some(1.0), "the reading device's stream stays");
 }
 
 /// SIGTERM: a connected stream hears `reconnect` (reason shutdown) first, and the process

@@ -29,9 +29,10 @@ impl MemoryBus {
 #[async_trait]
 impl Bus for MemoryBus {
     async fn send_call(&self, device_id: &str, call: &HostCall, _ack_timeout: Duration) -> Routed {
-        match self.hub.push(device_id, call.clone()) {
+        match self.hub.push(device_id, call) {
             CallAck::Accepted => Routed::Accepted,
             CallAck::Expired => Routed::Expired,
+            CallAck::Full => Routed::Full,
             // One replica: a device not held here is held nowhere.
             CallAck::NotHeld if self.hub.holder(device_id).is_none() => Routed::Offline,
             CallAck::NotHeld => Routed::NotHeld,

@@ -34,6 +34,9 @@ pub enum Routed {
     NotHeld,
     /// The deadline passed before any holder could push it.
     Expired,
+    /// The holder's stream of the device has more waiting than its budget: worth another try,
+    /// after a pause, until the deadline.
+    Full,
     /// No answer in time, or the broker is unreachable: worth another try until the deadline.
     Unreachable,
 }

@@ -1,8 +1,9 @@
 //! The in-memory credential cache that keeps the database off the hot path: token hashes
 //! seen recently, mapped to the device or user they authenticate, for a short time.
 //!
-//! It only remembers positive answers, and forgets them when they expire, when a device is
-//! revoked (on every replica, through the bus) and wholesale when a replica reconnects to its
+//! It only remembers positive answers, and forgets them when they expire, when a device or an
+//! api token is revoked (on every replica, through the bus, and for api tokens also through the
+//! database poll of [`crate::revocation`]) and wholesale when a replica reconnects to its
 //! broker (it may have missed a revocation meanwhile). It does not talk to the database.
 
 use std::collections::HashMap;
@@ -14,6 +15,13 @@ use std::time::{Duration, Instant};
 pub struct CachedDevice {
     pub device_id: String,
     pub owner: String,
+}
+
+/// A token hash as the registry stores it and the bus carries it (64 hex digits) as the
+/// cache's key; `None` for anything else.
+pub fn parse_token_hash(hex_hash: &str) -> Option<[u8; 32]> {
+    let mut hash = [0u8; 32];
+    hex::decode_to_slice(hex_hash, &mut hash).ok().map(|()| hash)
 }
 
 /// A bounded map whose entries expire `ttl` after insertion.
@@ -52,6 +60,11 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         self.entries.insert(key, (value, now));
     }
 
+    /// True when `key` has an entry, live or expired.
+    pub fn contains(&self, key: &K) -> bool {
+        self.entries.contains_key(key)
+    }
+
     pub fn remove(&mut self, key: &K) {
         self.entries.remove(key);
     }
@@ -85,6 +98,15 @@ mod tests {
         assert_eq!(cache.get(&"k", start + Duration::from_secs(9)), Some(1));
         assert_eq!(cache.get(&"k", start + Duration::from_secs(10)), None);
         assert!(cache.is_empty(), "an expired entry is dropped when seen");
+    }
+
+    #[test]
+    fn token_hashes() {
+        let hash = "ab".repeat(32);
+        assert_eq!(parse_token_hash(&hash), Some([0xab; 32]));
+        for bad in ["", "ab", &"ab".repeat(33), &"zz".repeat(32)] {
+            assert_eq!(parse_token_hash(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

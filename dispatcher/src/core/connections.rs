@@ -1,8 +1,8 @@
 //! The connection table: which live stream on this replica owns each device, and what a new
 //! stream, a takeover from another replica or a revocation closes.
 //!
-//! Pure data and decisions, no I/O: a stream is represented by the sending half of its frame
-//! channel, and every decision returns the senders the caller must notify. The async shell
+//! Pure data and decisions, no I/O: a stream is represented by its frame queue, and every
+//! decision returns the streams the caller must notify. The async shell
 //! ([`crate::core::Hub`]) carries them out.
 //!
 //! Fencing: each stream carries an epoch, issued cluster-wide in increasing order (the
@@ -10,10 +10,9 @@
 //! wherever and in whatever order the two replicas learn of each other.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use tokio::sync::mpsc;
-
-use super::Frame;
+use super::queue::StreamQueue;
 
 /// One live stream of a device on this replica.
 #[derive(Debug, Clone)]
@@ -21,7 +20,7 @@ pub struct Conn {
     /// Unique on this replica: tells a stream from a newer one of the same device.
     pub conn_id: u64,
     pub epoch: u64,
-    pub tx: mpsc::Sender<Frame>,
+    pub queue: Arc<StreamQueue>,
 }
 
 /// What accepting a new stream decided.
@@ -60,6 +59,11 @@ impl ConnectionTable {
 
     pub fn get(&self, device_id: &str) -> Option<&Conn> {
         self.by_device.get(device_id)
+    }
+
+    /// Every stream here, by device.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Conn)> {
+        self.by_device.iter()
     }
 
     pub fn device_ids(&self) -> Vec<String> {
@@ -119,8 +123,8 @@ mod tests {
     use super::*;
 
     fn conn(conn_id: u64, epoch: u64) -> Conn {
-        let (tx, _rx) = mpsc::channel(1);
-        Conn { conn_id, epoch, tx }
+        let limits = crate::core::queue::QueueLimits { frames: 1, bytes: 1 };
+        Conn { conn_id, epoch, queue: Arc::new(StreamQueue::new(limits, Arc::default())) }
     }
 
     #[test]

@@ -12,16 +12,19 @@ use chrono::Utc;
 use protocol::subject::{call_id_route, new_call_id, DeliverAck, Holder};
 use protocol::{CallMode, HostCall, HostResult};
 use serde_json::Value;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::hub::{Frame, Hub};
+use super::hub::Hub;
+use super::queue::StreamQueue;
 use crate::bus::{Bus, BusError, Routed};
 
 /// Longest a dispatch waits for one holder to acknowledge a push before trying again.
 const ACK_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause between tries when a holder could not vouch for the device (it is moving).
 const RETRY_PAUSE: Duration = Duration::from_millis(25);
+/// Longest pause between tries when the device's stream is full: each try encodes (and in
+/// cluster mode sends) the whole call again, so a call waiting for room backs off to this.
+const FULL_PAUSE_MAX: Duration = Duration::from_secs(1);
 
 /// One call to make on a device.
 #[derive(Debug, Clone)]
@@ -55,11 +58,11 @@ impl std::fmt::Debug for Dispatcher {
     }
 }
 
-/// A device's stream as registered here: its frames, and a guard that unregisters it (here
-/// and on the bus) when dropped.
+/// A device's stream as registered here: its frame queue (the writer pulls with
+/// [`StreamQueue::recv`]), and a guard that unregisters it (here and on the bus) when dropped.
 #[derive(Debug)]
 pub struct DeviceStream {
-    pub frames: mpsc::Receiver<Frame>,
+    pub frames: Arc<StreamQueue>,
     pub epoch: u64,
     _guard: StreamGuard,
 }
@@ -145,7 +148,7 @@ impl Dispatcher {
             // On failure the guard unregisters the stream again.
             self.bus.hold(device_id, epoch).await?;
         }
-        Ok(DeviceStream { frames: opened.rx, epoch, _guard: guard })
+        Ok(DeviceStream { frames: opened.queue, epoch, _guard: guard })
     }
 
     /// Sends a call to a device and waits for its result, `device offline` or `device timed
@@ -183,6 +186,7 @@ impl Dispatcher {
         let pending_id = call_id.clone();
         let _pending = PendingGuard { hub: &self.hub, call_id: &pending_id };
 
+        let mut full_pause = RETRY_PAUSE;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
@@ -201,6 +205,12 @@ impl Dispatcher {
                 Routed::Expired => return HostResult::timed_out(call_id),
                 Routed::NotHeld | Routed::Unreachable => {
                     tokio::time::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now()))).await;
+                }
+                // Waits for room as long as the stream is there; a stuck one is dropped, and
+                // the next try answers offline.
+                Routed::Full => {
+                    tokio::time::sleep(full_pause.min(deadline.saturating_duration_since(Instant::now()))).await;
+                    full_pause = (full_pause * 2).min(FULL_PAUSE_MAX);
                 }
             }
         }

@@ -1,13 +1,18 @@
-//! The hub: this replica's live state (its device streams, the calls it waits for, its
-//! credential cache, its stall watch) behind one small synchronous API.
+//! The hub: this replica's live state (its device streams and their queues, the calls it waits
+//! for, its credential cache, its stall watch) behind one small synchronous API.
 //!
 //! Both buses act on a hub: the in-memory bus calls it directly, the NATS bus calls it from
 //! its subscriptions. It never talks to the network or the database; decisions are made by the
 //! tables it holds ([`ConnectionTable`], [`PendingTable`]) and the frames they produce are
-//! handed to the streams' channels without waiting.
+//! handed to the streams' queues ([`StreamQueue`]) without waiting.
+//!
+//! A stream's queue is bounded in frames and in bytes of call JSON; a push beyond either is
+//! refused ([`CallAck::Full`]). A stream that does not drain (a frame unwritten, or a write
+//! blocked, for two keepalive intervals) is dropped by the stall watch: its queue is emptied at
+//! once and its connection closed, so the memory comes back and the device reconnects.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,15 +20,19 @@ use parking_lot::Mutex;
 use protocol::sse::ReconnectReason;
 use protocol::subject::{CallAck, DeliverAck, Holder};
 use protocol::{HostCall, HostResult};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::cache::{CachedDevice, TtlCache};
 use super::connections::{Accept, Conn, ConnectionTable, Takeover};
 use super::pending::PendingTable;
+use super::queue::{Admit, QueueLimits, StreamQueue};
 
 /// Frames queued to one device stream before pushes are refused.
 pub const STREAM_QUEUE: usize = 256;
+/// Bytes of call JSON queued to one device stream before pushes are refused (the default of
+/// `--stream-queue-bytes`).
+pub const STREAM_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 /// How long a credential stays cached.
 pub const AUTH_CACHE_TTL: Duration = Duration::from_secs(30);
 const AUTH_CACHE_CAPACITY: usize = 100_000;
@@ -35,13 +44,31 @@ const PUSH_FENCE: Duration = Duration::from_secs(2);
 /// opening one now would supersede the device's live stream elsewhere.
 const WAKE_QUARANTINE: Duration = Duration::from_secs(2);
 
-/// What a device stream is sent. The call is boxed: every stream's queue allocates its first
-/// block of slots up front, and an unboxed `HostCall` would make that about 5 KiB per idle
-/// stream instead of half a kilobyte.
+/// What a device stream is sent.
 #[derive(Debug, Clone)]
 pub enum Frame {
-    Call(Box<HostCall>),
+    Call(CallFrame),
     Close(Close),
+}
+
+/// A call as queued to a stream: encoded once, when pushed, so the queue holds its compact
+/// JSON text (and counts its bytes) rather than a tree of values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallFrame {
+    pub call_id: String,
+    /// The [`HostCall`] as JSON, one line: the `data` of its `call` event.
+    pub json: String,
+}
+
+impl CallFrame {
+    pub fn encode(call: &HostCall) -> Result<Self, serde_json::Error> {
+        Ok(Self { call_id: call.call_id.clone(), json: serde_json::to_string(call)? })
+    }
+
+    /// The call back as a value (tests, tools).
+    pub fn decode(&self) -> Result<HostCall, serde_json::Error> {
+        serde_json::from_str(&self.json)
+    }
 }
 
 /// Why a stream ends.
@@ -52,12 +79,12 @@ pub enum Close {
     Reconnect(ReconnectReason),
 }
 
-/// A stream registered in the hub: its identity and the receiving end of its frames.
+/// A stream registered in the hub: its identity and the queue its frames arrive in.
 #[derive(Debug)]
 pub struct Opened {
     pub conn_id: u64,
     pub epoch: u64,
-    pub rx: mpsc::Receiver<Frame>,
+    pub queue: Arc<StreamQueue>,
     /// False when a newer stream of the device was already here: the receiver holds only a
     /// `superseded` close.
     pub owner: bool,
@@ -80,6 +107,11 @@ pub struct Hub {
     /// ownership here instead of in the database.
     device_owners: Mutex<TtlCache<String, String>>,
     pushed: Mutex<PushedCalls>,
+    queue_limits: QueueLimits,
+    /// Bytes of call JSON queued on every stream here.
+    queued_bytes: Arc<AtomicUsize>,
+    /// Streams dropped because they did not drain.
+    stuck_streams: AtomicU64,
 }
 
 /// How long the id of a call without a deadline is remembered after its push (the longest
@@ -131,6 +163,11 @@ impl Hub {
     /// A hub for one replica. Spawn [`Hub::watch_stalls`] beside it: without its ticks the hub
     /// soon counts itself frozen and refuses pushes and new streams.
     pub fn new(replica_id: impl Into<String>, route_tag: u32) -> Arc<Self> {
+        Self::with_stream_queue_bytes(replica_id, route_tag, STREAM_QUEUE_BYTES)
+    }
+
+    /// A hub whose streams each queue at most `queue_bytes` bytes of call JSON.
+    pub fn with_stream_queue_bytes(replica_id: impl Into<String>, route_tag: u32, queue_bytes: usize) -> Arc<Self> {
         Arc::new(Self {
             replica_id: replica_id.into(),
             route_tag,
@@ -144,6 +181,9 @@ impl Hub {
             api_tokens: Mutex::new(TtlCache::new(AUTH_CACHE_TTL, AUTH_CACHE_CAPACITY)),
             device_owners: Mutex::new(TtlCache::new(AUTH_CACHE_TTL, AUTH_CACHE_CAPACITY)),
             pushed: Mutex::default(),
+            queue_limits: QueueLimits { frames: STREAM_QUEUE, bytes: queue_bytes },
+            queued_bytes: Arc::default(),
+            stuck_streams: AtomicU64::new(0),
         })
     }
 
@@ -164,27 +204,37 @@ impl Hub {
         self.pending.lock().len()
     }
 
+    /// Bytes of call JSON queued on the streams here, not yet handed to their connections.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Streams dropped so far because they did not drain.
+    pub fn stuck_streams(&self) -> u64 {
+        self.stuck_streams.load(Ordering::Relaxed)
+    }
+
     // ---- streams ----
 
     /// Registers a new stream of `device_id` with `epoch`; an older local stream of the device
     /// is told it was superseded.
     pub fn open(&self, device_id: &str, epoch: u64) -> Opened {
-        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let queue = Arc::new(StreamQueue::new(self.queue_limits, self.queued_bytes.clone()));
         let conn_id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
-        let decision = self.conns.lock().accept(device_id, Conn { conn_id, epoch, tx: tx.clone() });
+        let decision = self.conns.lock().accept(device_id, Conn { conn_id, epoch, queue: queue.clone() });
         let owner = match decision {
             Accept::Owner { superseded } => {
                 if let Some(old) = superseded {
-                    let _ = old.tx.try_send(Frame::Close(Close::Superseded));
+                    old.queue.close(Close::Superseded);
                 }
                 true
             }
             Accept::Stale => {
-                let _ = tx.try_send(Frame::Close(Close::Superseded));
+                queue.close(Close::Superseded);
                 false
             }
         };
-        Opened { conn_id, epoch, rx, owner }
+        Opened { conn_id, epoch, queue, owner }
     }
 
     /// Forgets a stream that ended. True when the device has no stream here any more.
@@ -195,8 +245,9 @@ impl Hub {
     /// Pushes a call to the device's stream here, if it has one and this replica can vouch
     /// for it: not expired, and not frozen since the stream may have moved.
     /// A call pushed here already (the dispatcher asked again because the acknowledgement was
-    /// late or lost) is acknowledged again and not pushed a second time.
-    pub fn push(&self, device_id: &str, call: HostCall) -> CallAck {
+    /// late or lost) is acknowledged again and not pushed a second time. A stream whose queue
+    /// is over its frame or byte budget takes nothing: [`CallAck::Full`].
+    pub fn push(&self, device_id: &str, call: &HostCall) -> CallAck {
         let now = chrono::Utc::now();
         if call.is_expired(now) {
             return CallAck::Expired;
@@ -204,21 +255,36 @@ impl Hub {
         if self.is_stalled() {
             return CallAck::NotHeld;
         }
+        if self.pushed.lock().contains(&call.call_id) {
+            return CallAck::Accepted;
+        }
+        if self.conns.lock().get(device_id).is_none() {
+            return CallAck::NotHeld;
+        }
+        // Encoded outside the locks: a large call takes a while.
+        let frame = match CallFrame::encode(call) {
+            Ok(frame) => frame,
+            Err(error) => {
+                tracing::error!(%error, "cannot encode a call");
+                return CallAck::NotHeld;
+            }
+        };
         let mut pushed = self.pushed.lock();
         if pushed.contains(&call.call_id) {
             return CallAck::Accepted;
         }
-        let tx = match self.conns.lock().get(device_id) {
-            Some(conn) => conn.tx.clone(),
+        let queue = match self.conns.lock().get(device_id) {
+            Some(conn) => conn.queue.clone(),
             None => return CallAck::NotHeld,
         };
-        let (call_id, keep_until) = (call.call_id.clone(), call.deadline.unwrap_or(now + PUSHED_TTL));
-        match tx.try_send(Frame::Call(Box::new(call))) {
-            Ok(()) => {
-                pushed.insert(call_id, keep_until, now);
+        let bytes = frame.json.len();
+        match queue.push_call(Frame::Call(frame), bytes) {
+            Admit::Accepted => {
+                pushed.insert(call.call_id.clone(), call.deadline.unwrap_or(now + PUSHED_TTL), now);
                 CallAck::Accepted
             }
-            Err(_) => CallAck::NotHeld,
+            Admit::Full => CallAck::Full,
+            Admit::Closed => CallAck::NotHeld,
         }
     }
 
@@ -229,7 +295,7 @@ impl Hub {
         match conns.takeover(device_id, epoch) {
             Takeover::Close(conn_id) => {
                 if let Some(conn) = conns.remove_conn(device_id, conn_id) {
-                    let _ = conn.tx.try_send(Frame::Close(Close::Superseded));
+                    conn.queue.close(Close::Superseded);
                 }
                 None
             }
@@ -250,16 +316,55 @@ impl Hub {
     pub fn close_all(&self, close: Close) -> usize {
         let drained = self.conns.lock().drain();
         for (_, conn) in &drained {
-            let _ = conn.tx.try_send(Frame::Close(close));
+            conn.queue.close(close);
         }
         drained.len()
+    }
+
+    /// Drops the streams here that have not drained for longer than `limit` (a frame waiting,
+    /// or a write blocked, that long: the device stopped reading). Each one's queue is emptied
+    /// and its connection closed; the calls that were queued resolve as unanswered calls do.
+    /// Returns the devices dropped and how long each was stuck.
+    pub fn drop_stuck_streams(&self, limit: Duration) -> Vec<(String, Duration)> {
+        let now = Instant::now();
+        let stuck: Vec<(String, Arc<StreamQueue>, Duration)> = {
+            let mut conns = self.conns.lock();
+            let found: Vec<(String, u64, Duration)> = conns
+                .iter()
+                .filter_map(|(device_id, conn)| {
+                    let stuck_for = conn.queue.stuck_for(now)?;
+                    (stuck_for > limit).then(|| (device_id.clone(), conn.conn_id, stuck_for))
+                })
+                .collect();
+            found
+                .into_iter()
+                .filter_map(|(device_id, conn_id, stuck_for)| {
+                    let conn = conns.remove_conn(&device_id, conn_id)?;
+                    Some((device_id, conn.queue, stuck_for))
+                })
+                .collect()
+        };
+        stuck
+            .into_iter()
+            .map(|(device_id, queue, stuck_for)| {
+                let dropped = queue.abandon();
+                self.stuck_streams.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    %device_id,
+                    stuck_ms = stuck_for.as_millis() as u64,
+                    dropped_bytes = dropped,
+                    "stream dropped: the device is not reading it"
+                );
+                (device_id, stuck_for)
+            })
+            .collect()
     }
 
     /// A device was revoked: close its stream here, fail the calls this replica waits for on
     /// it, and forget its cached token.
     pub fn revoke(&self, device_id: &str) {
         if let Some(conn) = self.conns.lock().remove(device_id) {
-            let _ = conn.tx.try_send(Frame::Close(Close::Revoked));
+            conn.queue.close(Close::Revoked);
         }
         self.pending.lock().fail_device(device_id, |id| HostResult::offline(id));
         self.device_tokens.lock().retain(|cached| cached.device_id != device_id);
@@ -304,6 +409,20 @@ impl Hub {
         self.api_tokens.lock().insert(token_hash, user_id, Instant::now());
     }
 
+    /// Api tokens were revoked: forget them, so their next request asks the registry (and is
+    /// refused). Returns how many were cached here.
+    pub fn revoke_api_tokens<'a>(&self, token_hashes: impl IntoIterator<Item = &'a [u8; 32]>) -> usize {
+        let mut cache = self.api_tokens.lock();
+        token_hashes
+            .into_iter()
+            .filter(|hash| {
+                let cached = cache.contains(hash);
+                cache.remove(hash);
+                cached
+            })
+            .count()
+    }
+
     /// The owner of a live device, if this replica looked it up recently.
     pub fn cached_owner(&self, device_id: &str) -> Option<String> {
         self.device_owners.lock().get(&device_id.to_owned(), Instant::now())
@@ -341,7 +460,9 @@ impl Hub {
     }
 
     /// Ticks until cancelled. A gap longer than `stall_after` (the process was frozen past the
-    /// devices' patience) gives up every stream with `reconnect`: they may have moved.
+    /// devices' patience) gives up every stream with `reconnect`: they may have moved. Each
+    /// tick also drops the streams that have not drained for twice `stall_after` (the
+    /// keepalive interval): [`Hub::drop_stuck_streams`].
     pub async fn watch_stalls(self: Arc<Self>, stall_after: Duration, cancel: CancellationToken) {
         self.tick();
         let mut interval = tokio::time::interval(TICK);
@@ -353,7 +474,9 @@ impl Hub {
             }
             if let Some((gap, closed)) = self.check_stall(stall_after) {
                 tracing::warn!(gap_ms = gap.as_millis() as u64, closed, "replica was frozen; gave up its streams");
+                continue;
             }
+            self.drop_stuck_streams(stall_after * 2);
         }
     }
 
@@ -398,8 +521,8 @@ mod tests {
         }
     }
 
-    fn next_frame(rx: &mut mpsc::Receiver<Frame>) -> Option<Frame> {
-        rx.try_recv().ok()
+    fn next_frame(queue: &mut Arc<StreamQueue>) -> Option<Frame> {
+        queue.try_recv()
     }
 
     #[test]
@@ -408,13 +531,13 @@ mod tests {
         hub.tick();
         let mut first = hub.open("d", 1);
         let mut second = hub.open("d", 2);
-        assert!(matches!(next_frame(&mut first.rx), Some(Frame::Close(Close::Superseded))));
-        assert_eq!(hub.push("d", call("c")), CallAck::Accepted);
-        assert!(matches!(next_frame(&mut second.rx), Some(Frame::Call(c)) if c.call_id == "c"));
-        assert!(next_frame(&mut first.rx).is_none());
+        assert!(matches!(next_frame(&mut first.queue), Some(Frame::Close(Close::Superseded))));
+        assert_eq!(hub.push("d", &call("c")), CallAck::Accepted);
+        assert!(matches!(next_frame(&mut second.queue), Some(Frame::Call(c)) if c.call_id == "c"));
+        assert!(next_frame(&mut first.queue).is_none());
         assert!(!hub.release("d", first.conn_id));
         assert!(hub.release("d", second.conn_id));
-        assert_eq!(hub.push("d", call("c2")), CallAck::NotHeld);
+        assert_eq!(hub.push("d", &call("c2")), CallAck::NotHeld);
     }
 
     #[test]
@@ -424,18 +547,18 @@ mod tests {
         let mut opened = hub.open("d", 1);
         let mut again = call("c");
         again.deadline = Some(chrono::Utc::now() + chrono::Duration::seconds(30));
-        assert_eq!(hub.push("d", again.clone()), CallAck::Accepted);
-        assert_eq!(hub.push("d", again.clone()), CallAck::Accepted);
-        assert!(matches!(next_frame(&mut opened.rx), Some(Frame::Call(c)) if c.call_id == "c"));
-        assert!(next_frame(&mut opened.rx).is_none(), "pushed twice");
+        assert_eq!(hub.push("d", &again), CallAck::Accepted);
+        assert_eq!(hub.push("d", &again), CallAck::Accepted);
+        assert!(matches!(next_frame(&mut opened.queue), Some(Frame::Call(c)) if c.call_id == "c"));
+        assert!(next_frame(&mut opened.queue).is_none(), "pushed twice");
         // Not even to a newer stream of the device.
         let mut newer = hub.open("d", 2);
-        assert_eq!(hub.push("d", again), CallAck::Accepted);
-        assert!(next_frame(&mut newer.rx).is_none(), "pushed to a second stream");
+        assert_eq!(hub.push("d", &again), CallAck::Accepted);
+        assert!(next_frame(&mut newer.queue).is_none(), "pushed to a second stream");
         // A call that was never pushed (no stream) is not remembered.
-        assert_eq!(hub.push("e", call("x")), CallAck::NotHeld);
+        assert_eq!(hub.push("e", &call("x")), CallAck::NotHeld);
         let _e = hub.open("e", 1);
-        assert_eq!(hub.push("e", call("x")), CallAck::Accepted);
+        assert_eq!(hub.push("e", &call("x")), CallAck::Accepted);
     }
 
     #[test]
@@ -457,7 +580,7 @@ mod tests {
         let _newer = hub.open("d", 5);
         let mut older = hub.open("d", 4);
         assert!(!older.owner);
-        assert!(matches!(next_frame(&mut older.rx), Some(Frame::Close(Close::Superseded))));
+        assert!(matches!(next_frame(&mut older.queue), Some(Frame::Close(Close::Superseded))));
         assert_eq!(hub.holder("d").map(|h| h.epoch), Some(5));
     }
 
@@ -468,8 +591,8 @@ mod tests {
         let mut opened = hub.open("d", 1);
         let mut expired = call("c");
         expired.deadline = Some(chrono::Utc::now() - chrono::Duration::seconds(1));
-        assert_eq!(hub.push("d", expired), CallAck::Expired);
-        assert!(next_frame(&mut opened.rx).is_none());
+        assert_eq!(hub.push("d", &expired), CallAck::Expired);
+        assert!(next_frame(&mut opened.queue).is_none());
     }
 
     #[test]
@@ -482,10 +605,10 @@ mod tests {
         std::thread::sleep(PUSH_FENCE + Duration::from_millis(50));
         assert!(hub.is_stalled());
         assert!(!hub.accepts_streams(), "a frozen replica takes no new streams");
-        assert_eq!(hub.push("d", call("c")), CallAck::NotHeld);
-        assert!(next_frame(&mut opened.rx).is_none());
+        assert_eq!(hub.push("d", &call("c")), CallAck::NotHeld);
+        assert!(next_frame(&mut opened.queue).is_none());
         hub.tick();
-        assert_eq!(hub.push("d", call("c")), CallAck::Accepted);
+        assert_eq!(hub.push("d", &call("c")), CallAck::Accepted);
     }
 
     #[test]
@@ -495,20 +618,23 @@ mod tests {
         hub.last_tick_ms.store(0, Ordering::Release);
         std::thread::sleep(PUSH_FENCE + Duration::from_millis(50));
         // Woken, before the watch ran: fenced.
-        assert_eq!(hub.push("d", call("early")), CallAck::NotHeld);
+        assert_eq!(hub.push("d", &call("early")), CallAck::NotHeld);
         let (gap, closed) = hub.check_stall(Duration::from_secs(1)).expect("a stall");
         assert!(gap > PUSH_FENCE && closed == 1, "{gap:?} {closed}");
-        assert!(matches!(next_frame(&mut opened.rx), Some(Frame::Close(Close::Reconnect(ReconnectReason::Stalled)))));
+        assert!(matches!(
+            next_frame(&mut opened.queue),
+            Some(Frame::Close(Close::Reconnect(ReconnectReason::Stalled)))
+        ));
         // The fence is lifted only with the stream gone: nothing reaches it.
         assert!(!hub.is_stalled());
-        assert_eq!(hub.push("d", call("late")), CallAck::NotHeld);
-        assert!(next_frame(&mut opened.rx).is_none());
+        assert_eq!(hub.push("d", &call("late")), CallAck::NotHeld);
+        assert!(next_frame(&mut opened.queue).is_none());
         // Stream requests that queued up while frozen are refused for a while.
         assert!(!hub.accepts_streams());
         // A short gap closes nothing.
         let _new = hub.open("d", 2);
         assert_eq!(hub.check_stall(Duration::from_secs(1)), None);
-        assert_eq!(hub.push("d", call("next")), CallAck::Accepted);
+        assert_eq!(hub.push("d", &call("next")), CallAck::Accepted);
     }
 
     #[test]
@@ -517,7 +643,7 @@ mod tests {
         let mut opened = hub.open("d", 3);
         assert_eq!(hub.takeover("d", 2), Some(3));
         assert_eq!(hub.takeover("d", 4), None);
-        assert!(matches!(next_frame(&mut opened.rx), Some(Frame::Close(Close::Superseded))));
+        assert!(matches!(next_frame(&mut opened.queue), Some(Frame::Close(Close::Superseded))));
         assert!(hub.holder("d").is_none());
     }
 
@@ -531,7 +657,7 @@ mod tests {
         hub.cache_owner("other".into(), "u".into());
         assert_eq!(hub.cached_owner("d").as_deref(), Some("u"));
         hub.revoke("d");
-        assert!(matches!(next_frame(&mut opened.rx), Some(Frame::Close(Close::Revoked))));
+        assert!(matches!(next_frame(&mut opened.queue), Some(Frame::Close(Close::Revoked))));
         assert!(waiting.try_recv().expect("failed").is_offline());
         assert!(hub.cached_device(&[7; 32]).is_none());
         assert!(hub.cached_owner("d").is_none(), "a revoked device's owner is forgotten");
@@ -539,5 +665,72 @@ mod tests {
         hub.flush_credentials();
         assert!(hub.cached_owner("other").is_none());
         assert_eq!(hub.pending_calls(), 0);
+    }
+
+    #[test]
+    fn a_queue_over_its_byte_budget_refuses_pushes() {
+        let hub = Hub::with_stream_queue_bytes("r", 1, 1000);
+        hub.tick();
+        let opened = hub.open("d", 1);
+        let big = |id: &str| {
+            let mut call = call(id);
+            call.input = json!("x".repeat(400));
+            call
+        };
+        assert_eq!(hub.push("d", &big("a")), CallAck::Accepted);
+        assert_eq!(hub.push("d", &big("b")), CallAck::Accepted);
+        assert!(hub.queued_bytes() > 800);
+        assert_eq!(hub.push("d", &big("c")), CallAck::Full, "over 1000 bytes queued");
+        assert_eq!(hub.push("d", &call("small")), CallAck::Accepted, "a small one still fits");
+        // The writer takes one: room again, and the figure follows.
+        assert!(matches!(opened.queue.try_recv(), Some(Frame::Call(c)) if c.call_id == "a"));
+        assert_eq!(hub.push("d", &big("c")), CallAck::Accepted);
+        assert!(matches!(opened.queue.try_recv(), Some(Frame::Call(c)) if c.decode().is_ok_and(|c| c.call_id == "b")));
+        drop(opened);
+        hub.release("d", 1);
+        assert_eq!(hub.queued_bytes(), 0, "a released stream's queue gives its bytes back");
+    }
+
+    #[test]
+    fn streams_that_do_not_drain_are_dropped() {
+        let hub = Hub::new("r", 1);
+        hub.tick();
+        let stuck = hub.open("stuck", 1);
+        let reading = hub.open("reading", 1);
+        let abort = CancellationToken::new();
+        stuck.queue.set_abort(abort.clone());
+        // Both writers wrote their first event and asked for more.
+        assert!(stuck.queue.try_recv().is_none() && reading.queue.try_recv().is_none());
+        assert_eq!(hub.push("stuck", &call("a")), CallAck::Accepted);
+        assert_eq!(hub.push("reading", &call("b")), CallAck::Accepted);
+        assert!(reading.queue.try_recv().is_some() && reading.queue.try_recv().is_none());
+        std::thread::sleep(Duration::from_millis(30));
+        let dropped = hub.drop_stuck_streams(Duration::from_millis(20));
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(dropped[0].0, "stuck");
+        assert!(abort.is_cancelled(), "its connection is closed");
+        assert!(stuck.queue.try_recv().is_none() && stuck.queue.is_empty(), "its frames are gone");
+        assert_eq!((hub.queued_bytes(), hub.stuck_streams(), hub.connected()), (0, 1, 1));
+        assert!(hub.holder("stuck").is_none());
+        assert_eq!(hub.push("stuck", &call("c")), CallAck::NotHeld);
+        assert!(hub.drop_stuck_streams(Duration::from_millis(20)).is_empty(), "the reading one stays");
+    }
+
+    #[test]
+    fn revoked_api_tokens_are_evicted() {
+        let hub = Hub::new("r", 1);
+        hub.cache_user([1; 32], "alice".into());
+        hub.cache_user([2; 32], "bob".into());
+        // (hashes revoked, how many were cached, alice still cached, bob still cached)
+        let cases: [(&[[u8; 32]], usize, bool, bool); 3] = [
+            (&[[9; 32]], 0, true, true),
+            (&[[1; 32], [9; 32]], 1, false, true),
+            (&[[1; 32], [2; 32]], 1, false, false),
+        ];
+        for (revoked, evicted, alice, bob) in cases {
+            assert_eq!(hub.revoke_api_tokens(revoked), evicted, "{revoked:?}");
+            assert_eq!(hub.cached_user(&[1; 32]).is_some(), alice);
+            assert_eq!(hub.cached_user(&[2; 32]).is_some(), bob);
+        }
     }
 }

@@ -25,6 +25,15 @@ pub struct DeviceCaller {
 #[derive(Debug, Clone)]
 pub struct UserCaller {
     pub user_id: String,
+    /// SHA-256 of the api token it presented (what a revocation names).
+    pub token_hash: [u8; 32],
+}
+
+impl UserCaller {
+    /// The token's hash as the registry stores it (lowercase hex).
+    pub fn token_hash_hex(&self) -> String {
+        hex::encode(self.token_hash)
+    }
 }
 
 /// The token of an `Authorization: Bearer <token>` header.
@@ -63,11 +72,11 @@ impl FromRequestParts<AppState> for UserCaller {
         let hash = token_hash(token);
         let hub = state.dispatcher.hub();
         if let Some(user_id) = hub.cached_user(&hash) {
-            return Ok(Self { user_id });
+            return Ok(Self { user_id, token_hash: hash });
         }
         let user_id = state.registry.user_for_api_token(token).await?.ok_or(ApiError::Unauthorized)?;
         hub.cache_user(hash, user_id.clone());
-        Ok(Self { user_id })
+        Ok(Self { user_id, token_hash: hash })
     }
 }
 

@@ -64,7 +64,10 @@ pub async fn create_pairing_code(
     if !(1..=PAIRING_TTL_MAX_SECS).contains(&ttl) {
         return Err(ApiError::BadRequest(format!("ttlSeconds: between 1 and {PAIRING_TTL_MAX_SECS}")));
     }
-    let code = state.registry.create_pairing_code(&caller.user_id, Duration::from_secs(ttl)).await?;
+    let code = state
+        .registry
+        .create_pairing_code(&caller.user_id, Duration::from_secs(ttl), Some(&caller.token_hash_hex()))
+        .await?;
     Ok((StatusCode::CREATED, Json(code)).into_response())
 }
 

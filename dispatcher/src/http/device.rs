@@ -3,6 +3,10 @@
 //! A result that no replica waits for may still be a proposal's apply whose replica died or
 //! whose approval timed out: the registry records it then (`LateApply`), so the proposal shows
 //! what the device really did.
+//!
+//! The stream writes what the hub queues for it ([`crate::core::StreamQueue`]); when the hub
+//! drops a stream that does not drain, the writer ends and the connection is closed through
+//! the [`ConnectionAbort`] the server attached to it.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -18,6 +22,7 @@ use futures::Stream;
 use protocol::sse::{self, Ready, Reconnect};
 use protocol::subject::DeliverAck;
 use protocol::{Delivered, EnrollRequest, EnrollResponse, ErrorBody, HostResult, Manifest};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::auth::DeviceCaller;
@@ -79,6 +84,12 @@ fn client_ip(request: &Request) -> IpAddr {
         .unwrap_or(IpAddr::from([0, 0, 0, 0]))
 }
 
+/// Closes the connection a request came on, when cancelled: the server puts one in every
+/// request's extensions and drops the connection when it fires. A stream that does not drain
+/// is ended this way (its writer is blocked on the socket, so ending the body would not do).
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionAbort(pub CancellationToken);
+
 /// `GET /api/host/stream`: the device's Server-Sent-Events stream.
 #[utoipa::path(
     get,
@@ -93,7 +104,11 @@ fn client_ip(request: &Request) -> IpAddr {
         (status = 503, description = "This replica is shutting down or recovering; reconnect to another", body = ErrorBody),
     ),
 )]
-pub async fn stream(State(state): State<AppState>, caller: DeviceCaller) -> Result<Response, ApiError> {
+pub async fn stream(
+    State(state): State<AppState>,
+    abort: Option<axum::Extension<ConnectionAbort>>,
+    caller: DeviceCaller,
+) -> Result<Response, ApiError> {
     if state.draining.load(Ordering::Acquire) {
         return Err(ApiError::Unavailable("replica is shutting down; reconnect to another".into()));
     }
@@ -106,6 +121,9 @@ pub async fn stream(State(state): State<AppState>, caller: DeviceCaller) -> Resu
         other => other?,
     };
     let stream = state.dispatcher.connect(&caller.device_id, epoch).await?;
+    if let Some(axum::Extension(ConnectionAbort(abort))) = abort {
+        stream.frames.set_abort(abort);
+    }
     tracing::info!(device_id = %caller.device_id, epoch, "stream opened");
     events::device_changed(&state, &caller.owner, &caller.device_id);
     let ready = Ready { device_id: caller.device_id.clone(), replica: state.settings.replica_id.clone() };
@@ -162,10 +180,11 @@ fn frames(ready: Ready, stream: DeviceStream, end: StreamEnd) -> impl Stream<Ite
         if let Some(event) = first {
             return Some((Ok(event), (None, rest)));
         }
-        let (mut stream, end) = rest?;
+        let (stream, end) = rest?;
         match stream.frames.recv().await? {
             Frame::Call(call) => {
-                let event = json_event(sse::EVENT_CALL, Some(&call.call_id), &call);
+                // Encoded when it was queued: one line of JSON.
+                let event = Event::default().event(sse::EVENT_CALL).id(&call.call_id).data(call.json);
                 Some((Ok(event), (None, Some((stream, end)))))
             }
             Frame::Close(close) => {

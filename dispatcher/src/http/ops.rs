@@ -74,6 +74,7 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Healthy>, ApiE
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let hub = state.dispatcher.hub();
     let up = state.dispatcher.bus().health() == Health::Up;
+    state.metrics.set_stream_queues(hub.queued_bytes(), hub.stuck_streams());
     match state.metrics.render(hub.connected(), hub.pending_calls(), up) {
         Ok(text) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
             .into_response(),

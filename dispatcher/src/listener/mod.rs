@@ -215,7 +215,8 @@ impl Drop for OpenGauge {
 async fn serve_connection(stream: TcpStream, peer: SocketAddr, admitted: admission::Admitted, shared: Arc<Shared>) {
     let _open = OpenGauge::new(&shared.metrics);
     let _ = stream.set_nodelay(true);
-    let service = service::Tracked::new(shared.router.clone(), peer, shared.table.clone(), admitted.id());
+    let abort = crate::http::device::ConnectionAbort::default();
+    let service = service::Tracked::new(shared.router.clone(), peer, shared.table.clone(), admitted.id(), abort.clone());
     let connection = shared.builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
     tokio::pin!(connection);
     let evicted = admitted.evicted().clone();
@@ -224,6 +225,8 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, admitted: admissi
     loop {
         tokio::select! {
             _ = connection.as_mut() => return,
+            // A device stream that does not drain: its writes are blocked for good.
+            () = abort.0.cancelled() => return,
             () = evicted.cancelled() => {
                 shared.metrics.connection_closed(Closing::Evicted.label());
                 return;

@@ -16,6 +16,8 @@ use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::ConnectInfo;
+
+use crate::http::device::ConnectionAbort;
 use axum::Router;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::{Request, Response};
@@ -30,11 +32,14 @@ pub struct Tracked {
     peer: SocketAddr,
     table: Arc<ConnectionTable>,
     id: u64,
+    /// Handed to every request: a device stream that stops draining cancels it, and the
+    /// connection's task then drops the connection (its writes are blocked for good).
+    abort: ConnectionAbort,
 }
 
 impl Tracked {
-    pub fn new(router: Router, peer: SocketAddr, table: Arc<ConnectionTable>, id: u64) -> Self {
-        Self { router, peer, table, id }
+    pub fn new(router: Router, peer: SocketAddr, table: Arc<ConnectionTable>, id: u64, abort: ConnectionAbort) -> Self {
+        Self { router, peer, table, id, abort }
     }
 }
 
@@ -88,6 +93,7 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         let in_flight = InFlight::begin(self.table.clone(), self.id);
         request.extensions_mut().insert(ConnectInfo(self.peer));
+        request.extensions_mut().insert(self.abort.clone());
         let router = self.router.clone();
         Box::pin(async move {
             let response = match router.oneshot(request).await {

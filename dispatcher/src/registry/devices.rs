@@ -77,7 +77,14 @@ impl Registry {
     /// [`RegistryError::OverLimit`] when the user already holds
     /// [`super::Limits::max_live_pairing_codes`] unused, unexpired codes: the count and the
     /// insert are one statement, serialized per user across replicas.
-    pub async fn create_pairing_code(&self, user_id: &str, ttl: Duration) -> Result<PairingCode, RegistryError> {
+    /// `api_token_hash` (hex SHA-256, as stored) names the api token that minted it: revoking
+    /// that token invalidates the code while it is unused.
+    pub async fn create_pairing_code(
+        &self,
+        user_id: &str,
+        ttl: Duration,
+        api_token_hash: Option<&str>,
+    ) -> Result<PairingCode, RegistryError> {
         if user_id.is_empty() {
             return Err(RegistryError::InvalidArgument("user id is empty"));
         }
@@ -95,8 +102,8 @@ impl Registry {
         let mut tx = self.pool.begin().await?;
         lock_user_quota(&mut tx, self.engine, Limit::LivePairingCodes, user_id).await?;
         let done = sqlx::query(
-            "INSERT INTO pairing_codes (code_hash, user_id, created_at, expires_at) \
-             SELECT $1, $2, $3, $4 WHERE (SELECT COUNT(*) FROM pairing_codes \
+            "INSERT INTO pairing_codes (code_hash, user_id, created_at, expires_at, api_token_hash) \
+             SELECT $1, $2, $3, $4, $6 WHERE (SELECT COUNT(*) FROM pairing_codes \
              WHERE user_id = $2 AND used_at IS NULL AND expires_at > $3) < $5",
         )
         .bind(secret::hash_secret(&normalized))
@@ -104,6 +111,7 @@ impl Registry {
         .bind(now)
         .bind(expires_at)
         .bind(i64::try_from(max).unwrap_or(i64::MAX))
+        .bind(api_token_hash)
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() == 0 {
@@ -122,9 +130,10 @@ impl Registry {
     }
 
     /// Trades a pairing code for a new device of the code's user, with its token. The code is
-    /// claimed by one conditional UPDATE (unused and unexpired, or nothing happens) in the same
-    /// transaction that creates the device, so of any number of concurrent attempts with one
-    /// code, on any number of replicas, exactly one enrolls.
+    /// claimed by one conditional UPDATE (unused, unexpired, and not minted by an api token
+    /// revoked since, or nothing happens) in the same transaction that creates the device, so
+    /// of any number of concurrent attempts with one code, on any number of replicas, exactly
+    /// one enrolls.
     ///
     /// [`RegistryError::OverLimit`] when the code's user already has
     /// [`super::Limits::max_devices_per_user`] devices: the transaction is rolled back, so the
@@ -143,7 +152,10 @@ impl Registry {
         // (waiting its turn) instead of failing to upgrade a read.
         let claimed: Option<(String,)> = sqlx::query_as(
             "UPDATE pairing_codes SET used_at = $1, device_id = $2 \
-             WHERE code_hash = $3 AND used_at IS NULL AND expires_at > $1 RETURNING user_id",
+             WHERE code_hash = $3 AND used_at IS NULL AND expires_at > $1 \
+             AND NOT EXISTS (SELECT 1 FROM api_tokens \
+                 WHERE api_tokens.token_hash = pairing_codes.api_token_hash AND api_tokens.revoked_at IS NOT NULL) \
+             RETURNING user_id",
         )
         .bind(now)
         .bind(&device_id)

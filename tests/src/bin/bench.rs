@@ -19,6 +19,12 @@
 //!
 //! `--quick` runs the same sections with small counts in seconds (the CI smoke test).
 //!
+//! `--only deaf` (run only when named) measures memory around a device that stops reading its
+//! stream: a normal call load first (throughput, CPU per call, VmRSS after), then, repeated,
+//! many 1 MiB calls to a stream whose socket is never read; VmRSS before, at its peak and as it
+//! settles, the queued bytes, and when the stream was dropped. Run it once per allocator build
+//! of the dispatcher (`--features jemalloc` / `mimalloc`) to compare them.
+//!
 //! Not here: invariants under faults (the `chaos` binary).
 
 use std::fmt::Write as _;
@@ -67,6 +73,16 @@ struct Args {
     /// figure.
     #[arg(long, default_value_t = 1000)]
     kill_backoff_base_ms: u64,
+    /// Calls of 1 MiB sent to the stream that does not read, per repeat (default 300; 50 with
+    /// --quick).
+    #[arg(long)]
+    deaf_calls: Option<usize>,
+    /// Rounds of the deaf-stream scenario (default 3; 1 with --quick).
+    #[arg(long)]
+    deaf_repeats: Option<usize>,
+    /// The dispatcher's keepalive for the deaf-stream section: a stream is dropped after two.
+    #[arg(long, default_value_t = 5)]
+    deaf_keepalive_secs: u64,
 }
 
 /// The counts of a run.
@@ -240,6 +256,12 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         section("embedded dispatcher: one replica, in-memory bus, SQLite; calls over HTTP");
         if let Err(error) = embedded(&plan, &args, &mut figures, &mut addresses).await {
             fail(&mut figures, "embedded", error);
+        }
+    }
+    if args.only.iter().any(|s| s == "deaf") {
+        section("deaf stream: a device that stops reading, sent many 1 MiB calls; memory of the replica");
+        if let Err(error) = deaf_stream(&args).await {
+            fail(&mut figures, "deaf", error);
         }
     }
     if wants(&args, "cluster") || wants(&args, "memory") || wants(&args, "kill") {
@@ -773,6 +795,129 @@ async fn embedded(plan: &Plan, args: &Args, figures: &mut Figures, addresses: &m
         let (per, swarm) = memory_per_stream(dispatcher.pid(), replicas, 0, devices, first).await?;
         figures.memory_embedded = Some(per);
         swarm.stop(Duration::from_secs(30)).await;
+    }
+    Ok(())
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// The `deaf` section: a normal load, then rounds of large calls to a stream never read.
+async fn deaf_stream(args: &Args) -> anyhow::Result<()> {
+    const CALL_BYTES: usize = 1 << 20;
+    let calls = args.deaf_calls.unwrap_or(if args.quick { 50 } else { 300 });
+    let repeats = args.deaf_repeats.unwrap_or(if args.quick { 1 } else { 3 });
+    let load_for = Duration::from_secs(args.seconds.unwrap_or(if args.quick { 1 } else { 10 }));
+    let keepalive = Duration::from_secs(args.deaf_keepalive_secs);
+    let dispatcher = Dispatcher::builder().keepalive_secs(keepalive.as_secs()).rust_log("warn").start().await?;
+    let (pid, base) = (dispatcher.pid(), dispatcher.base_url());
+    let control = Control::new(base.clone(), dispatcher.mint_token("bench").await?);
+    println!(
+        "  dispatcher {}; keepalive {} s",
+        std::env::var("CARGO_BIN_EXE_dispatcher").unwrap_or_default(),
+        keepalive.as_secs()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started_rss = rss_kib(pid)?;
+
+    // A normal load: 64 calls in flight, 1 KiB each, to a device that answers.
+    let echo = TestDevice::pair(&base, &control, "bench-echo").await?;
+    let _echo = echo.connect(&base, e2e::Answer::Echo).await?;
+    let input = json!({"data": "x".repeat(1024)});
+    let (ticks, done) = (cpu_ticks(pid), Arc::new(AtomicU64::new(0)));
+    let load_started = Instant::now();
+    let workers = (0..64).map(|_| {
+        let (control, id, input, done) = (control.clone(), echo.device_id.clone(), input.clone(), done.clone());
+        tokio::spawn(async move {
+            while load_started.elapsed() < load_for {
+                if let Ok((status, _)) = control.call(&id, "echo", input.clone(), Some(10_000)).await {
+                    if status.is_success() {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        })
+    });
+    futures::future::join_all(workers).await;
+    let (answered, took) = (done.load(Ordering::Relaxed), load_started.elapsed());
+    let cpu = ticks_to_duration(cpu_ticks(pid).saturating_sub(ticks));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after_load = rss_kib(pid)?;
+    println!(
+        "  normal load, 64 in flight, 1 KiB calls: {:.0} calls/s, {:.1} us CPU per call; VmRSS {:.1} MiB at start, \
+         {:.1} MiB after",
+        answered as f64 / took.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / answered.max(1) as f64,
+        mib(started_rss),
+        mib(after_load)
+    );
+
+    let body = Bytes::from(serde_json::to_vec(
+        &json!({"tool": "read_file", "input": {"data": "x".repeat(CALL_BYTES)}, "timeoutMs": 2 * keepalive.as_millis() as u64 + 5000}),
+    )?);
+    for round in 1..=repeats {
+        let before = rss_kib(pid)?;
+        let deaf = TestDevice::pair(&base, &control, &format!("bench-deaf-{round}")).await?;
+        let socket = deaf.open_unread_stream(dispatcher.addr()).await?;
+        control.wait_online(&deaf.device_id, true, Duration::from_secs(10)).await?;
+        let stuck_before = e2e::metric(&base, "stuck_streams_total").await.unwrap_or(0.0);
+        let client = reqwest::Client::new();
+        let url = format!("{base}/api/devices/{}/calls", deaf.device_id);
+        let started = Instant::now();
+        let sent = futures::future::join_all((0..calls).map(|_| {
+            let request = client
+                .post(&url)
+                .bearer_auth(&control.token)
+                .header("content-type", "application/json")
+                .body(body.clone());
+            tokio::spawn(async move { request.send().await.map(|response| response.status().as_u16()) })
+        }));
+        let finished = std::sync::atomic::AtomicBool::new(false);
+        let sent = async {
+            let statuses = sent.await;
+            finished.store(true, Ordering::Release);
+            statuses
+        };
+        let watch = async {
+            let (mut peak, mut queued, mut dropped) = (0u64, 0f64, None);
+            while !finished.load(Ordering::Acquire) {
+                peak = peak.max(rss_kib(pid).unwrap_or(0));
+                queued = queued.max(e2e::metric(&base, "stream_queue_bytes").await.unwrap_or(0.0));
+                if dropped.is_none() && e2e::metric(&base, "stuck_streams_total").await.unwrap_or(0.0) > stuck_before {
+                    dropped = Some(started.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (peak, queued, dropped)
+        };
+        let (statuses, (peak, queued, dropped)) = tokio::join!(sent, watch);
+        let answered_after = started.elapsed();
+        let mut tally = std::collections::BTreeMap::new();
+        for status in statuses {
+            let key = match status {
+                Ok(Ok(code)) => code.to_string(),
+                _ => "no answer".to_owned(),
+            };
+            *tally.entry(key).or_insert(0usize) += 1;
+        }
+        drop(client);
+        drop(socket);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let settled_2 = rss_kib(pid)?;
+        tokio::time::sleep(Duration::from_secs(18)).await;
+        let settled_20 = rss_kib(pid)?;
+        println!(
+            "  round {round}: {calls} calls of 1 MiB answered {tally:?} within {:.1} s; stream dropped after {}; peak \
+             queued {:.1} MiB; VmRSS {:.1} MiB before, {:.1} MiB peak, {:.1} MiB 2 s after, {:.1} MiB 20 s after",
+            answered_after.as_secs_f64(),
+            dropped.map_or("(never)".to_owned(), |d| format!("{:.1} s", d.as_secs_f64())),
+            queued / 1048576.0,
+            mib(before),
+            mib(peak),
+            mib(settled_2),
+            mib(settled_20)
+        );
     }
     Ok(())
 }

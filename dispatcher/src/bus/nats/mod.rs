@@ -4,6 +4,8 @@
 //! Subscriptions of a replica, each read by its own task bound to the bus's cancel token:
 //! - `{p}.result.{tag}`: results for the calls this replica dispatched ([`Hub::resolve`]);
 //! - `{p}.revoked`: revocations from any replica ([`Hub::revoke`]);
+//! - `{p}.api-tokens.revoked`: api tokens revoked by `dispatcher token revoke`
+//!   ([`Hub::revoke_api_tokens`]; [`publish_api_token_revocation`] is the sending side);
 //! - `{p}.presence.all`: the scatter-gather of online devices ([`Hub::held_devices`]);
 //! - `{p}.events.*`: every user's events, handed to this replica's listeners through
 //!   [`Bus::subscribe_events`];
@@ -34,8 +36,8 @@ use futures::StreamExt;
 use parking_lot::Mutex;
 use protocol::events::UserEvent;
 use protocol::subject::{
-    is_uuid, route_tag, CallAck, Control, DeliverAck, HeldDevices, Holder, Revoked, Subjects, HEADER_DEVICE_ID,
-    HEADER_TRACEPARENT, HOLDERS_QUEUE,
+    is_uuid, route_tag, ApiTokensRevoked, CallAck, Control, DeliverAck, HeldDevices, Holder, Revoked, Subjects,
+    HEADER_DEVICE_ID, HEADER_TRACEPARENT, HOLDERS_QUEUE,
 };
 use protocol::{HostCall, HostResult};
 use serde::Serialize;
@@ -46,6 +48,7 @@ use tracing::Instrument;
 
 use self::inbox::Inbox;
 use super::{Bus, BusError, Health, Hub, Routed, EVENTS_CAPACITY};
+use crate::core::cache::parse_token_hash;
 
 /// Longest a fire-and-forget publish (a reply, a takeover, a revocation) may wait for room in
 /// the client's command queue, which fills while the broker is unreachable.
@@ -204,6 +207,7 @@ impl NatsBus {
         let revoked = shared.subscribe(shared.subjects.revoked()).await?;
         let presence = shared.subscribe(shared.subjects.presence_all()).await?;
         let events = shared.subscribe(shared.subjects.all_user_events()).await?;
+        let api_tokens = shared.subscribe(shared.subjects.api_tokens_revoked()).await?;
         tokio::spawn(serve(shared.clone(), inbox, cancel.clone(), |shared, message| async move {
             shared.inbox.route(message);
         }));
@@ -211,6 +215,7 @@ impl NatsBus {
         tokio::spawn(serve(shared.clone(), revoked, cancel.clone(), Shared::on_revoked));
         tokio::spawn(serve(shared.clone(), presence, cancel.clone(), Shared::on_presence_all));
         tokio::spawn(serve(shared.clone(), events, cancel.clone(), Shared::on_user_event));
+        tokio::spawn(serve(shared.clone(), api_tokens, cancel.clone(), Shared::on_api_tokens_revoked));
         tokio::spawn(link::watch(shared.clone(), events_rx, shared.options.broker_grace, cancel.clone()));
         // Server URLs may carry credentials: log how many, not what.
         tracing::info!(replica = %shared.replica, route = %route, servers = server_count, "NATS bus started");
@@ -373,6 +378,7 @@ impl Shared {
                 Ok(CallAck::Accepted) => Routed::Accepted,
                 Ok(CallAck::NotHeld) => Routed::NotHeld,
                 Ok(CallAck::Expired) => Routed::Expired,
+                Ok(CallAck::Full) => Routed::Full,
                 Err(error) => {
                     tracing::warn!(%error, "malformed call ack");
                     Routed::Unreachable
@@ -726,6 +732,18 @@ impl Shared {
         }
     }
 
+    /// `{p}.api-tokens.revoked`: api tokens were revoked; forget them here.
+    async fn on_api_tokens_revoked(self: Arc<Self>, message: Message) {
+        match serde_json::from_slice::<ApiTokensRevoked>(&message.payload) {
+            Ok(ApiTokensRevoked { token_hashes }) => {
+                let hashes: Vec<[u8; 32]> = token_hashes.iter().filter_map(|hash| parse_token_hash(hash)).collect();
+                let evicted = self.hub.revoke_api_tokens(&hashes);
+                tracing::info!(tokens = hashes.len(), evicted, "api tokens revoked");
+            }
+            Err(error) => tracing::warn!(%error, "malformed api-token revocation"),
+        }
+    }
+
     /// `{p}.presence.all`: which devices this replica holds.
     async fn on_presence_all(self: Arc<Self>, message: Message) {
         let held = HeldDevices { replica: self.replica.clone(), devices: self.hub.held_devices() };
@@ -749,7 +767,7 @@ impl Shared {
             traceparent = traceparent.map(|value| value.as_str()),
         );
         crate::telemetry::set_parent(&span, traceparent.map(|value| value.as_str()));
-        let ack = span.in_scope(|| self.hub.push(device_id, call));
+        let ack = span.in_scope(|| self.hub.push(device_id, &call));
         self.reply(&message, &ack).instrument(span).await;
         if ack == CallAck::NotHeld {
             self.release_if_gone(device_id, epoch);
@@ -833,6 +851,44 @@ async fn serve_device(
 
 fn encode(body: &impl Serialize) -> Result<Bytes, serde_json::Error> {
     serde_json::to_vec(body).map(Bytes::from)
+}
+
+/// Tells every replica on the NATS servers in `urls` that the api tokens with these hashes
+/// (lowercase hex SHA-256) are revoked, for a process that is not a replica (`dispatcher token
+/// revoke`): connects, publishes `{p}.api-tokens.revoked`, flushes and closes, all within
+/// `timeout`. Replicas that miss it learn the same from the database within a second.
+pub async fn publish_api_token_revocation(
+    urls: &str,
+    subjects: &Subjects,
+    token_hashes: &[String],
+    timeout: Duration,
+) -> Result<(), BusError> {
+    let servers: Vec<&str> = urls.split(',').map(str::trim).filter(|url| !url.is_empty()).collect();
+    if servers.is_empty() {
+        return Err(BusError::Unavailable("no NATS server URL given".into()));
+    }
+    if !protocol::subject::is_valid_prefix(subjects.prefix()) {
+        return Err(BusError::Unavailable(format!("invalid subject prefix {:?}", subjects.prefix())));
+    }
+    let payload = encode(&ApiTokensRevoked { token_hashes: token_hashes.to_vec() })
+        .map_err(|error| BusError::Malformed(error.to_string()))?;
+    let publish = async {
+        let client = ConnectOptions::new()
+            .name("dispatcher token revoke")
+            .connection_timeout(timeout)
+            .connect(servers)
+            .await
+            .map_err(|error| BusError::Unavailable(format!("NATS client: {error}")))?;
+        client
+            .publish(subjects.api_tokens_revoked(), payload)
+            .await
+            .map_err(|error| BusError::Unavailable(format!("publish: {error}")))?;
+        client.flush().await.map_err(|error| BusError::Unavailable(format!("flush: {error}")))?;
+        Ok::<_, BusError>(())
+    };
+    tokio::time::timeout(timeout, publish)
+        .await
+        .map_err(|_| BusError::Unavailable(format!("no NATS server took the message within {timeout:?}")))?
 }
 
 /// Room left in a message for headers and protocol framing.
