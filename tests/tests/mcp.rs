@@ -58,7 +58,9 @@ async fn setup() -> Setup {
     let mut device_id = None;
     for _ in 0..100 {
         let devices = cluster.devices(0).await.unwrap();
-        if let Some(d) = devices.iter().find(|d| d["name"] == "laptop" && d["online"] == true && d["tools"].is_array())
+        if let Some(d) = devices
+            .iter()
+            .find(|d| d["name"] == "laptop" && d["online"] == true && d["toolCount"].as_u64().is_some_and(|n| n > 0))
         {
             device_id = d["id"].as_str().map(str::to_owned);
             break;

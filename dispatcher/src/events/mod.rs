@@ -122,7 +122,11 @@ impl EventHub {
 /// The first frame of `user_id`'s stream: their devices and their pending proposals.
 pub async fn snapshot(state: &AppState, user_id: &str) -> Result<Snapshot, ApiError> {
     let records = state.registry.devices(user_id).await?;
-    let devices = join_all(records.into_iter().map(|record| device_view(state, record))).await;
+    // As `GET /api/devices` lists them: roots and a tool count, the tools on request elsewhere.
+    let devices = join_all(
+        records.into_iter().map(|record| async move { Device { tools: None, ..device_view(state, record).await } }),
+    )
+    .await;
     let proposals = state.registry.proposals(user_id, Some(ProposalStatus::Pending)).await?;
     Ok(Snapshot { devices, proposals })
 }

@@ -23,9 +23,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::UserCaller;
 use super::{ApiError, AppState, JsonBody};
+use crate::events;
 use crate::registry::{DeviceRecord, PageRequest};
 use crate::service::{self, ApproveOutcome, CallOutcome};
-use crate::events;
 
 const MAX_TOOL_NAME_LEN: usize = 128;
 

@@ -216,7 +216,8 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, admitted: admissi
     let _open = OpenGauge::new(&shared.metrics);
     let _ = stream.set_nodelay(true);
     let abort = crate::http::device::ConnectionAbort::default();
-    let service = service::Tracked::new(shared.router.clone(), peer, shared.table.clone(), admitted.id(), abort.clone());
+    let service =
+        service::Tracked::new(shared.router.clone(), peer, shared.table.clone(), admitted.id(), abort.clone());
     let connection = shared.builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
     tokio::pin!(connection);
     let evicted = admitted.evicted().clone();
