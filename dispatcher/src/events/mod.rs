@@ -127,7 +127,15 @@ pub async fn snapshot(state: &AppState, user_id: &str) -> Result<Snapshot, ApiEr
         records.into_iter().map(|record| async move { Device { tools: None, ..device_view(state, record).await } }),
     )
     .await;
+    // Each pending proposal as an event would carry it: a large one without its input and diff.
     let proposals = state.registry.proposals(user_id, Some(ProposalStatus::Pending)).await?;
+    let proposals = proposals
+        .into_iter()
+        .filter_map(|proposal| match fit(Change::Proposal(proposal), EVENT_MAX_BYTES) {
+            Change::Proposal(proposal) => Some(proposal),
+            Change::Device(_) => None,
+        })
+        .collect();
     Ok(Snapshot { devices, proposals })
 }
 

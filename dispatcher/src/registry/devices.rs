@@ -12,7 +12,7 @@ use std::time::Duration;
 use protocol::subject::is_uuid;
 use protocol::{EnrollResponse, Manifest, PairingCode};
 
-use super::page::{rows_within, Cursor, Order, Page, PageRequest, MAX_PAGE_LIMIT};
+use super::page::{rows_within, Cursor, Order, Page, PageRequest};
 use super::secret::{self, DEVICE_TOKEN_PREFIX};
 use super::{as_u64, from_json_text, json_text, lock_user_quota, optional_time_of, time_of, MAX_PAIRING_TTL};
 use super::{DeviceAuth, DeviceRecord, EnrollOutcome, Expiry, Limit, Registry, RegistryError};
@@ -223,16 +223,7 @@ impl Registry {
     /// All of `owner`'s devices that are not revoked, oldest first, with their manifests.
     /// Unbounded: what clients see goes through [`Registry::devices_page`].
     pub async fn devices(&self, owner: &str) -> Result<Vec<DeviceRecord>, RegistryError> {
-        let mut all = Vec::new();
-        let mut request = PageRequest { limit: MAX_PAGE_LIMIT, after: None };
-        loop {
-            let page = self.devices_page(owner, &request, true).await?;
-            all.extend(page.items);
-            match page.next {
-                Some(next) => request.after = Some(next),
-                None => return Ok(all),
-            }
-        }
+        super::page::every_page(|request| async move { self.devices_page(owner, &request, true).await }).await
     }
 
     /// One page of `owner`'s devices that are not revoked, oldest first (ties broken by id): at

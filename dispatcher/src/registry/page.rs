@@ -52,6 +52,25 @@ impl Cursor {
     }
 }
 
+/// Every row of a paged list, fetching page after page from the first: unbounded, for the
+/// server's own use (a snapshot), never a client's response.
+pub(crate) async fn every_page<T, E, F, Fut>(mut fetch: F) -> Result<Vec<T>, E>
+where
+    F: FnMut(PageRequest) -> Fut,
+    Fut: std::future::Future<Output = Result<Page<T>, E>>,
+{
+    let mut all = Vec::new();
+    let mut request = PageRequest { limit: MAX_PAGE_LIMIT, after: None };
+    loop {
+        let page = fetch(request.clone()).await?;
+        all.extend(page.items);
+        match page.next {
+            Some(next) => request.after = Some(next),
+            None => return Ok(all),
+        }
+    }
+}
+
 /// A page as a client asked for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageRequest {

@@ -177,16 +177,7 @@ impl Registry {
     /// All of `owner`'s proposals, newest first, only those in `status` when given. Unbounded:
     /// what clients see goes through [`Registry::proposals_page`].
     pub async fn proposals(&self, owner: &str, status: Option<ProposalStatus>) -> Result<Vec<Proposal>, RegistryError> {
-        let mut all = Vec::new();
-        let mut request = PageRequest { limit: super::page::MAX_PAGE_LIMIT, after: None };
-        loop {
-            let page = self.proposals_page(owner, status, &request).await?;
-            all.extend(page.items);
-            match page.next {
-                Some(next) => request.after = Some(next),
-                None => return Ok(all),
-            }
-        }
+        super::page::every_page(|request| async move { self.proposals_page(owner, status, &request).await }).await
     }
 
     /// One page of `owner`'s proposals, newest first (ties broken by id), only those in
