@@ -473,6 +473,23 @@ impl Control {
         self.request(Method::GET, "/api/devices", None).await
     }
 
+    /// Every device of this user, following `next` from page to page.
+    pub async fn all_devices(&self) -> anyhow::Result<Vec<Value>> {
+        let mut devices = Vec::new();
+        let mut path = "/api/devices?limit=500".to_owned();
+        loop {
+            let (status, page) = self.request(Method::GET, &path, None).await?;
+            if status != StatusCode::OK {
+                bail!("GET {path} answered {status}: {page}");
+            }
+            devices.extend(page["devices"].as_array().cloned().unwrap_or_default());
+            match page["next"].as_str() {
+                Some(next) => path = format!("/api/devices?limit=500&cursor={next}"),
+                None => return Ok(devices),
+            }
+        }
+    }
+
     pub async fn device(&self, id: &str) -> anyhow::Result<(StatusCode, Value)> {
         self.request(Method::GET, &format!("/api/devices/{id}"), None).await
     }
