@@ -12,7 +12,7 @@ use std::time::Duration;
 use protocol::subject::is_uuid;
 use protocol::{EnrollResponse, Manifest, PairingCode};
 
-use super::page::{rows_within, Cursor, Order, Page, PageRequest};
+use super::page::{choose_rows, Order, Page, PageRequest};
 use super::secret::{self, DEVICE_TOKEN_PREFIX};
 use super::{as_u64, from_json_text, json_text, lock_user_quota, optional_time_of, time_of, MAX_PAIRING_TTL};
 use super::{DeviceAuth, DeviceRecord, EnrollOutcome, Expiry, Limit, Registry, RegistryError};
@@ -257,12 +257,8 @@ impl Registry {
         }
         let limit = request.limit.max(1);
         let candidates = query.bind(i64::try_from(limit + 1).unwrap_or(i64::MAX)).fetch_all(&self.pool).await?;
-        let sizes: Vec<u64> = candidates.iter().take(limit).map(|(_, _, size)| as_u64(*size)).collect();
-        let count = rows_within(&sizes, as_u64(self.limits.max_page_bytes));
+        let (count, next) = choose_rows(&candidates, limit, as_u64(self.limits.max_page_bytes));
         let chosen = &candidates[..count];
-        let next = (candidates.len() > count)
-            .then(|| chosen.last().map(|(id, at_ms, _)| Cursor { at_ms: *at_ms, id: id.clone() }))
-            .flatten();
         if chosen.is_empty() {
             return Ok(Page { items: Vec::new(), next });
         }

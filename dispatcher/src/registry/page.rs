@@ -71,6 +71,19 @@ where
     }
 }
 
+/// Of `candidates` (id, time, stored bytes) fetched in list order, at most `limit + 1` of them:
+/// how many make the page (at most `limit`, within `max_bytes`, one always), and the cursor of
+/// the next page when rows are left.
+pub(crate) fn choose_rows(candidates: &[(String, i64, i64)], limit: usize, max_bytes: u64) -> (usize, Option<Cursor>) {
+    let sizes: Vec<u64> =
+        candidates.iter().take(limit.max(1)).map(|(_, _, size)| u64::try_from(*size).unwrap_or(0)).collect();
+    let count = rows_within(&sizes, max_bytes);
+    let next = (candidates.len() > count)
+        .then(|| candidates[..count].last().map(|(id, at_ms, _)| Cursor { at_ms: *at_ms, id: id.clone() }))
+        .flatten();
+    (count, next)
+}
+
 /// A page as a client asked for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageRequest {
