@@ -306,8 +306,17 @@ impl Registry {
         };
         let pool = options.connect(url).await?;
         if engine == Engine::Sqlite && !in_memory {
-            // Readers no longer block the writer; the mode is stored in the file.
-            sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await?;
+            // Readers no longer block the writer; the mode is stored in the file. Switching it
+            // needs the file to itself: another process opening it at the same moment answers
+            // "database is locked", so it is tried again like the migrations.
+            let mut attempt = 1;
+            while let Err(error) = sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await {
+                if attempt >= SQLITE_MIGRATE_ATTEMPTS {
+                    return Err(error.into());
+                }
+                tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                attempt += 1;
+            }
         }
         migrate(&pool, engine).await?;
         Ok(Self { pool, engine, clock: Arc::new(Clock::default()), limits: Limits::default() })
