@@ -76,6 +76,7 @@ pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Resul
         metrics: Arc::new(Metrics::new()),
         draining: Arc::new(AtomicBool::new(false)),
         enroll_limiter: Arc::new(RateLimiter::new(ENROLL_BURST, ENROLL_REFILL)),
+        grant_limits: Arc::default(),
         events,
     })
 }

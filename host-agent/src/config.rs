@@ -45,11 +45,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Enroll on first run (--code), then hold the stream to the server and run the calls it
-    /// pushes, until SIGINT/SIGTERM.
+    /// Enroll on first run (with --code, or without it by a link to approve), then hold the
+    /// stream to the server and run the calls it pushes, until SIGINT/SIGTERM.
     ///
-    /// Exit codes: 0 clean shutdown; 1 other failure; 2 usage error (including: not enrolled and
-    /// no --code); 3 enrollment refused (bad, expired or used code; too many attempts); 4 device
+    /// Exit codes: 0 clean shutdown; 1 other failure; 2 usage error; 3 enrollment refused (bad,
+    /// expired or used code; too many attempts; the link denied or expired); 4 device
     /// revoked (cached credentials deleted); 5 superseded (another process uses these
     /// credentials). A dropped connection is never an exit: the agent reconnects.
     Run(RunArgs),
@@ -112,7 +112,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub policy: PolicyArgs,
 
-    /// One-time pairing code: only needed on the first run (no cached credentials).
+    /// One-time pairing code, used on the first run (no cached credentials). Without it the
+    /// first run enrolls by link: it prints a link to approve in the admin page.
     #[arg(long, value_name = "CODE", env = "FUSION_HOST_CODE", hide_env_values = true)]
     pub code: Option<String>,
 

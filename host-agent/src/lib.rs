@@ -8,6 +8,8 @@
 //!   exit codes.
 //! - [`transport`]: the HTTP client (rustls, `--ca-cert`), the device-facing endpoints, SSE
 //!   frames and the keepalive watchdog.
+//! - [`grant`]: enrollment by link (RFC 8628) when there is neither a cached credential nor
+//!   a `--code`: the link, the polling, the confirmation.
 //! - [`credentials`]: the per-origin credential cache (mode 0600, atomic writes).
 //! - [`backoff`]: capped exponential backoff with full jitter.
 //! - [`dedup`]: the bounded set of recently seen call ids.
@@ -18,6 +20,7 @@ pub mod backoff;
 pub mod config;
 pub mod credentials;
 pub mod dedup;
+pub mod grant;
 pub mod runtime;
 pub mod scope;
 pub mod tools;
