@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 use protocol::sse::ReconnectReason;
 use protocol::subject::{CallAck, DeliverAck, Holder};
 use protocol::{HostCall, HostResult};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::cache::{CachedDevice, TtlCache};
@@ -103,6 +103,9 @@ pub struct Hub {
     quarantine_until_ms: AtomicU64,
     device_tokens: Mutex<TtlCache<[u8; 32], CachedDevice>>,
     api_tokens: Mutex<TtlCache<[u8; 32], String>>,
+    /// Counts the api-token revocations heard here: long-lived api-token streams (events) watch
+    /// it and ask again whether their token is still good.
+    api_token_revocations: watch::Sender<u64>,
     /// Device id to its owner, for devices seen live in the registry: a dispatch checks
     /// ownership here instead of in the database.
     device_owners: Mutex<TtlCache<String, String>>,
@@ -179,6 +182,7 @@ impl Hub {
             quarantine_until_ms: AtomicU64::new(0),
             device_tokens: Mutex::new(TtlCache::new(AUTH_CACHE_TTL, AUTH_CACHE_CAPACITY)),
             api_tokens: Mutex::new(TtlCache::new(AUTH_CACHE_TTL, AUTH_CACHE_CAPACITY)),
+            api_token_revocations: watch::Sender::new(0),
             device_owners: Mutex::new(TtlCache::new(AUTH_CACHE_TTL, AUTH_CACHE_CAPACITY)),
             pushed: Mutex::default(),
             queue_limits: QueueLimits { frames: STREAM_QUEUE, bytes: queue_bytes },
@@ -412,15 +416,24 @@ impl Hub {
     /// Api tokens were revoked: forget them, so their next request asks the registry (and is
     /// refused). Returns how many were cached here.
     pub fn revoke_api_tokens<'a>(&self, token_hashes: impl IntoIterator<Item = &'a [u8; 32]>) -> usize {
-        let mut cache = self.api_tokens.lock();
-        token_hashes
-            .into_iter()
-            .filter(|hash| {
-                let cached = cache.contains(hash);
-                cache.remove(hash);
-                cached
-            })
-            .count()
+        let evicted = {
+            let mut cache = self.api_tokens.lock();
+            token_hashes
+                .into_iter()
+                .filter(|hash| {
+                    let cached = cache.contains(hash);
+                    cache.remove(hash);
+                    cached
+                })
+                .count()
+        };
+        self.api_token_revocations.send_modify(|count| *count += 1);
+        evicted
+    }
+
+    /// Changes after every api-token revocation heard here (and every flush of the caches).
+    pub fn api_token_revocations(&self) -> watch::Receiver<u64> {
+        self.api_token_revocations.subscribe()
     }
 
     /// The owner of a live device, if this replica looked it up recently.
@@ -437,6 +450,7 @@ impl Hub {
         self.device_tokens.lock().clear();
         self.api_tokens.lock().clear();
         self.device_owners.lock().clear();
+        self.api_token_revocations.send_modify(|count| *count += 1);
     }
 
     // ---- stall watch ----
