@@ -163,7 +163,7 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
-    /// A hub for one replica. Spawn [`Hub::watch_stalls`] beside it: without its ticks the hub
+    /// A hub for one replica. Start [`Hub::spawn_stall_watch`] beside it: without its ticks the hub
     /// soon counts itself frozen and refuses pushes and new streams.
     pub fn new(replica_id: impl Into<String>, route_tag: u32) -> Arc<Self> {
         Self::with_stream_queue_bytes(replica_id, route_tag, STREAM_QUEUE_BYTES)
@@ -473,19 +473,27 @@ impl Hub {
         Duration::from_millis(self.now_ms().saturating_sub(last)) > PUSH_FENCE
     }
 
-    /// Ticks until cancelled. A gap longer than `stall_after` (the process was frozen past the
-    /// devices' patience) gives up every stream with `reconnect`: they may have moved. Each
-    /// tick also drops the streams that have not drained for twice `stall_after` (the
-    /// keepalive interval): [`Hub::drop_stuck_streams`].
-    pub async fn watch_stalls(self: Arc<Self>, stall_after: Duration, cancel: CancellationToken) {
+    /// Starts the stall watch on a thread of its own, ticking until `cancel`. A gap longer than
+    /// `stall_after` (the process was frozen past the devices' patience) gives up every stream
+    /// with `reconnect`: they may have moved. Each tick also drops the streams that have not
+    /// drained for twice `stall_after` (the keepalive interval): [`Hub::drop_stuck_streams`].
+    ///
+    /// Its own thread, not a task: what it detects is the whole process stopped (SIGSTOP, a paused
+    /// VM), which stops this thread too, whereas an async runtime merely busy with requests
+    /// (thousands of calls on a starved CPU) delays a task's timer and would pass for a freeze,
+    /// giving up every stream of a replica that is working.
+    pub fn spawn_stall_watch(
+        self: Arc<Self>,
+        stall_after: Duration,
+        cancel: CancellationToken,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new().name("stall-watch".into()).spawn(move || self.watch_stalls(stall_after, &cancel))
+    }
+
+    fn watch_stalls(&self, stall_after: Duration, cancel: &CancellationToken) {
         self.tick();
-        let mut interval = tokio::time::interval(TICK);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = interval.tick() => {}
-            }
+        while !cancel.is_cancelled() {
+            std::thread::sleep(TICK);
             if let Some((gap, closed)) = self.check_stall(stall_after) {
                 tracing::warn!(gap_ms = gap.as_millis() as u64, closed, "replica was frozen; gave up its streams");
                 continue;
