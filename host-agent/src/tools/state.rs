@@ -77,7 +77,7 @@ pub enum State {
 }
 
 impl State {
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             State::Absent => "absent".to_owned(),
             State::File { size, sha256 } => format!("a file of {size} bytes (sha256 {})", short(sha256)),
