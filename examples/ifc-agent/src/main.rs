@@ -1,6 +1,6 @@
 //! `ifc-agent`: an app's own device binary, built on the `host-agent` library. It serves the 16
 //! built-in tools plus one domain tool written in Rust, [`inventory::IfcInventory`]
-//! (`ifc_inventory`), and takes the same flags and environment as `host-agent run`
+//! (`ifc_inventory`). `ifc-agent run` takes the same flags and environment as `host-agent run`
 //! (`--server`, `--root`, `--code`, `--tools-file`, ...), with the same exit codes.
 //!
 //! The whole composition is the original's `runHost({ tools: [...builtinTools, convertIfc] })`:
@@ -19,7 +19,7 @@ use std::process::exit;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use host_agent::config::{self, RunArgs};
 use host_agent::runtime::{self, exit_code};
 use host_agent::tools::Toolbox;
@@ -29,16 +29,23 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(name = "ifc-agent", version)]
 struct Cli {
-    #[command(flatten)]
-    run: RunArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Enroll on first run (--code), then serve the built-ins and ifc_inventory until
+    /// SIGINT/SIGTERM. Exit codes as `host-agent run`.
+    Run(RunArgs),
 }
 
 fn main() {
-    let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.run.log)
+    let Command::Run(args) = Cli::parse().command;
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
-    exit(run(&cli.run));
+    exit(run(&args));
 }
 
 fn usage(message: impl std::fmt::Display) -> i32 {
