@@ -447,6 +447,17 @@ mod tests {
     }
 
     #[test]
+    fn a_tools_file_for_run_tools_and_call() {
+        let run = run_args(&["--server", "http://a", "--tools-file", "/etc/fusion/tools.toml"]);
+        assert_eq!(run.tools.tools_file, Some(PathBuf::from("/etc/fusion/tools.toml")));
+        assert_eq!(run_args(&["--server", "http://a"]).tools.tools_file, None);
+        let tools = parse_from(["host-agent", "tools", "--tools-file", "t.toml"]).expect("tools");
+        assert!(matches!(tools.command, Command::Tools(args) if args.tools.tools_file == Some("t.toml".into())));
+        let call = parse_from(["host-agent", "call", "x", "{}", "--tools-file", "t.toml"]).expect("call");
+        assert!(matches!(call.command, Command::Call(args) if args.tools.tools_file == Some("t.toml".into())));
+    }
+
+    #[test]
     fn no_root_and_no_home_is_an_error() {
         assert!(RootArgs { roots: vec![] }.resolve(None).is_err());
     }

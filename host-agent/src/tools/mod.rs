@@ -4,7 +4,7 @@
 //!
 //! A tool is a value: a serde input type (`deny_unknown_fields`) whose JSON Schema is derived from
 //! the same type with schemars, so the published schema and the validation cannot drift, plus the
-//! code that runs it. Reads and actions implement [`Immediate`]; mutations implement [`Mutation`]
+//! code that runs it. Reads and actions implement `Immediate`; mutations implement `Mutation`
 //! (observe the targets, plan touching nothing, apply after the preconditions are verified again).
 //!
 //! Layout:

@@ -482,7 +482,7 @@ required = false
             (tool(&format!("{read}timeout_secs = -1\n{arg}")), "`t`", "invalid value"),
             (format!("[[tool]]\nname = \"read_file\"\ndescription = \"d\"\n{read}{arg}"), "`read_file`", "built-in"),
             (format!("[[tool]]\nname = \"Bad-Name\"\ndescription = \"d\"\n{read}{arg}"), "`Bad-Name`", "invalid name"),
-            (tool(&format!("class = \"read\"\ncommand = [\"/bin/echo\", \"{{a}}\"]\n[tool.args.a]\ntype = \"string\"\n[tool.args.B]\ntype = \"string\"\n")), "`t`", "invalid argument name `B`"),
+            (tool("class = \"read\"\ncommand = [\"/bin/echo\", \"{a}\"]\n[tool.args.a]\ntype = \"string\"\n[tool.args.B]\ntype = \"string\"\n"), "`t`", "invalid argument name `B`"),
             (format!("{}\n{}", tool(&format!("{read}{arg}")), tool(&format!("{read}{arg}"))), "`t`", "same name"),
             (tool(&format!("description = \"again\"\n{read}{arg}")), "", "not valid TOML"),
             ("[[tool]]\nname = \"t\"\ndescription = \" \"\nclass = \"read\"\ncommand = [\"/bin/true\"]\n".into(), "`t`", "description is empty"),
