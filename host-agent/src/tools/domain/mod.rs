@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use protocol::{ToolClass, ToolDescriptor};
 use serde_json::{json, Map, Value};
 
-pub use file::{check_programs, parse, Element, FileError, Kind, Param, Spec};
+pub use file::{Element, FileError, Kind, Param, Spec};
 pub use file::{DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_TIMEOUT_SECS, MAX_OUTPUT_BYTES, MAX_TIMEOUT_SECS};
 pub use process::SAFE_ENV;
 
@@ -73,14 +73,16 @@ impl Bound {
 }
 
 impl CommandTool {
-    pub fn new(spec: Spec) -> Self {
+    fn new(spec: Spec) -> Self {
         CommandTool { spec }
     }
 
+    /// The tool's name, as the file declares it.
     pub fn name(&self) -> &str {
         &self.spec.name
     }
 
+    /// The declaration, validated.
     pub fn spec(&self) -> &Spec {
         &self.spec
     }
