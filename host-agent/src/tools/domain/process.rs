@@ -237,13 +237,51 @@ mod tests {
         assert!(env.contains(&format!("PATH={SAFE_PATH}")), "{env}");
     }
 
+    /// The processes of group `group` still running (zombies are dead already).
+    fn running_in_group(group: u32) -> Vec<u32> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else { continue };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            if fields.first() != Some(&"Z") && fields.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(group) {
+                found.push(pid);
+            }
+        }
+        found
+    }
+
+    fn group_of(run: &Run) -> u32 {
+        let text = String::from_utf8_lossy(&run.stdout.bytes).into_owned();
+        text.lines().next().and_then(|line| line.trim().parse().ok()).expect("the group id on the first line")
+    }
+
+    fn assert_group_gone(group: u32) {
+        let started = Instant::now();
+        while !running_in_group(group).is_empty() {
+            assert!(started.elapsed() < Duration::from_secs(5), "left running: {:?}", running_in_group(group));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[cfg(target_os = "linux")]
     #[test]
     fn a_timeout_kills_the_whole_group() {
         let started = Instant::now();
-        let run = sh("sleep 30 & sleep 30 & echo started; wait", Duration::from_millis(300), 1024);
+        let run = sh("echo $$; sleep 30 & sleep 30 & wait", Duration::from_millis(300), 1024);
         assert!(matches!(run.ended, Ended::TimedOut), "{:?}", run.ended);
         assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
-        assert_eq!(run.stdout.bytes, b"started\n");
+        assert!(!run.stdout.truncated, "both streams closed when the group died");
+        assert_group_gone(group_of(&run));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn what_an_exited_program_left_running_is_killed() {
+        let run = sh("echo $$; sleep 30 & exit 0", Duration::from_secs(20), 1024);
+        assert!(matches!(run.ended, Ended::Exited(status) if status.success()), "{:?}", run.ended);
+        assert_group_gone(group_of(&run));
     }
 
     #[test]
