@@ -492,6 +492,29 @@ async fn tools_files_are_validated_before_anything_runs() {
         assert!(output.stdout.is_empty(), "prints no descriptors");
     }
 
+    // `host-agent call` runs a domain tool locally: a mutation's proposal, or with --apply the
+    // command itself; a refused argument is exit 1.
+    std::fs::write(dir.path().join("part.txt"), "part\n").unwrap();
+    let call = |input: &str, apply: bool| {
+        let mut command = std::process::Command::new(e2e::bin::host_agent());
+        command.args(["call", "append_copy", input, "--root", &root, "--tools-file", &good.display().to_string()]);
+        if apply {
+            command.arg("--apply");
+        }
+        command.env_remove("FUSION_HOST_TOOLS_FILE").env_remove("FUSION_HOST_ROOTS").output().expect("call runs")
+    };
+    let proposed = call(r#"{"source": "part.txt", "dest": "whole.txt"}"#, false);
+    assert!(proposed.status.success(), "{}", String::from_utf8_lossy(&proposed.stderr));
+    let proposal: Value = serde_json::from_slice(&proposed.stdout).expect("HostResult");
+    assert_eq!(proposal["proposal"], true, "{proposal}");
+    assert!(!dir.path().join("whole.txt").exists());
+    let applied = call(r#"{"source": "part.txt", "dest": "whole.txt"}"#, true);
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stdout));
+    assert_eq!(std::fs::read_to_string(dir.path().join("whole.txt")).unwrap(), "part\n");
+    let refused = call(r#"{"source": "/etc/passwd", "dest": "whole.txt"}"#, true);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stdout).contains("outside the allowed roots"));
+
     // `run` refuses the same file before connecting: the server would never answer.
     let file = dir.path().join("bad.toml");
     std::fs::write(&file, &bad[2].0).unwrap();
