@@ -322,6 +322,12 @@ async fn arguments_are_typed_scoped_and_literal() {
         assert!(error.contains(needle), "{path}: {error}");
     }
 
+    // A file with another hard link (which may lie outside the roots) is not handed over.
+    std::fs::write(env.root.path().join("sub/linked.txt"), "linked\n").unwrap();
+    std::fs::hard_link(env.root.path().join("sub/linked.txt"), env.outside.path().join("linked.txt")).unwrap();
+    let error = error_of(&env.call(&id, "show_args", json!({"file": "sub/linked.txt"})).await);
+    assert!(error.contains("hard links"), "{error}");
+
     // Undeclared, missing, mistyped and out-of-bounds arguments are refused.
     for (tool, input, needle) in [
         ("show_args", json!({"colour": "red"}), "unknown argument `colour`"),
