@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 
 use super::deadline::Watched;
 use super::state::{observe, text_diff, Depth, Observation, Preconditions, State, DIFF_LIMIT};
-use super::{to_json, Change, Context, Mutation, Tool, ToolError};
+use super::{to_json, Builtin, Change, Context, Mutation, ToolError};
 use crate::scope::{open_checked, FileId, ScopedPath};
 
 /// edit_file refuses files larger than this.
@@ -116,7 +116,7 @@ pub fn install_error<'a>(ctx: &'a Context, path: &'a ScopedPath) -> impl Fn(io::
 }
 
 /// Writes `bytes` as the new content of `path`, whose verified state is `state`.
-fn write_content(ctx: &Context, path: &ScopedPath, state: &State, bytes: &[u8]) -> Result<u64, ToolError> {
+pub(crate) fn write_content(ctx: &Context, path: &ScopedPath, state: &State, bytes: &[u8]) -> Result<u64, ToolError> {
     let how = match state {
         State::Absent => Install::CreateNew,
         State::File { .. } | State::Hardlinked { .. } => Install::Replace,
@@ -203,7 +203,7 @@ pub struct WriteFile {
     pub content: String,
 }
 
-impl Tool for WriteFile {
+impl Builtin for WriteFile {
     const NAME: &'static str = "write_file";
     const DESCRIPTION: &'static str = "Create or overwrite a text file (missing parent directories are created). Proposes a unified diff; the apply writes atomically and only if the file is still as proposed.";
 }
@@ -261,7 +261,7 @@ pub struct Edit {
     pub replace: String,
 }
 
-impl Tool for EditFile {
+impl Builtin for EditFile {
     const NAME: &'static str = "edit_file";
     const DESCRIPTION: &'static str = "Edit a UTF-8 text file (up to 8 MiB) by exact find/replace pairs, applied in order; each `find` must occur exactly once. Proposes a unified diff; the apply re-checks the file's hash and the finds, then writes atomically.";
 }
@@ -365,7 +365,7 @@ pub struct AppendFile {
     pub content: String,
 }
 
-impl Tool for AppendFile {
+impl Builtin for AppendFile {
     const NAME: &'static str = "append_file";
     const DESCRIPTION: &'static str = "Append text to the end of a file, creating it (and missing parent directories) when absent. Proposes a unified diff; the apply appends only if the file is still as proposed.";
 }
