@@ -98,7 +98,8 @@ fn run_agent(args: &RunArgs) -> i32 {
         Ok(Outcome::Revoked) => {
             eprintln!(
                 "host-agent: this device was revoked by the server; its cached credentials were deleted. \
-                 To use this machine again, enroll it with a new pairing code (--code)."
+                 To use this machine again, enroll it again: with a new pairing code (--code), or run without \
+                 --code for a link to approve."
             );
             exit_code::REVOKED
         }
