@@ -3,7 +3,8 @@
 //! `--code`. The agent prints a link; the test approves it through the control API (once
 //! through the admin page in Chromium: tests/ui/activate.mjs), denies it, lets it expire.
 //! The OAuth endpoints are spoken raw: form bodies, the RFC's error codes, `slow_down` adding
-//! 5 s, single use, racing polls, unknown codes, guessing answered 429, `--public-url`.
+//! 5 s, single use, racing polls, unknown codes, guessing answered 429, `--public-url`, and
+//! every step on any replica of a cluster.
 //!
 //! Not here: the registry's state machine in detail (dispatcher/tests/grant_registry.rs).
 
@@ -492,4 +493,43 @@ fn ui_dir() -> std::path::PathBuf {
         dir.display()
     );
     dir
+}
+
+/// Behind a load balancer each request may land on another replica: the authorization is asked
+/// for on A, looked up and approved on B, polled on both (PostgreSQL and NATS shared).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_replica_serves_any_step_of_the_flow() {
+    let cluster = e2e::LocalCluster::start(2).await.expect("two replicas");
+    let client = reqwest::Client::new();
+    let form = [("client_id", "host-agent"), ("name", "roaming"), ("roots", r#"["/srv"]"#)];
+    let response = client.post(format!("{}/api/host/device-authorization", cluster.url(0))).form(&form).send().await;
+    let granted: Value = response.unwrap().json().await.unwrap();
+    let user_code = granted["user_code"].as_str().expect("user_code");
+    let device_code = granted["device_code"].as_str().expect("device_code");
+    let poll = |index: usize| {
+        let form = [("grant_type", GRANT_TYPE), ("device_code", device_code), ("client_id", "host-agent")];
+        let request = client.post(format!("{}/api/host/token", cluster.url(index))).form(&form);
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = poll(1).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::BAD_REQUEST, Some("authorization_pending")), "{body}");
+
+    let on_b = cluster.control_at(1);
+    let (status, seen) =
+        on_b.request(Method::GET, &format!("/api/device-authorizations/{user_code}"), None).await.unwrap();
+    assert_eq!((status, seen["name"].as_str()), (StatusCode::OK, Some("roaming")), "{seen}");
+    let (status, approved) =
+        on_b.request(Method::POST, &format!("/api/device-authorizations/{user_code}/approve"), None).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{approved}");
+
+    let (status, token) = poll(0).await;
+    assert_eq!(status, StatusCode::OK, "{token}");
+    assert_eq!(token["device_id"], approved["deviceId"]);
+    let (status, reused) = poll(1).await;
+    assert_eq!((status, reused["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_grant")), "{reused}");
+    let (status, device) = cluster.control_at(0).device(approved["deviceId"].as_str().unwrap()).await.unwrap();
+    assert_eq!((status, device["name"].as_str()), (StatusCode::OK, Some("roaming")), "{device}");
 }
