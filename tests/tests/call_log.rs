@@ -402,3 +402,92 @@ async fn a_database_outage_loses_records_not_calls() {
         assert_eq!(status, StatusCode::NOT_FOUND, "a record written during the outage: {id}");
     }
 }
+
+/// What a finished `dispatcher` command printed and how it exited.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// `dispatcher <args> --server <base> --token <token>`, stdin not a terminal, no colours.
+async fn cli(base: &str, token: &str, args: &[&str]) -> Run {
+    let mut command = tokio::process::Command::new(e2e::bin::dispatcher());
+    command.args(args).args(["--server", base, "--token", token]).stdin(std::process::Stdio::null());
+    for name in ["DISPATCHER_URL", "DISPATCHER_TOKEN", "DISPATCHER_CA_CERT"] {
+        command.env_remove(name);
+    }
+    let output = tokio::time::timeout(60 * SECOND, command.output()).await.expect("in time").expect("runs");
+    Run {
+        code: output.status.code().expect("an exit code"),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// `dispatcher calls`: the table with device names, filters, `--json`, one call's record, and
+/// the usage errors and refusals with their exit codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_cli_lists_and_shows_calls() {
+    let dispatcher = Dispatcher::start().await.expect("dispatcher");
+    let base = dispatcher.base_url();
+    let token = dispatcher.mint_token("alice").await.expect("token");
+    let control = Control::new(&base, token.clone());
+    let device = TestDevice::pair(&base, &control, "laptop").await.expect("enroll");
+    let _conn = device.connect(&base, device_answers()).await.expect("stream");
+    let mut ids = Vec::new();
+    for (tool, timeout) in [("stat", None), ("boom", None), ("slow", Some(200)), ("stat", None)] {
+        let (_, body) = control.call(&device.device_id, tool, json!({}), timeout).await.expect("call");
+        ids.push(body["callId"].as_str().expect("id").to_owned());
+    }
+    for id in &ids {
+        final_record(&control, id).await;
+    }
+
+    let run = cli(&base, &token, &["calls"]).await;
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let mut lines = run.stdout.lines();
+    let header: Vec<&str> = lines.next().expect("a header").split_whitespace().collect();
+    assert_eq!(header, ["WHEN", "DEVICE", "TOOL", "MODE", "OUTCOME", "DURATION", "RESULT", "CALL", "ID"]);
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), 4, "{}", run.stdout);
+    assert!(rows[0].contains("laptop") && rows[0].contains(&ids[3]) && rows[0].contains(" ok "), "{}", run.stdout);
+    assert!(rows[1].contains("timed out") && rows[2].contains("error"), "{}", run.stdout);
+
+    let json_of = |run: &Run| -> Value {
+        assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+        serde_json::from_str(&run.stdout).expect("one JSON document")
+    };
+    let count = |value: &Value| value["calls"].as_array().map_or(0, Vec::len);
+    for (args, want) in [
+        (vec!["calls", "--json"], 4),
+        (vec!["calls", "--json", "--limit", "3"], 3),
+        (vec!["calls", "--json", "--outcome", "timed out"], 1),
+        (vec!["calls", "--json", "--outcome", "timed-out"], 1),
+        (vec!["calls", "--json", "--device", "laptop", "--tool", "stat"], 2),
+        (vec!["calls", "--json", "--device", &device.device_id, "--outcome", "error"], 1),
+    ] {
+        let value = json_of(&cli(&base, &token, &args).await);
+        assert_eq!(count(&value), want, "{args:?}: {value}");
+    }
+
+    let run = cli(&base, &token, &["calls", &ids[1]]).await;
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    for line in ["Outcome:     error", "Error:       no such file", "Tool:        boom", "Device:      laptop ("] {
+        assert!(run.stdout.contains(line), "{line:?} in\n{}", run.stdout);
+    }
+    let one = json_of(&cli(&base, &token, &["calls", &ids[0], "--json"]).await);
+    assert_eq!((one["callId"].as_str(), one["outcome"].as_str()), (Some(ids[0].as_str()), Some("ok")));
+
+    let unknown = cli(&base, &token, &["calls", "0a000001-0000-4000-8000-000000000001"]).await;
+    assert_eq!(unknown.code, 5, "{}", unknown.stderr);
+    assert!(unknown.stderr.contains("no call"), "{}", unknown.stderr);
+    for args in
+        [vec!["calls", &ids[0], "--tool", "stat"], vec!["calls", "--outcome", "fine"], vec!["calls", "--limit", "0"]]
+    {
+        let run = cli(&base, &token, &args).await;
+        assert_eq!(run.code, 2, "{args:?}: {}", run.stderr);
+    }
+    let nobody = cli(&base, &token, &["calls", "--device", "nowhere"]).await;
+    assert_eq!(nobody.code, 5, "{}", nobody.stderr);
+}
