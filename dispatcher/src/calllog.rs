@@ -68,13 +68,16 @@ impl Counters {
     }
 }
 
+/// The writer task and the token that stops it.
+type RunningWriter = (CancellationToken, JoinHandle<()>);
+
 /// A replica's handle on its call log writer: cheap to clone, never blocks.
 #[derive(Clone)]
 pub struct CallLog {
     tx: mpsc::Sender<CallPart>,
     replica_id: Arc<str>,
     counters: Counters,
-    writer: Arc<Mutex<Option<(CancellationToken, JoinHandle<()>)>>>,
+    writer: Arc<Mutex<Option<RunningWriter>>>,
     last_warning: Arc<Mutex<Option<Instant>>>,
 }
 
