@@ -165,7 +165,8 @@ pub struct StorageArgs {
     #[arg(long, env = "DISPATCHER_APPLY_TIMEOUT_SECS", default_value_t = 30)]
     pub apply_timeout_secs: u64,
     /// A proposal still `applying` this many seconds past its apply's deadline (its replica
-    /// died) is failed with `device timed out`; every replica checks this often.
+    /// died) is failed with `device timed out`, and a call log record still pending is marked
+    /// `unknown`; every replica checks this often.
     #[arg(long, env = "DISPATCHER_STALE_APPLY_SECS", default_value_t = 10)]
     pub stale_apply_secs: u64,
     /// Days a call log record is kept.
