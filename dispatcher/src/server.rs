@@ -59,7 +59,7 @@ pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Resul
             Arc::new(MemoryBus::new(hub.clone()))
         }
     };
-    tokio::spawn(hub.clone().watch_stalls(settings.keepalive, cancel.child_token()));
+    hub.clone().spawn_stall_watch(settings.keepalive, cancel.child_token())?;
     tokio::spawn(crate::janitor::run(registry.clone(), settings.storage.clone(), cancel.child_token()));
     let mut metrics = Metrics::new();
     let call_log_counters = crate::calllog::Counters::default();

@@ -12,7 +12,9 @@
 //! - [`backoff`]: capped exponential backoff with full jitter.
 //! - [`dedup`]: the bounded set of recently seen call ids.
 //! - [`scope`]: the allowed roots and confined file access.
-//! - [`tools`]: the built-in tools and the [`tools::Toolbox`] that runs them.
+//! - [`tools`]: the built-in tools, the [`tools::Toolbox`] that runs them, the [`tools::Tool`]
+//!   seam through which an app adds its own tools in Rust, and [`tools::domain`], the tools a
+//!   `--tools-file` declares (named shell-outs with typed, scoped arguments).
 
 pub mod backoff;
 pub mod config;

@@ -62,6 +62,7 @@ const AGENT_ENV: &[&str] = &[
     "FUSION_HOST_MAX_BACKOFF_MS",
     "FUSION_HOST_SHUTDOWN_GRACE_SECS",
     "FUSION_HOST_LOG",
+    "FUSION_HOST_TOOLS_FILE",
 ];
 
 /// Sends `signal` (a `libc::SIG*` number) to process `pid`.
