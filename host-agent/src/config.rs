@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! host-agent run   --server <url>... [--root <dir>...] [--code <code>] [--name <name>]
-//!                  [--credentials-dir <dir>] [--ca-cert <pem>] [--keepalive-secs 15]
+//!                  [--credentials-dir <dir>] [--credentials-store auto|keyring|file]
+//!                  [--ca-cert <pem>] [--keepalive-secs 15]
 //!                  [--backoff-base-ms 1000] [--max-backoff-ms 30000] [--shutdown-grace-secs 30]
 //!                  [--log info] [--allow-hardlinked-reads] [--open-deny-ext <ext,...>]
 //!                  [--open-allow-ext <ext,...>]
@@ -14,7 +15,7 @@
 //!
 //! Environment: `PULSN_URL` (comma-separated servers), `FUSION_HOST_ROOTS` (roots separated by
 //! the OS path-list separator, `:` or `;`), `FUSION_HOST_CODE`, `FUSION_HOST_NAME`,
-//! `FUSION_HOST_CREDENTIALS_DIR`, `FUSION_HOST_CA_CERT`, `FUSION_HOST_KEEPALIVE_SECS`,
+//! `FUSION_HOST_CREDENTIALS_DIR`, `FUSION_HOST_CREDENTIALS_STORE`, `FUSION_HOST_CA_CERT`, `FUSION_HOST_KEEPALIVE_SECS`,
 //! `FUSION_HOST_BACKOFF_BASE_MS`, `FUSION_HOST_MAX_BACKOFF_MS`,
 //! `FUSION_HOST_SHUTDOWN_GRACE_SECS`, `FUSION_HOST_LOG`, `FUSION_HOST_ALLOW_HARDLINKED_READS`,
 //! `FUSION_HOST_OPEN_DENY_EXT`, `FUSION_HOST_OPEN_ALLOW_EXT` (comma-separated).
@@ -30,7 +31,7 @@ use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use reqwest::Url;
 
-use crate::credentials::{home_dir, CredentialStore};
+use crate::credentials::{home_dir, CredentialStore, StoreChoice};
 use crate::runtime::AgentConfig;
 use crate::tools::LaunchRules;
 
@@ -51,7 +52,7 @@ pub enum Command {
     /// Exit codes: 0 clean shutdown; 1 other failure; 2 usage error (including: not enrolled and
     /// no --code); 3 enrollment refused (bad, expired or used code; too many attempts); 4 device
     /// revoked (cached credentials deleted); 5 superseded (another process uses these
-    /// credentials). A dropped connection is never an exit: the agent reconnects.
+    /// credentials; the cached copy here deleted). A dropped connection is never an exit: the agent reconnects.
     Run(RunArgs),
     /// Print the tool descriptors (MCP-shaped) as JSON.
     Tools(ToolsArgs),
@@ -124,6 +125,13 @@ pub struct RunArgs {
     /// ~/.fusion-host.
     #[arg(long, value_name = "DIR", env = "FUSION_HOST_CREDENTIALS_DIR")]
     pub credentials_dir: Option<PathBuf>,
+
+    /// Where the device token is kept: `keyring` the OS secret store (macOS Keychain, Windows
+    /// Credential Manager, Linux Secret Service, else the kernel keyring), `file` the
+    /// credentials file, `auto` the OS secret store where one answers and keeps tokens across
+    /// reboots, else the file. The log says which was used.
+    #[arg(long, value_name = "STORE", env = "FUSION_HOST_CREDENTIALS_STORE", value_enum, default_value_t = StoreChoice::Auto)]
+    pub credentials_store: StoreChoice,
 
     /// A PEM file of CA certificates to trust besides the system's roots (for servers behind a
     /// private or self-signed CA).
@@ -267,6 +275,7 @@ impl RunArgs {
             name,
             code: self.code.clone().map(|c| c.trim().to_owned()).filter(|c| !c.is_empty()),
             credentials_dir,
+            credentials_store: self.credentials_store,
             ca_cert: self.ca_cert.clone(),
             keepalive: Duration::from_secs(self.keepalive_secs),
             backoff_base: Duration::from_millis(self.backoff_base_ms),
@@ -306,6 +315,7 @@ mod tests {
         assert_eq!(config.servers, vec![Url::parse("http://127.0.0.1:8080").expect("url")]);
         assert_eq!(config.name, "box");
         assert_eq!(config.credentials_dir, PathBuf::from("/home/me/.fusion-host"));
+        assert_eq!(config.credentials_store, StoreChoice::Auto);
         assert_eq!(config.keepalive, Duration::from_secs(15));
         assert_eq!(config.backoff_base, Duration::from_millis(1000));
         assert_eq!(config.backoff_cap, Duration::from_secs(30));
@@ -336,6 +346,8 @@ mod tests {
             "Workstation A",
             "--credentials-dir",
             "/creds",
+            "--credentials-store",
+            "keyring",
             "--ca-cert",
             "/ca.pem",
             "--keepalive-secs",
@@ -352,6 +364,7 @@ mod tests {
         assert_eq!(config.code.as_deref(), Some("ABC-123"));
         assert_eq!(config.name, "Workstation A");
         assert_eq!(config.credentials_dir, PathBuf::from("/creds"));
+        assert_eq!(config.credentials_store, StoreChoice::Keyring);
         assert_eq!(config.ca_cert, Some(PathBuf::from("/ca.pem")));
         assert_eq!(config.keepalive, Duration::from_secs(2));
         assert_eq!(config.backoff_base, Duration::from_millis(10));
@@ -427,6 +440,19 @@ mod tests {
         assert!(run_args(&["--server", "http://a", "--allow-hardlinked-reads"]).policy.allow_hardlinked_reads);
         let call = parse_from(["host-agent", "call", "stat", "{}", "--allow-hardlinked-reads"]).expect("call");
         assert!(matches!(call.command, Command::Call(args) if args.policy.allow_hardlinked_reads));
+    }
+
+    #[test]
+    fn credentials_stores() {
+        for (flag, want) in
+            [("auto", StoreChoice::Auto), ("keyring", StoreChoice::Keyring), ("file", StoreChoice::File)]
+        {
+            assert_eq!(run_args(&["--server", "http://a", "--credentials-store", flag]).credentials_store, want);
+        }
+        let err =
+            parse_from(["host-agent", "run", "--server", "http://a", "--credentials-store", "vault"]).expect_err("bad");
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("keyring"), "the error lists the choices: {err}");
     }
 
     #[test]

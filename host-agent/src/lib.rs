@@ -8,7 +8,10 @@
 //!   exit codes.
 //! - [`transport`]: the HTTP client (rustls, `--ca-cert`), the device-facing endpoints, SSE
 //!   frames and the keepalive watchdog.
-//! - [`credentials`]: the per-origin credential cache (mode 0600, atomic writes).
+//! - [`credentials`]: the per-origin credential cache (mode 0600, atomic writes), the token in
+//!   it or in the OS secret store.
+//! - [`secret_store`]: the OS secret stores (Keychain, Credential Manager, Secret Service, the
+//!   Linux kernel keyring), probed before use.
 //! - [`backoff`]: capped exponential backoff with full jitter.
 //! - [`dedup`]: the bounded set of recently seen call ids.
 //! - [`scope`]: the allowed roots and confined file access.
@@ -20,5 +23,6 @@ pub mod credentials;
 pub mod dedup;
 pub mod runtime;
 pub mod scope;
+pub mod secret_store;
 pub mod tools;
 pub mod transport;

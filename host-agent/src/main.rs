@@ -95,8 +95,8 @@ fn run_agent(args: &RunArgs) -> i32 {
         Ok(Outcome::Superseded) => {
             eprintln!(
                 "host-agent: superseded: another process is connected with this device's credentials (a newer \
-                 stream took over), so this one exits. Run one host-agent per credentials directory, or enroll \
-                 the other machine with its own pairing code."
+                 stream took over), so this one deleted its cached copy and exits. Run one host-agent per device; \
+                 to use this machine as a device of its own, enroll it with its own pairing code (--code)."
             );
             exit_code::SUPERSEDED
         }

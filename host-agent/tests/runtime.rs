@@ -168,14 +168,15 @@ async fn a_reconnect_frame_reconnects_at_once() {
 }
 
 #[tokio::test]
-async fn superseded_exits_5() {
+async fn superseded_exits_5_and_deletes_the_credentials() {
     let fake = Fake::start(&["PAIR-1"]).await;
     let dirs = dirs();
     let mut agent = enrolled_agent(&fake, &dirs, &[]).await;
+    assert_eq!(credential_files(dirs.creds.path()).len(), 1);
     fake.state.send_event("superseded", "{}");
     assert_eq!(agent.wait_exit(WAIT).await, 5);
     assert!(agent.stderr().contains("another process"), "{}", agent.stderr());
-    assert_eq!(credential_files(dirs.creds.path()).len(), 1, "superseded keeps the credentials");
+    assert!(credential_files(dirs.creds.path()).is_empty(), "superseded deletes the cached copy");
 }
 
 #[tokio::test]

@@ -56,12 +56,15 @@ const AGENT_ENV: &[&str] = &[
     "FUSION_HOST_CODE",
     "FUSION_HOST_NAME",
     "FUSION_HOST_CREDENTIALS_DIR",
+    "FUSION_HOST_CREDENTIALS_STORE",
     "FUSION_HOST_CA_CERT",
     "FUSION_HOST_KEEPALIVE_SECS",
     "FUSION_HOST_BACKOFF_BASE_MS",
     "FUSION_HOST_MAX_BACKOFF_MS",
     "FUSION_HOST_SHUTDOWN_GRACE_SECS",
     "FUSION_HOST_LOG",
+    // No session bus unless a test gives one: `auto` keeps tokens in the credentials files.
+    "DBUS_SESSION_BUS_ADDRESS",
 ];
 
 /// Sends `signal` (a `libc::SIG*` number) to process `pid`.
