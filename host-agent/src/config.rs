@@ -9,6 +9,7 @@
 //!                  [--log info] [--allow-hardlinked-reads] [--open-deny-ext <ext,...>]
 //!                  [--open-allow-ext <ext,...>]
 //! host-agent tools [--root <dir>...]
+//! host-agent forget --server <url>... [--credentials-dir <dir>]
 //! host-agent call  <tool> '<json input>' [--root <dir>...] [--apply] [--allow-hardlinked-reads]
 //!                  [--open-deny-ext <ext,...>] [--open-allow-ext <ext,...>]
 //! ```
@@ -61,6 +62,48 @@ pub enum Command {
     /// Exit code 0 when the result is ok, 1 when it is not, 2 on a usage error (unknown flags,
     /// input that is not JSON, a root that cannot be opened).
     Call(CallArgs),
+    /// Forget this machine's credentials for the given servers: the credentials file and the
+    /// device token wherever it is kept (the file, the OS secret store). The device stays
+    /// enrolled on the server until it is revoked there.
+    ///
+    /// Exit code 0 when nothing is left (whether or not there was anything), 1 when something
+    /// could not be deleted, 2 on a usage error.
+    Forget(ForgetArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ForgetArgs {
+    /// Base URL of a server whose credentials to forget (repeatable, or comma-separated).
+    #[arg(long = "server", value_name = "URL", env = "PULSN_URL", value_delimiter = ',', required = true)]
+    pub servers: Vec<String>,
+
+    /// Where credentials are cached. Default: ~/.fusion-host.
+    #[arg(long, value_name = "DIR", env = "FUSION_HOST_CREDENTIALS_DIR")]
+    pub credentials_dir: Option<PathBuf>,
+}
+
+impl ForgetArgs {
+    /// The credentials directory and the origins to forget.
+    pub fn targets(&self, home: Option<PathBuf>) -> Result<(PathBuf, Vec<String>), String> {
+        let dir = self
+            .credentials_dir
+            .clone()
+            .or_else(|| home.map(|home| home.join(".fusion-host")))
+            .ok_or_else(|| "no home directory for the credentials: pass --credentials-dir <dir>".to_owned())?;
+        let mut origins = Vec::new();
+        for text in self.servers.iter().filter(|s| !s.trim().is_empty()) {
+            let url = parse_server(text)?;
+            let origin =
+                crate::credentials::origin_of(&url).ok_or_else(|| format!("invalid --server {text:?}: no host"))?;
+            if !origins.contains(&origin) {
+                origins.push(origin);
+            }
+        }
+        if origins.is_empty() {
+            return Err("no server given: pass --server <url>".into());
+        }
+        Ok((dir, origins))
+    }
 }
 
 /// Where tools may look: every path is resolved beneath one of these.
@@ -201,15 +244,20 @@ where
 {
     let matches = Cli::command().try_get_matches_from(args)?;
     let mut cli = Cli::from_arg_matches(&matches)?;
-    let from_env =
-        matches.subcommand().and_then(|(_, sub)| sub.value_source("roots")) == Some(ValueSource::EnvVariable);
+    // Only the subcommands with roots may be asked about them (clap panics otherwise).
+    let takes_roots = !matches!(cli.command, Command::Forget(_));
+    let from_env = takes_roots
+        && matches.subcommand().and_then(|(_, sub)| sub.value_source("roots")) == Some(ValueSource::EnvVariable);
     if from_env {
         let roots = match &mut cli.command {
-            Command::Run(args) => &mut args.roots,
-            Command::Tools(args) => &mut args.roots,
-            Command::Call(args) => &mut args.roots,
+            Command::Run(args) => Some(&mut args.roots),
+            Command::Tools(args) => Some(&mut args.roots),
+            Command::Call(args) => Some(&mut args.roots),
+            Command::Forget(_) => None,
         };
-        roots.roots = split_path_list(&roots.roots);
+        if let Some(roots) = roots {
+            roots.roots = split_path_list(&roots.roots);
+        }
     }
     Ok(cli)
 }
@@ -440,6 +488,25 @@ mod tests {
         assert!(run_args(&["--server", "http://a", "--allow-hardlinked-reads"]).policy.allow_hardlinked_reads);
         let call = parse_from(["host-agent", "call", "stat", "{}", "--allow-hardlinked-reads"]).expect("call");
         assert!(matches!(call.command, Command::Call(args) if args.policy.allow_hardlinked_reads));
+    }
+
+    #[test]
+    fn forget_takes_servers_and_a_directory() {
+        let cli = parse_from([
+            "host-agent",
+            "forget",
+            "--server",
+            "https://a.example,https://a.example:443/x",
+            "--credentials-dir",
+            "/c",
+        ])
+        .expect("parses");
+        let Command::Forget(args) = cli.command else { panic!("forget") };
+        let (dir, origins) = args.targets(None).expect("valid");
+        assert_eq!((dir, origins), (PathBuf::from("/c"), vec!["https://a.example:443".to_owned()]));
+        let cli = parse_from(["host-agent", "forget", "--server", "ftp://x"]).expect("parses");
+        let Command::Forget(args) = cli.command else { panic!("forget") };
+        assert!(args.targets(Some("/home/me".into())).expect_err("bad server").contains("--server"));
     }
 
     #[test]

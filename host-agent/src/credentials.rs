@@ -387,6 +387,33 @@ impl CredentialStore {
         }
         Ok(removed)
     }
+
+    /// [`Self::delete`], then the token of `origin` from every other secret store of this OS
+    /// too (for `host-agent forget`): nothing of it is left anywhere this agent may have put
+    /// it. True when anything was removed; an error names a store that could not be asked.
+    pub fn delete_everywhere(&self, origin: &str) -> Result<bool, CredentialsError> {
+        let path = self.path_for(origin);
+        let named =
+            self.read_record(&path).ok().flatten().and_then(|r| r.token_store).and_then(|id| Backend::from_id(&id));
+        let mut removed = self.delete(origin)?;
+        let mut failure = None;
+        for &backend in Backend::available() {
+            if named == Some(backend) || self.secrets.is_some_and(|s| s.backend() == backend) {
+                continue;
+            }
+            match SecretStore::unprobed(backend).delete(origin) {
+                Ok(found) => removed |= found,
+                // One that does not answer may hold a token still: say so.
+                Err(err @ SecretStoreError::NoAnswer { .. }) => failure = Some(err),
+                // One that is not there (no session bus) holds nothing.
+                Err(err) => tracing::debug!("{err}"),
+            }
+        }
+        match failure {
+            Some(err) => Err(err.into()),
+            None => Ok(removed),
+        }
+    }
 }
 
 /// The user's home directory, from `HOME` (or `USERPROFILE` on Windows).

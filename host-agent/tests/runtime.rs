@@ -449,3 +449,33 @@ async fn abandoned_calls_stop_using_cpu_after_their_deadline() {
     assert!(burnt < 0.3, "the agent kept working on abandoned calls: {burnt:.2} CPU seconds in 2 s");
     assert!(fake.state.results().is_empty(), "nothing is posted for calls past their deadline");
 }
+
+/// `host-agent forget` deletes the credentials file and the token in the kernel keyring; a
+/// second run finds nothing and still exits 0.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn forget_deletes_the_file_and_the_token_in_the_keyring() {
+    use host_agent::credentials::{CredentialStore, Credentials};
+    use host_agent::secret_store::{Backend, SecretStore};
+    let dirs = dirs();
+    let server = format!("http://forget-test-{:016x}:9", rand::random::<u64>());
+    let origin = server.clone();
+    let kernel = SecretStore::probe(Backend::KernelKeyring).expect("the kernel keyring answers");
+    let store = CredentialStore::new(dirs.creds.path()).with_secret_store(Some(kernel));
+    let credentials = Credentials { device_id: "dev-f".into(), token: "tok-forget".into(), server: origin.clone() };
+    let path = store.save(&credentials).expect("save");
+    assert_eq!(kernel.get(&origin).expect("get").as_deref(), Some("tok-forget"));
+
+    let creds = dirs.creds.path().display().to_string();
+    let args: Vec<String> =
+        ["forget", "--server", &server, "--credentials-dir", &creds].iter().map(|s| (*s).to_owned()).collect();
+    let mut forget = AgentProcess::spawn(&args, &[]);
+    assert_eq!(forget.wait_exit(WAIT).await, 0, "{}", forget.stderr());
+    assert!(forget.stdout().contains(&format!("forgot the credentials of {origin}")), "{}", forget.stdout());
+    assert!(!path.exists(), "the file is deleted");
+    assert_eq!(kernel.get(&origin).expect("get"), None, "the token is deleted from the kernel keyring");
+
+    let mut again = AgentProcess::spawn(&args, &[]);
+    assert_eq!(again.wait_exit(WAIT).await, 0, "{}", again.stderr());
+    assert!(again.stdout().contains("no credentials of"), "{}", again.stdout());
+}
