@@ -47,8 +47,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::credentials::{open_secret_store, origin_of, CredentialStore, Credentials, CredentialsError, StoreChoice};
+use crate::credentials::{
+    open_secret_store, origin_of, CredentialStore, Credentials, CredentialsError, StoreChoice, TokenPlace,
+};
 use crate::dedup::RecentIds;
+use crate::secret_store::Backend;
 use crate::transport::{self, Delivery, Frame, FrameStream, StreamItem, TransportError};
 
 /// Exit codes of the `host-agent` binary.
@@ -242,7 +245,10 @@ pub async fn run(
         abandon: CancellationToken::new(),
     });
     let tracker = TaskTracker::new();
+    let keeper = shutdown.child_token();
+    keep_kernel_keyring_token(&store, &origins, &keeper);
     let outcome = hold_stream(&shared, &config, &tracker, &shutdown).await;
+    keeper.cancel();
 
     match outcome {
         Outcome::Revoked => {
@@ -267,6 +273,44 @@ pub async fn run(
         warn!("{} call(s) still running after the grace period; abandoned", tracker.len());
     }
     Ok(outcome)
+}
+
+/// How often a token in the kernel keyring is read while the agent runs.
+const KERNEL_KEYRING_REFRESH: Duration = Duration::from_secs(3600);
+
+/// The kernel's persistent keyring, which keeps the token for the next run, expires when
+/// unused (`persistent_keyring_expiry`, 3 days by default): an agent that runs for weeks would
+/// find it gone at its next start. Reading the token resets that timer, so it is read every
+/// [`KERNEL_KEYRING_REFRESH`] until `stop`. Other stores need nothing of the kind.
+fn keep_kernel_keyring_token(store: &CredentialStore, origins: &[String], stop: &CancellationToken) {
+    let Some(secrets) = store.secret_store().filter(|s| s.backend() == Backend::KernelKeyring) else {
+        return;
+    };
+    let kept_there = TokenPlace::SecretStore(Backend::KernelKeyring);
+    let origins: Vec<String> = origins
+        .iter()
+        .filter(|origin| store.load_placed(origin).ok().flatten().is_some_and(|(_, place)| place == kept_there))
+        .cloned()
+        .collect();
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            if !sleep_or_shutdown(KERNEL_KEYRING_REFRESH, &stop).await {
+                return;
+            }
+            for origin in &origins {
+                let origin = origin.clone();
+                match tokio::task::spawn_blocking(move || secrets.get(&origin)).await {
+                    Ok(Ok(Some(_))) => debug!("the device token in the kernel keyring was refreshed"),
+                    Ok(Ok(None)) => warn!(
+                        "the device token is gone from the kernel keyring; the next start needs a new pairing code"
+                    ),
+                    Ok(Err(err)) => warn!("cannot refresh the device token in the kernel keyring: {err}"),
+                    Err(_) => {}
+                }
+            }
+        }
+    });
 }
 
 /// What the calls share.
