@@ -150,12 +150,27 @@ PY
   say "OpenAPI tools: $(python3 -m pip freeze 2>/dev/null | grep -iE '^(schemathesis|openapi-spec-validator)==' | tr '\n' ' ')"
 }
 
+# The secret-store suite (tests/tests/keyring.rs) starts its own D-Bus session bus with GNOME
+# Keyring on it, and reads tokens back with libsecret's secret-tool.
+ensure_secret_service() {
+  local missing=()
+  command -v dbus-daemon >/dev/null 2>&1 || missing+=(dbus-daemon)
+  command -v dbus-send >/dev/null 2>&1 || missing+=(dbus-bin)
+  command -v gnome-keyring-daemon >/dev/null 2>&1 || missing+=(gnome-keyring)
+  command -v secret-tool >/dev/null 2>&1 || missing+=(libsecret-tools)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    apt_install --no-install-recommends "${missing[@]}"
+  fi
+  say "Secret Service: $(gnome-keyring-daemon --version 2>/dev/null | head -n 1), secret-tool, dbus-daemon"
+}
+
 if [ "${SKIP_SETUP:-0}" != 1 ]; then
   ensure_nats
   ensure_postgres
   ensure_mcp_clients
   ensure_browser
   ensure_openapi_tools
+  ensure_secret_service
 fi
 
 say "cargo build --workspace --all-targets"

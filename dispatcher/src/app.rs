@@ -1,6 +1,9 @@
 //! `app(state) -> Router`: every route of the contract with the layers that bound it (one
 //! body limit for the whole router, request and body timeouts, the replica header, JSON error
 //! bodies). No binding and no serving here, so tests drive it in-process or on port 0.
+//!
+//! An app that embeds the dispatcher takes the parts it needs instead: [`device_routes`] (what
+//! devices talk to) beside its own routes, then [`bounded`] around the whole.
 
 use std::time::Duration;
 
@@ -26,14 +29,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(330);
 /// Longest a request body may take to arrive.
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The whole server: every route of the contract, [`bounded`].
 pub fn app(state: AppState) -> Router {
-    let replica = HeaderValue::from_str(&state.settings.replica_id).unwrap_or(HeaderValue::from_static("unknown"));
-    let max_body = state.settings.max_body_bytes;
-    Router::new()
-        .route("/api/host/enroll", post(device::enroll))
-        .route("/api/host/stream", get(device::stream))
-        .route("/api/host/result", post(device::result))
-        .route("/api/host/manifest", put(device::manifest))
+    let router = device_routes()
         .route("/api/host/device-authorization", post(grant::device_authorization))
         .route("/api/host/token", post(grant::token))
         .route("/api/device-authorizations/{user_code}", get(grant::get_device_authorization))
@@ -57,7 +55,59 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(openapi::openapi_json))
         .fallback(|| async { ApiError::NotFound })
-        .with_state(state)
+        .with_state(state.clone());
+    bounded(router, &state)
+}
+
+/// The device-facing routes of the contract, for an app that serves its devices itself:
+/// `POST /api/host/enroll`, `GET /api/host/stream`, `POST /api/host/result` and
+/// `PUT /api/host/manifest`, authenticated with device tokens. A device enrolls with a pairing
+/// code the app minted for one of its users ([`crate::registry::Registry::create_pairing_code`]);
+/// the app then reaches it through [`crate::service::call_device`] or [`crate::core::Dispatcher`].
+///
+/// ```
+/// use axum::body::Body;
+/// use axum::http::{Request, StatusCode};
+/// use axum::routing::get;
+/// use axum::Router;
+/// use tower::ServiceExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let settings = dispatcher::config::Settings::embedded("sqlite::memory:");
+/// let cancel = tokio_util::sync::CancellationToken::new();
+/// let state = dispatcher::server::build_state(settings, cancel.clone()).await?;
+///
+/// // The app's own routes beside the devices' ones, all under the dispatcher's limits.
+/// let routes = Router::new()
+///     .route("/hello", get(|| async { "the app's own route" }))
+///     .merge(dispatcher::app::device_routes().with_state(state.clone()));
+/// let app = dispatcher::app::bounded(routes, &state);
+///
+/// let enroll = Request::post("/api/host/enroll")
+///     .header("content-type", "application/json")
+///     .body(Body::from(r#"{"code": "NOPE-NOPE-NOPE", "name": "laptop"}"#))?;
+/// let answer = app.oneshot(enroll).await?;
+/// assert_eq!(answer.status(), StatusCode::UNAUTHORIZED, "no such pairing code");
+/// cancel.cancel();
+/// # Ok(())
+/// # }
+/// ```
+pub fn device_routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/host/enroll", post(device::enroll))
+        .route("/api/host/stream", get(device::stream))
+        .route("/api/host/result", post(device::result))
+        .route("/api/host/manifest", put(device::manifest))
+}
+
+/// `router` with the layers every route of the dispatcher runs under: one body limit for the
+/// whole router (`max_body_bytes`), request and body timeouts, `{"error": …}` bodies for errors
+/// made outside the handlers, a trace span per request, and the `X-Replica-Id` header.
+pub fn bounded(router: Router, state: &AppState) -> Router {
+    let replica = HeaderValue::from_str(&state.settings.replica_id).unwrap_or(HeaderValue::from_static("unknown"));
+    let max_body = state.settings.max_body_bytes;
+    router
         .layer(DefaultBodyLimit::disable())
         .layer(RequestBodyLimitLayer::new(max_body))
         .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))

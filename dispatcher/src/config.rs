@@ -428,6 +428,26 @@ impl ServeArgs {
 }
 
 impl Settings {
+    /// Settings for a dispatcher embedded in an app's own server: one process (the in-memory
+    /// bus), the dispatcher's tables in `database_url` (`sqlite://…`, `sqlite::memory:` or
+    /// `postgres://…`), and otherwise the defaults of `dispatcher serve`. `listen` is unused
+    /// there (the app binds); change any field before building the state.
+    ///
+    /// ```
+    /// let settings = dispatcher::config::Settings::embedded("sqlite://app.db?mode=rwc");
+    /// assert_eq!(settings.nats_url, None);
+    /// assert_eq!(settings.keepalive, std::time::Duration::from_secs(15));
+    /// ```
+    pub fn embedded(database_url: impl Into<String>) -> Self {
+        let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "app".into());
+        Self {
+            replica_id: format!("{host}-{:04x}", rand::random::<u16>()),
+            shutdown_grace: Duration::from_secs(20),
+            drain_delay: Duration::ZERO,
+            ..Self::for_tests(database_url)
+        }
+    }
+
     /// Settings for an embedded replica in tests and examples: in-memory bus, the given
     /// database, short timings.
     pub fn for_tests(database_url: impl Into<String>) -> Self {

@@ -3,18 +3,20 @@
 //!
 //! ```text
 //! host-agent run   --server <url>... [--root <dir>...] [--code <code>] [--name <name>]
-//!                  [--credentials-dir <dir>] [--ca-cert <pem>] [--keepalive-secs 15]
+//!                  [--credentials-dir <dir>] [--credentials-store auto|keyring|file]
+//!                  [--ca-cert <pem>] [--keepalive-secs 15]
 //!                  [--backoff-base-ms 1000] [--max-backoff-ms 30000] [--shutdown-grace-secs 30]
 //!                  [--log info] [--allow-hardlinked-reads] [--open-deny-ext <ext,...>]
 //!                  [--open-allow-ext <ext,...>] [--tools-file <toml>]
 //! host-agent tools [--root <dir>...] [--tools-file <toml>]
+//! host-agent forget --server <url>... [--credentials-dir <dir>]
 //! host-agent call  <tool> '<json input>' [--root <dir>...] [--apply] [--allow-hardlinked-reads]
 //!                  [--open-deny-ext <ext,...>] [--open-allow-ext <ext,...>] [--tools-file <toml>]
 //! ```
 //!
 //! Environment: `PULSN_URL` (comma-separated servers), `FUSION_HOST_ROOTS` (roots separated by
 //! the OS path-list separator, `:` or `;`), `FUSION_HOST_CODE`, `FUSION_HOST_NAME`,
-//! `FUSION_HOST_CREDENTIALS_DIR`, `FUSION_HOST_CA_CERT`, `FUSION_HOST_KEEPALIVE_SECS`,
+//! `FUSION_HOST_CREDENTIALS_DIR`, `FUSION_HOST_CREDENTIALS_STORE`, `FUSION_HOST_CA_CERT`, `FUSION_HOST_KEEPALIVE_SECS`,
 //! `FUSION_HOST_BACKOFF_BASE_MS`, `FUSION_HOST_MAX_BACKOFF_MS`,
 //! `FUSION_HOST_SHUTDOWN_GRACE_SECS`, `FUSION_HOST_LOG`, `FUSION_HOST_ALLOW_HARDLINKED_READS`,
 //! `FUSION_HOST_OPEN_DENY_EXT`, `FUSION_HOST_OPEN_ALLOW_EXT` (comma-separated),
@@ -31,7 +33,7 @@ use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use reqwest::Url;
 
-use crate::credentials::{home_dir, CredentialStore};
+use crate::credentials::{home_dir, CredentialStore, StoreChoice};
 use crate::runtime::AgentConfig;
 use crate::tools::LaunchRules;
 
@@ -52,7 +54,7 @@ pub enum Command {
     /// Exit codes: 0 clean shutdown; 1 other failure; 2 usage error; 3 enrollment refused (bad,
     /// expired or used code; too many attempts; the link denied or expired); 4 device
     /// revoked (cached credentials deleted); 5 superseded (another process uses these
-    /// credentials). A dropped connection is never an exit: the agent reconnects.
+    /// credentials; the cached copy here deleted). A dropped connection is never an exit: the agent reconnects.
     Run(RunArgs),
     /// Print the tool descriptors (MCP-shaped) as JSON.
     Tools(ToolsArgs),
@@ -61,6 +63,48 @@ pub enum Command {
     /// Exit code 0 when the result is ok, 1 when it is not, 2 on a usage error (unknown flags,
     /// input that is not JSON, a root that cannot be opened).
     Call(CallArgs),
+    /// Forget this machine's credentials for the given servers: the credentials file and the
+    /// device token wherever it is kept (the file, the OS secret store). The device stays
+    /// enrolled on the server until it is revoked there.
+    ///
+    /// Exit code 0 when nothing is left (whether or not there was anything), 1 when something
+    /// could not be deleted, 2 on a usage error.
+    Forget(ForgetArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ForgetArgs {
+    /// Base URL of a server whose credentials to forget (repeatable, or comma-separated).
+    #[arg(long = "server", value_name = "URL", env = "PULSN_URL", value_delimiter = ',', required = true)]
+    pub servers: Vec<String>,
+
+    /// Where credentials are cached. Default: ~/.fusion-host.
+    #[arg(long, value_name = "DIR", env = "FUSION_HOST_CREDENTIALS_DIR")]
+    pub credentials_dir: Option<PathBuf>,
+}
+
+impl ForgetArgs {
+    /// The credentials directory and the origins to forget.
+    pub fn targets(&self, home: Option<PathBuf>) -> Result<(PathBuf, Vec<String>), String> {
+        let dir = self
+            .credentials_dir
+            .clone()
+            .or_else(|| home.map(|home| home.join(".fusion-host")))
+            .ok_or_else(|| "no home directory for the credentials: pass --credentials-dir <dir>".to_owned())?;
+        let mut origins = Vec::new();
+        for text in self.servers.iter().filter(|s| !s.trim().is_empty()) {
+            let url = parse_server(text)?;
+            let origin =
+                crate::credentials::origin_of(&url).ok_or_else(|| format!("invalid --server {text:?}: no host"))?;
+            if !origins.contains(&origin) {
+                origins.push(origin);
+            }
+        }
+        if origins.is_empty() {
+            return Err("no server given: pass --server <url>".into());
+        }
+        Ok((dir, origins))
+    }
 }
 
 /// Where tools may look: every path is resolved beneath one of these.
@@ -139,6 +183,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR", env = "FUSION_HOST_CREDENTIALS_DIR")]
     pub credentials_dir: Option<PathBuf>,
 
+    /// Where the device token is kept: `keyring` the OS secret store (macOS Keychain, Windows
+    /// Credential Manager, Linux Secret Service, else the kernel keyring), `file` the
+    /// credentials file, `auto` the OS secret store where one answers and keeps tokens across
+    /// reboots, else the file. The log says which was used.
+    #[arg(long, value_name = "STORE", env = "FUSION_HOST_CREDENTIALS_STORE", value_enum, default_value_t = StoreChoice::Auto)]
+    pub credentials_store: StoreChoice,
+
     /// A PEM file of CA certificates to trust besides the system's roots (for servers behind a
     /// private or self-signed CA).
     #[arg(long, value_name = "PEM", env = "FUSION_HOST_CA_CERT")]
@@ -211,15 +262,20 @@ where
 {
     let matches = Cli::command().try_get_matches_from(args)?;
     let mut cli = Cli::from_arg_matches(&matches)?;
-    let from_env =
-        matches.subcommand().and_then(|(_, sub)| sub.value_source("roots")) == Some(ValueSource::EnvVariable);
+    // Only the subcommands with roots may be asked about them (clap panics otherwise).
+    let takes_roots = !matches!(cli.command, Command::Forget(_));
+    let from_env = takes_roots
+        && matches.subcommand().and_then(|(_, sub)| sub.value_source("roots")) == Some(ValueSource::EnvVariable);
     if from_env {
         let roots = match &mut cli.command {
-            Command::Run(args) => &mut args.roots,
-            Command::Tools(args) => &mut args.roots,
-            Command::Call(args) => &mut args.roots,
+            Command::Run(args) => Some(&mut args.roots),
+            Command::Tools(args) => Some(&mut args.roots),
+            Command::Call(args) => Some(&mut args.roots),
+            Command::Forget(_) => None,
         };
-        roots.roots = split_path_list(&roots.roots);
+        if let Some(roots) = roots {
+            roots.roots = split_path_list(&roots.roots);
+        }
     }
     Ok(cli)
 }
@@ -285,6 +341,7 @@ impl RunArgs {
             name,
             code: self.code.clone().map(|c| c.trim().to_owned()).filter(|c| !c.is_empty()),
             credentials_dir,
+            credentials_store: self.credentials_store,
             ca_cert: self.ca_cert.clone(),
             keepalive: Duration::from_secs(self.keepalive_secs),
             backoff_base: Duration::from_millis(self.backoff_base_ms),
@@ -324,6 +381,7 @@ mod tests {
         assert_eq!(config.servers, vec![Url::parse("http://127.0.0.1:8080").expect("url")]);
         assert_eq!(config.name, "box");
         assert_eq!(config.credentials_dir, PathBuf::from("/home/me/.fusion-host"));
+        assert_eq!(config.credentials_store, StoreChoice::Auto);
         assert_eq!(config.keepalive, Duration::from_secs(15));
         assert_eq!(config.backoff_base, Duration::from_millis(1000));
         assert_eq!(config.backoff_cap, Duration::from_secs(30));
@@ -354,6 +412,8 @@ mod tests {
             "Workstation A",
             "--credentials-dir",
             "/creds",
+            "--credentials-store",
+            "keyring",
             "--ca-cert",
             "/ca.pem",
             "--keepalive-secs",
@@ -370,6 +430,7 @@ mod tests {
         assert_eq!(config.code.as_deref(), Some("ABC-123"));
         assert_eq!(config.name, "Workstation A");
         assert_eq!(config.credentials_dir, PathBuf::from("/creds"));
+        assert_eq!(config.credentials_store, StoreChoice::Keyring);
         assert_eq!(config.ca_cert, Some(PathBuf::from("/ca.pem")));
         assert_eq!(config.keepalive, Duration::from_secs(2));
         assert_eq!(config.backoff_base, Duration::from_millis(10));
@@ -456,6 +517,38 @@ mod tests {
         assert!(matches!(tools.command, Command::Tools(args) if args.tools.tools_file == Some("t.toml".into())));
         let call = parse_from(["host-agent", "call", "x", "{}", "--tools-file", "t.toml"]).expect("call");
         assert!(matches!(call.command, Command::Call(args) if args.tools.tools_file == Some("t.toml".into())));
+    }
+
+    #[test]
+    fn forget_takes_servers_and_a_directory() {
+        let cli = parse_from([
+            "host-agent",
+            "forget",
+            "--server",
+            "https://a.example,https://a.example:443/x",
+            "--credentials-dir",
+            "/c",
+        ])
+        .expect("parses");
+        let Command::Forget(args) = cli.command else { panic!("forget") };
+        let (dir, origins) = args.targets(None).expect("valid");
+        assert_eq!((dir, origins), (PathBuf::from("/c"), vec!["https://a.example:443".to_owned()]));
+        let cli = parse_from(["host-agent", "forget", "--server", "ftp://x"]).expect("parses");
+        let Command::Forget(args) = cli.command else { panic!("forget") };
+        assert!(args.targets(Some("/home/me".into())).expect_err("bad server").contains("--server"));
+    }
+
+    #[test]
+    fn credentials_stores() {
+        for (flag, want) in
+            [("auto", StoreChoice::Auto), ("keyring", StoreChoice::Keyring), ("file", StoreChoice::File)]
+        {
+            assert_eq!(run_args(&["--server", "http://a", "--credentials-store", flag]).credentials_store, want);
+        }
+        let err =
+            parse_from(["host-agent", "run", "--server", "http://a", "--credentials-store", "vault"]).expect_err("bad");
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("keyring"), "the error lists the choices: {err}");
     }
 
     #[test]

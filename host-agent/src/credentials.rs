@@ -9,10 +9,19 @@
 //! fresh temporary file created with mode 0600 in the same directory, synced, then renamed over
 //! the old one), so a crash never leaves a half-written token behind.
 //!
+//! With an OS secret store ([`CredentialStore::with_secret_store`], `--credentials-store`), the
+//! token goes there instead ([`crate::secret_store`], keyed by the same origin) and the file keeps
+//! only what is not secret: the device id, the origin, and which store holds the token
+//! (`"tokenStore": "secret-service"`). A file that holds a token and a file that points to a
+//! store both load, whichever store the run was given, so changing `--credentials-store` moves
+//! the token at the next start ([`CredentialStore::save`] writes it where the run keeps tokens
+//! and removes it from the other place). [`CredentialStore::delete`] removes the token from
+//! wherever it may be: the file, the store the file names, and every secret store of this OS.
+//!
 //! The token never reaches a log: [`Credentials`]' `Debug` redacts it.
 //!
-//! Not here: deciding when to enroll or forget (the runtime), the OS secret store (a later
-//! step: Keychain / DPAPI).
+//! Not here: deciding when to enroll or forget (the runtime), talking to the OS secret stores
+//! ([`crate::secret_store`]).
 
 use std::fmt;
 use std::fs;
@@ -21,6 +30,8 @@ use std::path::{Path, PathBuf};
 
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
+
+use crate::secret_store::{Backend, SecretStore, SecretStoreError};
 
 /// What a device needs to dial its server: the id the server gave it and its bearer token.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +53,37 @@ impl fmt::Debug for Credentials {
     }
 }
 
+/// What a credentials file holds: the token itself, or the name of the secret store that
+/// does (never both).
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FileRecord {
+    device_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
+    server: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token_store: Option<String>,
+}
+
+/// Where a device token is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenPlace {
+    /// In the credentials file itself (mode 0600).
+    File,
+    /// In an OS secret store; the file names it.
+    SecretStore(Backend),
+}
+
+impl fmt::Display for TokenPlace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenPlace::File => f.write_str("the credentials file"),
+            TokenPlace::SecretStore(backend) => backend.fmt(f),
+        }
+    }
+}
+
 /// Why the cache could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
@@ -49,6 +91,91 @@ pub enum CredentialsError {
     Io { path: PathBuf, source: io::Error },
     #[error("the credentials file {path} is unreadable ({source}); delete it and enroll again with --code")]
     Corrupt { path: PathBuf, source: serde_json::Error },
+    #[error(
+        "the credentials file {path} names an unknown token store {store:?}; delete it and enroll again with --code"
+    )]
+    UnknownStore { path: PathBuf, store: String },
+    #[error("cannot keep the device token in the OS secret store: {0}")]
+    SecretStore(#[from] SecretStoreError),
+}
+
+/// Where `host-agent run` keeps device tokens (`--credentials-store`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum StoreChoice {
+    /// The OS secret store where one answers and keeps tokens across reboots; the file
+    /// otherwise.
+    #[default]
+    Auto,
+    /// The OS secret store, or fail; on Linux the kernel keyring when no Secret Service
+    /// answers.
+    Keyring,
+    /// The credentials file (mode 0600).
+    File,
+}
+
+impl StoreChoice {
+    /// The flag's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreChoice::Auto => "auto",
+            StoreChoice::Keyring => "keyring",
+            StoreChoice::File => "file",
+        }
+    }
+}
+
+/// The OS secret store a run with `choice` keeps tokens in (`None`: the file), probing the
+/// candidates of this OS in order; logs which it picked and why. An error (for `keyring` when
+/// no store answers) says what to do instead.
+pub fn open_secret_store(choice: StoreChoice) -> Result<Option<SecretStore>, String> {
+    let candidates: Vec<Backend> = match choice {
+        StoreChoice::File => {
+            tracing::info!(
+                "credentials store: file (--credentials-store file): device tokens are kept in mode 0600 files"
+            );
+            return Ok(None);
+        }
+        StoreChoice::Auto => Backend::available().iter().copied().filter(|b| b.durable()).collect(),
+        StoreChoice::Keyring => Backend::available().to_vec(),
+    };
+    let (found, failures) = SecretStore::first_answering(&candidates);
+    let reasons = failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+    match (choice, found) {
+        (_, Some(store)) => {
+            let backend = store.backend();
+            tracing::info!(
+                "credentials store: {} (--credentials-store {}): device tokens are kept there, the device id and \
+                 server in the credentials file",
+                backend,
+                choice.as_str()
+            );
+            if !backend.durable() {
+                tracing::warn!(
+                    "{backend} forgets the device token at reboot, and when the persistent keyring expires unused \
+                     (/proc/sys/kernel/keys/persistent_keyring_expiry): enroll again then, or run a Secret Service \
+                     (GNOME Keyring, KWallet) to keep it{}",
+                    if reasons.is_empty() { String::new() } else { format!(" (none answered: {reasons})") }
+                );
+            }
+            Ok(Some(store))
+        }
+        (StoreChoice::Keyring, None) => Err(format!(
+            "--credentials-store keyring: no OS secret store answered{}; use --credentials-store auto or file",
+            if reasons.is_empty() {
+                " (this OS has none this build can use)".to_owned()
+            } else {
+                format!(": {reasons}")
+            }
+        )),
+        (_, None) => {
+            tracing::info!(
+                "credentials store: file (--credentials-store auto: no OS secret store answered{}): device tokens \
+                 are kept in mode 0600 files",
+                if reasons.is_empty() { String::new() } else { format!(": {reasons}") }
+            );
+            Ok(None)
+        }
+    }
 }
 
 /// `scheme://host:port` of a server URL, with the scheme's default port made explicit, so
@@ -71,15 +198,35 @@ pub fn file_name_for(origin: &str) -> String {
     format!("{cleaned}.json")
 }
 
-/// The directory of cached credentials.
+/// The directory of cached credentials, and the OS secret store that holds their tokens, if
+/// any.
 #[derive(Debug, Clone)]
 pub struct CredentialStore {
     dir: PathBuf,
+    secrets: Option<SecretStore>,
 }
 
 impl CredentialStore {
+    /// Credentials in `dir`, tokens included (the `file` store).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self { dir: dir.into(), secrets: None }
+    }
+
+    /// Keeps the tokens saved from now on in `secrets` (the file keeps the rest), or in the
+    /// file when `None`.
+    pub fn with_secret_store(mut self, secrets: Option<SecretStore>) -> Self {
+        self.secrets = secrets;
+        self
+    }
+
+    /// The OS secret store that new tokens go to, if any.
+    pub fn secret_store(&self) -> Option<SecretStore> {
+        self.secrets
+    }
+
+    /// Where [`Self::save`] puts a token.
+    pub fn token_place(&self) -> TokenPlace {
+        self.secrets.map_or(TokenPlace::File, |store| TokenPlace::SecretStore(store.backend()))
     }
 
     /// The default directory: `~/.fusion-host`.
@@ -114,23 +261,84 @@ impl CredentialStore {
 
     /// The cached credentials for `origin`, or `None` when there are none.
     pub fn load(&self, origin: &str) -> Result<Option<Credentials>, CredentialsError> {
-        let path = self.path_for(origin);
-        let text = match fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(CredentialsError::Io { path, source }),
-        };
-        tighten_file_mode(&path);
-        serde_json::from_str(&text).map(Some).map_err(|source| CredentialsError::Corrupt { path, source })
+        Ok(self.load_placed(origin)?.map(|(credentials, _)| credentials))
     }
 
-    /// Stores `credentials` under `credentials.server`, atomically, readable only by the user.
-    /// Returns the file's path.
+    /// The cached credentials for `origin` and where their token was found, or `None` when
+    /// there are none. A file that points to a secret store which no longer holds the token
+    /// (the kernel keyring is cleared at reboot) counts as none, with a warning.
+    pub fn load_placed(&self, origin: &str) -> Result<Option<(Credentials, TokenPlace)>, CredentialsError> {
+        let path = self.path_for(origin);
+        let Some(record) = self.read_record(&path)? else {
+            return Ok(None);
+        };
+        let (token, place) = match (record.token, record.token_store) {
+            (Some(token), _) => (token, TokenPlace::File),
+            (None, Some(id)) => {
+                let Some(backend) = Backend::from_id(&id) else {
+                    return Err(CredentialsError::UnknownStore { path, store: id });
+                };
+                match SecretStore::unprobed(backend).get(origin)? {
+                    Some(token) => (token, TokenPlace::SecretStore(backend)),
+                    None => {
+                        tracing::warn!(
+                            "{} says the device token of {origin} is in {backend}, but it is not there any more{}",
+                            path.display(),
+                            if backend.durable() { "" } else { " (it is cleared at reboot)" }
+                        );
+                        return Ok(None);
+                    }
+                }
+            }
+            (None, None) => {
+                let source = serde::de::Error::missing_field("token");
+                return Err(CredentialsError::Corrupt { path, source });
+            }
+        };
+        let credentials = Credentials { device_id: record.device_id, token, server: record.server };
+        Ok(Some((credentials, place)))
+    }
+
+    /// The file of `path`, or `None` when there is none.
+    fn read_record(&self, path: &Path) -> Result<Option<FileRecord>, CredentialsError> {
+        let text = match fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(CredentialsError::Io { path: path.to_owned(), source }),
+        };
+        tighten_file_mode(path);
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|source| CredentialsError::Corrupt { path: path.to_owned(), source })
+    }
+
+    /// Stores `credentials` under `credentials.server`: the token in the secret store when
+    /// there is one (then the file without it), else in the file. The file is written
+    /// atomically, readable only by the user. A token left in the other place (an older file,
+    /// or the secret store a file named) is removed. Returns the file's path.
     pub fn save(&self, credentials: &Credentials) -> Result<PathBuf, CredentialsError> {
         let path = self.path_for(&credentials.server);
         let io_err = |source| CredentialsError::Io { path: path.clone(), source };
         create_private_dir(&self.dir).map_err(io_err)?;
-        let body = serde_json::to_vec_pretty(credentials).map_err(io::Error::other).map_err(io_err)?;
+        let before = self.read_record(&path).ok().flatten().and_then(|record| record.token_store);
+        let record = match self.secrets {
+            Some(store) => {
+                store.set(&credentials.server, &credentials.token)?;
+                FileRecord {
+                    device_id: credentials.device_id.clone(),
+                    token: None,
+                    server: credentials.server.clone(),
+                    token_store: Some(store.backend().id().to_owned()),
+                }
+            }
+            None => FileRecord {
+                device_id: credentials.device_id.clone(),
+                token: Some(credentials.token.clone()),
+                server: credentials.server.clone(),
+                token_store: None,
+            },
+        };
+        let body = serde_json::to_vec_pretty(&record).map_err(io::Error::other).map_err(io_err)?;
         let tmp = self.dir.join(format!(
             ".{}.{}.{}.tmp",
             file_name_for(&credentials.server),
@@ -143,16 +351,67 @@ impl CredentialStore {
             return Err(io_err(source));
         }
         sync_dir(&self.dir);
+        let stale =
+            before.as_deref().and_then(Backend::from_id).filter(|&old| Some(old) != self.secrets.map(|s| s.backend()));
+        if let Some(old) = stale {
+            if let Err(err) = SecretStore::unprobed(old).delete(&credentials.server) {
+                tracing::warn!("could not remove the earlier token of {} from {old}: {err}", credentials.server);
+            }
+        }
         Ok(path)
     }
 
-    /// Forgets the credentials of `origin`. True when a file was removed.
+    /// Forgets the credentials of `origin`: removes the file, and the token from wherever it
+    /// is kept (the secret store the file names, and the store this run keeps tokens in). True
+    /// when a file or a token was removed. A secret store that cannot be reached is reported
+    /// in the log and skipped: the file goes all the same.
     pub fn delete(&self, origin: &str) -> Result<bool, CredentialsError> {
         let path = self.path_for(origin);
-        match fs::remove_file(&path) {
-            Ok(()) => Ok(true),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(source) => Err(CredentialsError::Io { path, source }),
+        let named = self.read_record(&path).ok().flatten().and_then(|r| r.token_store);
+        let mut backends: Vec<Backend> = named.as_deref().and_then(Backend::from_id).into_iter().collect();
+        backends.extend(self.secrets.map(|store| store.backend()).filter(|b| !backends.contains(b)));
+        let mut removed = match fs::remove_file(&path) {
+            Ok(()) => true,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => false,
+            Err(source) => return Err(CredentialsError::Io { path, source }),
+        };
+        for backend in backends {
+            match SecretStore::unprobed(backend).delete(origin) {
+                Ok(true) => {
+                    tracing::info!("deleted the device token of {origin} from {backend}");
+                    removed = true;
+                }
+                Ok(false) => {}
+                Err(err) => tracing::warn!("could not delete the device token of {origin}: {err}"),
+            }
+        }
+        Ok(removed)
+    }
+
+    /// [`Self::delete`], then the token of `origin` from every other secret store of this OS
+    /// too (for `host-agent forget`): nothing of it is left anywhere this agent may have put
+    /// it. True when anything was removed; an error names a store that could not be asked.
+    pub fn delete_everywhere(&self, origin: &str) -> Result<bool, CredentialsError> {
+        let path = self.path_for(origin);
+        let named =
+            self.read_record(&path).ok().flatten().and_then(|r| r.token_store).and_then(|id| Backend::from_id(&id));
+        let mut removed = self.delete(origin)?;
+        let mut failure = None;
+        for &backend in Backend::available() {
+            if named == Some(backend) || self.secrets.is_some_and(|s| s.backend() == backend) {
+                continue;
+            }
+            match SecretStore::unprobed(backend).delete(origin) {
+                Ok(found) => removed |= found,
+                // One that does not answer may hold a token still: say so.
+                Err(err @ SecretStoreError::NoAnswer { .. }) => failure = Some(err),
+                // One that is not there (no session bus) holds nothing.
+                Err(err) => tracing::debug!("{err}"),
+            }
+        }
+        match failure {
+            Some(err) => Err(err.into()),
+            None => Ok(removed),
         }
     }
 }
@@ -390,6 +649,95 @@ mod tests {
         fs::write(store.path_for("http://x:1"), b"{not json").expect("write");
         let err = store.load("http://x:1").expect_err("corrupt");
         assert!(err.to_string().contains("--code"), "{err}");
+    }
+
+    /// A store whose tokens go to the kernel keyring (every Linux test machine has one).
+    #[cfg(target_os = "linux")]
+    fn keyring_store(dir: &Path) -> CredentialStore {
+        let secrets = SecretStore::probe(Backend::KernelKeyring).expect("the kernel keyring answers");
+        CredentialStore::new(dir).with_secret_store(Some(secrets))
+    }
+
+    #[cfg(target_os = "linux")]
+    fn unique_origin() -> String {
+        format!("http://credentials-test-{:016x}:1", rand::random::<u64>())
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn with_a_secret_store_the_file_has_no_token() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = keyring_store(dir.path());
+        let kernel = SecretStore::unprobed(Backend::KernelKeyring);
+        let origin = unique_origin();
+        let saved = creds(&origin);
+        let path = store.save(&saved).expect("save");
+        let text = fs::read_to_string(&path).expect("read");
+        assert!(!text.contains("secret-token"), "{text}");
+        let json: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(json["tokenStore"], "kernel-keyring");
+        assert_eq!(json["deviceId"], "dev-1");
+        assert_eq!(kernel.get(&origin).expect("get").as_deref(), Some("secret-token"));
+        let placed = store.load_placed(&origin).expect("load");
+        assert_eq!(placed, Some((saved.clone(), TokenPlace::SecretStore(Backend::KernelKeyring))));
+        // A file-only store reads it too: the file names where the token is.
+        assert_eq!(CredentialStore::new(dir.path()).load(&origin).expect("load"), Some(saved));
+
+        assert!(store.delete(&origin).expect("delete"));
+        assert!(!path.exists());
+        assert_eq!(kernel.get(&origin).expect("get"), None, "the token left the keyring too");
+        assert_eq!(store.load(&origin).expect("load"), None);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn changing_stores_moves_the_token() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file_store = CredentialStore::new(dir.path());
+        let keyring = keyring_store(dir.path());
+        let kernel = SecretStore::unprobed(Backend::KernelKeyring);
+        let origin = unique_origin();
+        let saved = creds(&origin);
+
+        // file -> keyring: the file is rewritten without the token.
+        let path = file_store.save(&saved).expect("save to the file");
+        assert!(fs::read_to_string(&path).expect("read").contains("secret-token"));
+        assert_eq!(keyring.load_placed(&origin).expect("load").map(|(_, place)| place), Some(TokenPlace::File));
+        keyring.save(&saved).expect("move to the keyring");
+        assert!(!fs::read_to_string(&path).expect("read").contains("secret-token"));
+        assert_eq!(kernel.get(&origin).expect("get").as_deref(), Some("secret-token"));
+
+        // keyring -> file: the keyring entry is removed.
+        file_store.save(&saved).expect("move back to the file");
+        assert!(fs::read_to_string(&path).expect("read").contains("secret-token"));
+        assert_eq!(kernel.get(&origin).expect("get"), None, "no copy left in the keyring");
+        assert!(file_store.delete(&origin).expect("delete"));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_token_gone_from_the_keyring_is_no_credentials() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = keyring_store(dir.path());
+        let origin = unique_origin();
+        store.save(&creds(&origin)).expect("save");
+        // What a reboot does to the kernel keyring.
+        assert!(SecretStore::unprobed(Backend::KernelKeyring).delete(&origin).expect("delete"));
+        assert_eq!(store.load(&origin).expect("load"), None);
+        assert!(store.delete(&origin).expect("the file is deleted all the same"));
+        assert!(!store.path_for(&origin).exists());
+    }
+
+    #[test]
+    fn a_file_naming_an_unknown_store_is_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = CredentialStore::new(dir.path());
+        let body = r#"{"deviceId":"d","server":"http://x:1","tokenStore":"vault"}"#;
+        fs::write(store.path_for("http://x:1"), body).expect("write");
+        let err = store.load("http://x:1").expect_err("unknown store");
+        assert!(err.to_string().contains("vault") && err.to_string().contains("--code"), "{err}");
+        fs::write(store.path_for("http://x:1"), r#"{"deviceId":"d","server":"http://x:1"}"#).expect("write");
+        assert!(matches!(store.load("http://x:1"), Err(CredentialsError::Corrupt { .. })));
     }
 
     #[test]

@@ -10,7 +10,10 @@
 //!   frames and the keepalive watchdog.
 //! - [`grant`]: enrollment by link (RFC 8628) when there is neither a cached credential nor
 //!   a `--code`: the link, the polling, the confirmation.
-//! - [`credentials`]: the per-origin credential cache (mode 0600, atomic writes).
+//! - [`credentials`]: the per-origin credential cache (mode 0600, atomic writes), the token in
+//!   it or in the OS secret store.
+//! - [`secret_store`]: the OS secret stores (Keychain, Credential Manager, Secret Service, the
+//!   Linux kernel keyring), probed before use.
 //! - [`backoff`]: capped exponential backoff with full jitter.
 //! - [`dedup`]: the bounded set of recently seen call ids.
 //! - [`scope`]: the allowed roots and confined file access.
@@ -25,5 +28,6 @@ pub mod dedup;
 pub mod grant;
 pub mod runtime;
 pub mod scope;
+pub mod secret_store;
 pub mod tools;
 pub mod transport;

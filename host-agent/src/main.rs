@@ -10,7 +10,8 @@ use std::process::exit;
 use std::sync::Arc;
 use std::time::Duration;
 
-use host_agent::config::{self, CallArgs, Command, RunArgs, ToolsArgs};
+use host_agent::config::{self, CallArgs, Command, ForgetArgs, RunArgs, ToolsArgs};
+use host_agent::credentials::CredentialStore;
 use host_agent::runtime::{self, exit_code, Outcome};
 use host_agent::tools::Toolbox;
 use protocol::{CallMode, HostCall};
@@ -23,6 +24,7 @@ fn main() {
         Command::Run(args) => run_agent(&args),
         Command::Tools(args) => print_tools(&args),
         Command::Call(args) => call_tool(&args),
+        Command::Forget(args) => forget(&args),
     };
     exit(code);
 }
@@ -106,8 +108,8 @@ fn run_agent(args: &RunArgs) -> i32 {
         Ok(Outcome::Superseded) => {
             eprintln!(
                 "host-agent: superseded: another process is connected with this device's credentials (a newer \
-                 stream took over), so this one exits. Run one host-agent per credentials directory, or enroll \
-                 the other machine with its own pairing code."
+                 stream took over), so this one deleted its cached copy and exits. Run one host-agent per device; \
+                 to use this machine as a device of its own, enroll it with its own pairing code (--code)."
             );
             exit_code::SUPERSEDED
         }
@@ -152,6 +154,28 @@ async fn next_signal() -> &'static str {
 async fn next_signal() -> &'static str {
     let _ = tokio::signal::ctrl_c().await;
     "Ctrl-C"
+}
+
+/// Deletes the credentials of each server: the file and the token wherever it is kept.
+fn forget(args: &ForgetArgs) -> i32 {
+    init_logging("warn");
+    let (dir, origins) = match args.targets(config::home()) {
+        Ok(targets) => targets,
+        Err(message) => return usage_error(&message),
+    };
+    let store = CredentialStore::new(&dir);
+    let mut code = exit_code::OK;
+    for origin in origins {
+        match store.delete_everywhere(&origin) {
+            Ok(true) => println!("forgot the credentials of {origin}"),
+            Ok(false) => println!("no credentials of {origin} to forget"),
+            Err(err) => {
+                eprintln!("host-agent: the credentials of {origin}: {err}");
+                code = exit_code::FAILURE;
+            }
+        }
+    }
+    code
 }
 
 fn print_tools(args: &ToolsArgs) -> i32 {

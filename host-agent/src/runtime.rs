@@ -24,9 +24,13 @@
 //!   itself notices the same deadline and stops, see [`crate::tools`]).
 //! - Results are posted with the call's `traceparent`, retried briefly on connection errors
 //!   and 5xx, moving across the servers.
-//! - `superseded` ends the run ([`Outcome::Superseded`]); `revoked` or a 401 on connect deletes
-//!   the cached credentials and ends it ([`Outcome::Revoked`]); `shutdown` ends it after the
-//!   calls in hand are answered (bounded by the grace period).
+//! - The device token is kept where `--credentials-store` says (the OS secret store or the
+//!   file, [`crate::credentials::open_secret_store`]); one found in the other place is moved.
+//! - `superseded` deletes the cached credentials (these credentials are not this process's
+//!   alone any more) and ends the run ([`Outcome::Superseded`]); `revoked` or a 401 on connect
+//!   deletes them and ends it ([`Outcome::Revoked`]); either deletes the token from wherever it
+//!   is, file and secret store. `shutdown` ends it after the calls in hand are answered
+//!   (bounded by the grace period).
 //!
 //! Not here: the tools and their scope ([`crate::tools`]), HTTP and SSE details
 //! ([`crate::transport`]), argument parsing ([`crate::config`]).
@@ -44,8 +48,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::credentials::{origin_of, CredentialStore, Credentials, CredentialsError};
+use crate::credentials::{
+    open_secret_store, origin_of, CredentialStore, Credentials, CredentialsError, StoreChoice, TokenPlace,
+};
 use crate::dedup::RecentIds;
+use crate::secret_store::Backend;
 use crate::transport::{self, Delivery, Frame, FrameStream, StreamItem, TransportError};
 
 /// Exit codes of the `host-agent` binary.
@@ -99,6 +106,8 @@ pub struct AgentConfig {
     /// The pairing code, used only when no credentials are cached.
     pub code: Option<String>,
     pub credentials_dir: PathBuf,
+    /// Where the device token is kept (`--credentials-store`).
+    pub credentials_store: StoreChoice,
     /// An extra PEM CA to trust.
     pub ca_cert: Option<PathBuf>,
     /// The server's keepalive interval; two of them without a byte mean a dead stream.
@@ -116,7 +125,8 @@ pub enum Outcome {
     Shutdown,
     /// The server revoked the device; the cached credentials were deleted.
     Revoked,
-    /// A newer stream for this device opened elsewhere: another process holds the credentials.
+    /// A newer stream for this device opened elsewhere: another process holds the credentials;
+    /// this one deleted its cached copy.
     Superseded,
     /// Enrollment was refused; the text says why and what to do.
     EnrollmentRefused(String),
@@ -180,7 +190,8 @@ pub async fn run(
         }
     }
     let client = transport::build_client(config.ca_cert.as_deref()).map_err(|e| RunError::Usage(e.to_string()))?;
-    let store = CredentialStore::new(&config.credentials_dir);
+    let secrets = open_secret_store(config.credentials_store).map_err(RunError::Usage)?;
+    let store = CredentialStore::new(&config.credentials_dir).with_secret_store(secrets);
     store.tighten();
 
     let credentials = match find_credentials(&store, &origins)? {
@@ -188,7 +199,12 @@ pub async fn run(
             if config.code.is_some() {
                 info!("already enrolled: --code is not needed and was not used");
             }
-            info!("using the cached credentials of device {} (from {})", found.device_id, store.dir().display());
+            info!(
+                "using the cached credentials of device {} (from {}, the token in {})",
+                found.device_id,
+                store.dir().display(),
+                store.token_place()
+            );
             found
         }
         None => {
@@ -230,7 +246,10 @@ pub async fn run(
         abandon: CancellationToken::new(),
     });
     let tracker = TaskTracker::new();
+    let keeper = shutdown.child_token();
+    keep_kernel_keyring_token(&store, &origins, &keeper);
     let outcome = hold_stream(&shared, &config, &tracker, &shutdown).await;
+    keeper.cancel();
 
     match outcome {
         Outcome::Revoked => {
@@ -240,9 +259,10 @@ pub async fn run(
         Outcome::Superseded => {
             error!(
                 "superseded: a newer stream for device {} opened elsewhere, so another process holds these \
-                 credentials; exiting",
+                 credentials; deleting them here and exiting",
                 credentials.device_id
             );
+            forget_credentials(&store, &origins, &credentials.device_id);
         }
         _ => {}
     }
@@ -254,6 +274,44 @@ pub async fn run(
         warn!("{} call(s) still running after the grace period; abandoned", tracker.len());
     }
     Ok(outcome)
+}
+
+/// How often a token in the kernel keyring is read while the agent runs.
+const KERNEL_KEYRING_REFRESH: Duration = Duration::from_secs(3600);
+
+/// The kernel's persistent keyring, which keeps the token for the next run, expires when
+/// unused (`persistent_keyring_expiry`, 3 days by default): an agent that runs for weeks would
+/// find it gone at its next start. Reading the token resets that timer, so it is read every
+/// [`KERNEL_KEYRING_REFRESH`] until `stop`. Other stores need nothing of the kind.
+fn keep_kernel_keyring_token(store: &CredentialStore, origins: &[String], stop: &CancellationToken) {
+    let Some(secrets) = store.secret_store().filter(|s| s.backend() == Backend::KernelKeyring) else {
+        return;
+    };
+    let kept_there = TokenPlace::SecretStore(Backend::KernelKeyring);
+    let origins: Vec<String> = origins
+        .iter()
+        .filter(|origin| store.load_placed(origin).ok().flatten().is_some_and(|(_, place)| place == kept_there))
+        .cloned()
+        .collect();
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            if !sleep_or_shutdown(KERNEL_KEYRING_REFRESH, &stop).await {
+                return;
+            }
+            for origin in &origins {
+                let origin = origin.clone();
+                match tokio::task::spawn_blocking(move || secrets.get(&origin)).await {
+                    Ok(Ok(Some(_))) => debug!("the device token in the kernel keyring was refreshed"),
+                    Ok(Ok(None)) => warn!(
+                        "the device token is gone from the kernel keyring; the next start needs a new pairing code"
+                    ),
+                    Ok(Err(err)) => warn!("cannot refresh the device token in the kernel keyring: {err}"),
+                    Err(_) => {}
+                }
+            }
+        }
+    });
 }
 
 /// What the calls share.
@@ -269,11 +327,18 @@ struct Shared {
     abandon: CancellationToken,
 }
 
+/// The first cached credentials among `origins`. A token found elsewhere than where this run
+/// keeps tokens (`--credentials-store` changed since it was saved) is moved there.
 fn find_credentials(store: &CredentialStore, origins: &[String]) -> Result<Option<Credentials>, CredentialsError> {
     for origin in origins {
-        if let Some(found) = store.load(origin)? {
-            return Ok(Some(found));
+        let Some((found, place)) = store.load_placed(origin)? else {
+            continue;
+        };
+        if place != store.token_place() {
+            store.save(&found)?;
+            info!("moved the device token of {origin} from {place} to {}", store.token_place());
         }
+        return Ok(Some(found));
     }
     Ok(None)
 }
@@ -286,7 +351,7 @@ fn forget_credentials(store: &CredentialStore, origins: &[String], device_id: &s
             _ => {}
         }
         match store.delete(origin) {
-            Ok(true) => info!("deleted the cached credentials {}", store.path_for(origin).display()),
+            Ok(true) => info!("deleted the cached credentials of {origin} ({})", store.path_for(origin).display()),
             Ok(false) => {}
             Err(err) => error!("could not delete the revoked credentials: {err}"),
         }

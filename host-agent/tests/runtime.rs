@@ -168,14 +168,15 @@ async fn a_reconnect_frame_reconnects_at_once() {
 }
 
 #[tokio::test]
-async fn superseded_exits_5() {
+async fn superseded_exits_5_and_deletes_the_credentials() {
     let fake = Fake::start(&["PAIR-1"]).await;
     let dirs = dirs();
     let mut agent = enrolled_agent(&fake, &dirs, &[]).await;
+    assert_eq!(credential_files(dirs.creds.path()).len(), 1);
     fake.state.send_event("superseded", "{}");
     assert_eq!(agent.wait_exit(WAIT).await, 5);
     assert!(agent.stderr().contains("another process"), "{}", agent.stderr());
-    assert_eq!(credential_files(dirs.creds.path()).len(), 1, "superseded keeps the credentials");
+    assert!(credential_files(dirs.creds.path()).is_empty(), "superseded deletes the cached copy");
 }
 
 #[tokio::test]
@@ -450,4 +451,34 @@ async fn abandoned_calls_stop_using_cpu_after_their_deadline() {
     println!("CPU used by the agent in the 2 s from 0.5 s after the deadline: {burnt:.2} s");
     assert!(burnt < 0.3, "the agent kept working on abandoned calls: {burnt:.2} CPU seconds in 2 s");
     assert!(fake.state.results().is_empty(), "nothing is posted for calls past their deadline");
+}
+
+/// `host-agent forget` deletes the credentials file and the token in the kernel keyring; a
+/// second run finds nothing and still exits 0.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn forget_deletes_the_file_and_the_token_in_the_keyring() {
+    use host_agent::credentials::{CredentialStore, Credentials};
+    use host_agent::secret_store::{Backend, SecretStore};
+    let dirs = dirs();
+    let server = format!("http://forget-test-{:016x}:9", rand::random::<u64>());
+    let origin = server.clone();
+    let kernel = SecretStore::probe(Backend::KernelKeyring).expect("the kernel keyring answers");
+    let store = CredentialStore::new(dirs.creds.path()).with_secret_store(Some(kernel));
+    let credentials = Credentials { device_id: "dev-f".into(), token: "tok-forget".into(), server: origin.clone() };
+    let path = store.save(&credentials).expect("save");
+    assert_eq!(kernel.get(&origin).expect("get").as_deref(), Some("tok-forget"));
+
+    let creds = dirs.creds.path().display().to_string();
+    let args: Vec<String> =
+        ["forget", "--server", &server, "--credentials-dir", &creds].iter().map(|s| (*s).to_owned()).collect();
+    let mut forget = AgentProcess::spawn(&args, &[]);
+    assert_eq!(forget.wait_exit(WAIT).await, 0, "{}", forget.stderr());
+    assert!(forget.stdout().contains(&format!("forgot the credentials of {origin}")), "{}", forget.stdout());
+    assert!(!path.exists(), "the file is deleted");
+    assert_eq!(kernel.get(&origin).expect("get"), None, "the token is deleted from the kernel keyring");
+
+    let mut again = AgentProcess::spawn(&args, &[]);
+    assert_eq!(again.wait_exit(WAIT).await, 0, "{}", again.stderr());
+    assert!(again.stdout().contains("no credentials of"), "{}", again.stdout());
 }

@@ -76,6 +76,7 @@ async fn start() -> Running {
         name: "loop test".into(),
         code: Some("PAIR-1".into()),
         credentials_dir: creds.path().to_owned(),
+        credentials_store: host_agent::credentials::StoreChoice::File,
         ca_cert: None,
         keepalive: Duration::from_secs(1),
         backoff_base: Duration::from_millis(50),

@@ -59,6 +59,7 @@ const AGENT_ENV: &[&str] = &[
     "FUSION_HOST_CODE",
     "FUSION_HOST_NAME",
     "FUSION_HOST_CREDENTIALS_DIR",
+    "FUSION_HOST_CREDENTIALS_STORE",
     "FUSION_HOST_CA_CERT",
     "FUSION_HOST_KEEPALIVE_SECS",
     "FUSION_HOST_BACKOFF_BASE_MS",
@@ -66,6 +67,8 @@ const AGENT_ENV: &[&str] = &[
     "FUSION_HOST_SHUTDOWN_GRACE_SECS",
     "FUSION_HOST_LOG",
     "FUSION_HOST_TOOLS_FILE",
+    // No session bus unless a test gives one: `auto` keeps tokens in the credentials files.
+    "DBUS_SESSION_BUS_ADDRESS",
 ];
 
 /// Sends `signal` (a `libc::SIG*` number) to process `pid`.

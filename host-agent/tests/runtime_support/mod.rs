@@ -279,6 +279,7 @@ pub const AGENT_ENV: &[&str] = &[
     "FUSION_HOST_CODE",
     "FUSION_HOST_NAME",
     "FUSION_HOST_CREDENTIALS_DIR",
+    "FUSION_HOST_CREDENTIALS_STORE",
     "FUSION_HOST_CA_CERT",
     "FUSION_HOST_KEEPALIVE_SECS",
     "FUSION_HOST_BACKOFF_BASE_MS",
@@ -286,6 +287,8 @@ pub const AGENT_ENV: &[&str] = &[
     "FUSION_HOST_SHUTDOWN_GRACE_SECS",
     "FUSION_HOST_LOG",
     "RUST_LOG",
+    // No session bus: `auto` keeps the tokens in the files these suites look at.
+    "DBUS_SESSION_BUS_ADDRESS",
 ];
 
 /// A running `host-agent` binary with its output captured.

@@ -9,13 +9,13 @@
 //! - `{p}.presence.all`: the scatter-gather of online devices ([`Hub::held_devices`]);
 //! - `{p}.events.*`: every user's events, handed to this replica's listeners through
 //!   [`Bus::subscribe_events`];
-//! - its own reply inbox ([`inbox`]), which answers every request this bus makes;
+//! - its own reply inbox (`inbox`), which answers every request this bus makes;
 //! - per held device, `{p}.device.{id}.call` in queue group `holders` ([`Hub::push`]) and
 //!   `{p}.device.{id}.control` (takeovers, presence), in one task per device.
 //!
 //! Requests never go through async-nats's request multiplexer (it keeps state for requests
-//! that get no reply, nats.rs issue 1617): they use [`inbox::Inbox`], whose entries leave on
-//! every path. Connection events and the broker grace live in [`link`].
+//! that get no reply, nats.rs issue 1617): they use `inbox::Inbox`, whose entries leave on
+//! every path. Connection events and the broker grace live in `link`.
 //!
 //! Not here: any decision about streams or calls (the [`Hub`] makes them), retries (the
 //! dispatcher core retries `NotHeld` and `Unreachable`), or epochs (the registry issues them).
