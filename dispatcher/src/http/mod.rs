@@ -19,6 +19,7 @@ pub mod events;
 pub mod limit;
 pub mod openapi;
 pub mod ops;
+pub mod proxy;
 
 pub use error::ApiError;
 
