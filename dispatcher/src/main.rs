@@ -80,7 +80,8 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("revoked {} api token(s)", revoked.len());
             if let Some(urls) = nats_url.filter(|urls| !urls.trim().is_empty()) {
                 let subjects = Subjects::new(subject_prefix);
-                match publish_api_token_revocation(&urls, &nats_auth, &subjects, &revoked, REVOKE_PUBLISH_TIMEOUT).await {
+                match publish_api_token_revocation(&urls, &nats_auth, &subjects, &revoked, REVOKE_PUBLISH_TIMEOUT).await
+                {
                     Ok(()) => eprintln!("published the revocation on NATS"),
                     // Committed all the same: the replicas poll the database for it.
                     Err(error) => eprintln!(

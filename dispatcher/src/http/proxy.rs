@@ -60,7 +60,7 @@ impl FromStr for Cidr {
             Some((address, prefix)) => (address, Some(prefix)),
             None => (text, None),
         };
-        let network = canonical(address.parse::<IpAddr>().map_err(|_| format!("{text:?} is not an address or CIDR"))?);
+        let network = address.parse::<IpAddr>().map_err(|_| format!("{text:?} is not an address or CIDR"))?;
         let max = if network.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
@@ -69,6 +69,11 @@ impl FromStr for Cidr {
                 .ok()
                 .filter(|p| *p <= max)
                 .ok_or_else(|| format!("{text:?}: the prefix length must be 0 to {max}"))?,
+        };
+        // `::ffff:10.0.0.0/104` is the IPv4 network 10.0.0.0/8.
+        let (network, prefix) = match canonical(network) {
+            IpAddr::V4(v4) if network.is_ipv6() && prefix >= 96 => (IpAddr::V4(v4), prefix - 96),
+            _ => (network, prefix),
         };
         Ok(Self { network, prefix })
     }
@@ -105,11 +110,7 @@ impl TrustedProxies {
         if !self.trusts(peer) {
             return peer;
         }
-        let hops = if headers.contains_key(X_FORWARDED_FOR) {
-            forwarded_for(headers)
-        } else {
-            forwarded(headers)
-        };
+        let hops = if headers.contains_key(X_FORWARDED_FOR) { forwarded_for(headers) } else { forwarded(headers) };
         // Right to left: each entry was appended by the proxy after it, trusted so far.
         let mut client = peer;
         for hop in hops.iter().rev() {
@@ -284,7 +285,11 @@ mod tests {
             // A client's spoofed entry stays left of the address the proxy appended.
             ("10.0.0.2", &[("x-forwarded-for", "1.2.3.4, 198.51.100.1")], "198.51.100.1"),
             // Two trusted proxies, the header split over two lines.
-            ("10.0.0.2", &[("x-forwarded-for", "1.2.3.4, 198.51.100.1"), ("x-forwarded-for", "10.9.9.9")], "198.51.100.1"),
+            (
+                "10.0.0.2",
+                &[("x-forwarded-for", "1.2.3.4, 198.51.100.1"), ("x-forwarded-for", "10.9.9.9")],
+                "198.51.100.1",
+            ),
             // Every hop trusted: the leftmost.
             ("10.0.0.2", &[("x-forwarded-for", "10.1.1.1, 127.0.0.1")], "10.1.1.1"),
             // Garbage stops the walk at the last believable proxy.

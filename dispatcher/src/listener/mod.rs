@@ -1,7 +1,7 @@
 //! The serving loop: accepts TCP connections, admits or refuses each, serves the admitted ones
 //! (HTTP/1.1, and HTTP/2 over cleartext with prior knowledge; with `--tls-cert`, both over TLS
-//! with ALPN, see [`tls`]) and closes those that hold a descriptor for nothing. Device streams are the one kind of connection meant to live long;
-//! every other one is bounded:
+//! with ALPN, see [`tls`]) and closes those that hold a descriptor for nothing. Device streams
+//! are the one kind of connection meant to live long; every other one is bounded:
 //!
 //! - from the accept to its first request's headers, whatever the protocol (the TLS handshake,
 //!   the version sniff, the HTTP/2 preface and HEADERS included): `--connection-timeout-secs`;
@@ -31,8 +31,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -85,6 +85,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     stop: CancellationToken,
     tls: Option<TlsAcceptor>,
+    /// For refusals, which are written as HTTP/1.1: offers only `http/1.1` in ALPN.
+    refusal_tls: Option<TlsAcceptor>,
 }
 
 /// The descriptor limit of this process (`None`: unlimited), after raising the soft limit to
@@ -135,7 +137,8 @@ pub async fn serve(
         timeouts: limits.timeouts,
         metrics: metrics.clone(),
         stop: stop.clone(),
-        tls: limits.tls.as_ref().map(tls::CertificateSource::acceptor),
+        tls: limits.tls.as_ref().map(|source| source.acceptor(tls::ALPN)),
+        refusal_tls: limits.tls.as_ref().map(|source| source.acceptor(&tls::ALPN[1..])),
     });
     let replica_id: Arc<str> = limits.replica_id.into();
     let refusing = Arc::new(Semaphore::new(admission::MAX_REFUSING));
@@ -181,7 +184,7 @@ pub async fn serve(
                 // A bounded number answered at once; beyond, closed unanswered.
                 if let Ok(slot) = refusing.clone().try_acquire_owned() {
                     let replica_id = replica_id.clone();
-                    let tls = shared.tls.clone();
+                    let tls = shared.refusal_tls.clone();
                     tokio::spawn(async move {
                         match tls {
                             None => refuse(stream, refusal, &replica_id).await,

@@ -27,7 +27,7 @@ use crate::config::TlsFiles;
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The protocols offered in ALPN, preferred first.
-const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+pub const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
 /// The certificate in use, and how to tell when its files changed.
 #[derive(Debug)]
@@ -62,10 +62,10 @@ impl CertificateSource {
         Ok(true)
     }
 
-    /// The acceptor of the listener: this source's certificate, ALPN h2 and http/1.1.
-    pub fn acceptor(self: &Arc<Self>) -> TlsAcceptor {
+    /// An acceptor with this source's certificate, offering `alpn` (see [`ALPN`]).
+    pub fn acceptor(self: &Arc<Self>, alpn: &[&[u8]]) -> TlsAcceptor {
         let mut config = rustls::ServerConfig::builder().with_no_client_auth().with_cert_resolver(self.clone());
-        config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         TlsAcceptor::from(Arc::new(config))
     }
 
@@ -83,7 +83,9 @@ impl CertificateSource {
             match tokio::task::spawn_blocking(move || source.reload_if_changed()).await {
                 Ok(Ok(true)) => tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded"),
                 Ok(Ok(false)) => {}
-                Ok(Err(error)) => tracing::warn!(%error, "TLS certificate changed but could not be loaded; keeping the one in use"),
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "TLS certificate changed but could not be loaded; keeping the one in use")
+                }
                 Err(error) => tracing::warn!(%error, "TLS certificate check failed"),
             }
         }

@@ -24,7 +24,10 @@ pub enum NatsCredentials {
     CredsFile(PathBuf),
     /// A file holding an nkey seed (`SU…`): the server knows the user by its public key.
     NkeySeedFile(PathBuf),
-    UserPassword { user: String, password: String },
+    UserPassword {
+        user: String,
+        password: String,
+    },
     Token(String),
 }
 
@@ -35,7 +38,9 @@ impl std::fmt::Debug for NatsCredentials {
             Self::None => f.write_str("None"),
             Self::CredsFile(path) => f.debug_tuple("CredsFile").field(path).finish(),
             Self::NkeySeedFile(path) => f.debug_tuple("NkeySeedFile").field(path).finish(),
-            Self::UserPassword { user, .. } => f.debug_struct("UserPassword").field("user", user).finish_non_exhaustive(),
+            Self::UserPassword { user, .. } => {
+                f.debug_struct("UserPassword").field("user", user).finish_non_exhaustive()
+            }
             Self::Token(_) => f.write_str("Token(…)"),
         }
     }
@@ -45,8 +50,10 @@ impl NatsCredentials {
     /// The flags that set these credentials, for error messages.
     pub fn flags(&self) -> &'static str {
         match self {
-            Self::None => "no NATS credentials were given (--nats-creds-file, --nats-nkey-seed-file, --nats-user \
-                           and --nats-password, or --nats-token)",
+            Self::None => {
+                "no NATS credentials were given (--nats-creds-file, --nats-nkey-seed-file, --nats-user \
+                           and --nats-password, or --nats-token)"
+            }
             Self::CredsFile(_) => "check --nats-creds-file (NATS_CREDS_FILE)",
             Self::NkeySeedFile(_) => "check --nats-nkey-seed-file (NATS_NKEY_SEED_FILE)",
             Self::UserPassword { .. } => "check --nats-user and --nats-password (NATS_USER, NATS_PASSWORD)",
@@ -133,8 +140,30 @@ pub async fn connect_options(auth: &NatsAuth) -> Result<ConnectOptions, BusError
 
 /// True for an error that retrying will not cure: the server refused the credentials, they
 /// could not be used, or TLS failed (an unknown CA, a name mismatch, no TLS offered).
-pub fn is_refusal(kind: &ConnectErrorKind) -> bool {
-    matches!(kind, ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication | ConnectErrorKind::Tls)
+pub fn is_refusal(error: &async_nats::ConnectError) -> bool {
+    matches!(error.kind(), ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication)
+        || is_tls_failure(error)
+}
+
+/// A TLS failure, whether async-nats reports it as such or as the I/O error of a handshake
+/// (a certificate that does not verify arrives that way).
+fn is_tls_failure(error: &async_nats::ConnectError) -> bool {
+    if error.kind() == ConnectErrorKind::Tls {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if cause.downcast_ref::<async_nats::rustls::Error>().is_some() {
+            return true;
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if io.get_ref().is_some_and(|inner| inner.downcast_ref::<async_nats::rustls::Error>().is_some()) {
+                return true;
+            }
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// One line for an operator: what NATS (at `servers`) said and which flags to check.
@@ -147,7 +176,7 @@ pub fn describe_connect_error(error: &async_nats::ConnectError, servers: &str, a
         ConnectErrorKind::Authentication => {
             format!("could not sign NATS's challenge with the given key ({error}); {}", auth.credentials.flags())
         }
-        ConnectErrorKind::Tls => format!(
+        _ if is_tls_failure(error) => format!(
             "TLS with NATS at {servers} failed ({error}); check --nats-tls-ca-file, --nats-tls-cert-file and \
              --nats-tls-key-file, and that the server's certificate names the host in --nats-url"
         ),

@@ -917,7 +917,7 @@ async fn connect_client(
     let first = build(auth::connect_options(&options.auth).await?).connect(servers.to_vec()).await;
     match first {
         Ok(client) => Ok(client),
-        Err(error) if auth::is_refusal(&error.kind()) => {
+        Err(error) if auth::is_refusal(&error) => {
             Err(BusError::Refused(auth::describe_connect_error(&error, urls, &options.auth)))
         }
         Err(error) => {
