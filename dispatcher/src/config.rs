@@ -66,7 +66,7 @@ pub enum TokenCommand {
         #[arg(long, env = "DISPATCHER_SUBJECT_PREFIX", default_value = protocol::subject::DEFAULT_PREFIX)]
         subject_prefix: String,
         #[command(flatten)]
-        nats_auth: NatsAuthArgs,
+        nats_auth: Box<NatsAuthArgs>,
     },
 }
 
@@ -89,9 +89,9 @@ pub struct ServeArgs {
     #[arg(long, env = "NATS_URL")]
     pub nats_url: Option<String>,
     #[command(flatten)]
-    pub nats_auth: NatsAuthArgs,
+    pub nats_auth: Box<NatsAuthArgs>,
     #[command(flatten)]
-    pub listener: ListenerArgs,
+    pub listener: Box<ListenerArgs>,
     /// This replica's name in responses, logs and presence [default: host name + random suffix].
     #[arg(long, env = "DISPATCHER_REPLICA_ID")]
     pub replica_id: Option<String>,

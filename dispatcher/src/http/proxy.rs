@@ -274,7 +274,8 @@ mod tests {
     #[test]
     fn the_client_behind_trusted_proxies() {
         let trusted = TrustedProxies::parse("10.0.0.0/8,127.0.0.1").expect("list");
-        let cases: &[(&str, &[(&str, &str)], &str)] = &[
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
             // No proxy: the peer, whatever it claims.
             ("203.0.113.5", &[], "203.0.113.5"),
             ("203.0.113.5", &[("x-forwarded-for", "198.51.100.1")], "203.0.113.5"),
