@@ -44,7 +44,9 @@ const MAX_NAME_LEN: usize = 200;
         (status = 401, description = "The code is unknown, expired or already used", body = ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = ErrorBody),
         (status = 413, description = "Body over the limit", body = ErrorBody),
-        (status = 429, description = "Too many attempts from this address, or the user's device quota is reached", body = ErrorBody),
+        (status = 429, description = "Too many attempts from this client address (behind `--trusted-proxies`, the \
+            client they name), or the user's device quota is reached", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until another attempt is allowed"))),
     ),
 )]
 pub async fn enroll(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
