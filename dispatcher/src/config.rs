@@ -470,6 +470,9 @@ mod tests {
         assert_eq!(token.nats_auth.credentials, NatsCredentials::Token("t0k".into()));
         let defaults = parse(&[]).expect("defaults");
         assert_eq!((defaults.tls, defaults.trusted_proxies.is_empty()), (None, true));
+        let cli = Cli::try_parse_from(["dispatcher", "serve", "--nats-user", "u", "--nats-password", "pw-secret"])
+            .expect("parses");
+        assert!(!format!("{cli:?}").contains("pw-secret"), "no secret in debug output");
         assert_eq!(defaults.nats_auth.credentials, NatsCredentials::None);
     }
 

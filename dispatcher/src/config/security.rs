@@ -10,7 +10,7 @@ use clap::Args;
 use crate::bus::nats::{NatsAuth, NatsCredentials, NatsTls};
 use crate::http::proxy::TrustedProxies;
 
-#[derive(Debug, Clone, Default, Args)]
+#[derive(Clone, Default, Args)]
 pub struct NatsAuthArgs {
     /// NATS credentials file (a user JWT and its nkey seed, as `nsc` writes it).
     #[arg(long, value_name = "FILE", env = "NATS_CREDS_FILE")]
@@ -38,6 +38,22 @@ pub struct NatsAuthArgs {
     /// Private key (PEM) of --nats-tls-cert-file.
     #[arg(long, value_name = "PEM", env = "NATS_TLS_KEY_FILE")]
     pub nats_tls_key_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for NatsAuthArgs {
+    // Never prints the password or the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsAuthArgs")
+            .field("nats_creds_file", &self.nats_creds_file)
+            .field("nats_nkey_seed_file", &self.nats_nkey_seed_file)
+            .field("nats_user", &self.nats_user)
+            .field("nats_password", &self.nats_password.as_ref().map(|_| "…"))
+            .field("nats_token", &self.nats_token.as_ref().map(|_| "…"))
+            .field("nats_tls_ca_file", &self.nats_tls_ca_file)
+            .field("nats_tls_cert_file", &self.nats_tls_cert_file)
+            .field("nats_tls_key_file", &self.nats_tls_key_file)
+            .finish()
+    }
 }
 
 /// An empty value counts as unset (a manifest may set an optional variable to "").
