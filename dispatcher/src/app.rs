@@ -17,7 +17,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::http::{control, device, events, openapi, ops, proxy, ApiError, AppState};
+use crate::http::{control, device, events, grant, openapi, ops, proxy, ApiError, AppState};
 use crate::mcp;
 
 /// Longest a request may take to be answered: the longest dispatch plus a margin. Streams
@@ -34,6 +34,11 @@ pub fn app(state: AppState) -> Router {
         .route("/api/host/stream", get(device::stream))
         .route("/api/host/result", post(device::result))
         .route("/api/host/manifest", put(device::manifest))
+        .route("/api/host/device-authorization", post(grant::device_authorization))
+        .route("/api/host/token", post(grant::token))
+        .route("/api/device-authorizations/{user_code}", get(grant::get_device_authorization))
+        .route("/api/device-authorizations/{user_code}/approve", post(grant::approve_device_authorization))
+        .route("/api/device-authorizations/{user_code}/deny", post(grant::deny_device_authorization))
         .route("/api/host/approve", post(control::approve))
         .route("/api/host/reject", post(control::reject))
         .route("/api/pairing-codes", post(control::create_pairing_code))

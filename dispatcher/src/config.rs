@@ -144,6 +144,8 @@ pub struct ServeArgs {
     pub stream_queue_bytes: usize,
     #[command(flatten)]
     pub storage: StorageArgs,
+    #[command(flatten)]
+    pub grant: GrantArgs,
 }
 
 /// What the registry stores and for how long: size caps, per-user quotas, pages, expiry, and
@@ -244,6 +246,71 @@ impl StorageArgs {
     }
 }
 
+/// Enrollment by link (RFC 8628): where the links point, and the codes' timing.
+#[derive(Debug, Clone, Args)]
+pub struct GrantArgs {
+    /// The URL users reach this service at (`https://dispatch.example.com`, any path prefix
+    /// kept): enrollment links are `{public URL}/ui/activate?code=…`. Without it, each link is
+    /// made from the request: its `Host` header, and https when `X-Forwarded-Proto` says so.
+    #[arg(long, env = "DISPATCHER_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// For tests: seconds a device authorization's codes live (1 to 3600).
+    #[arg(long, env = "DISPATCHER_DEVICE_CODE_TTL_SECS", default_value_t = protocol::DEVICE_CODE_TTL_DEFAULT_SECS, hide = true)]
+    pub device_code_ttl_secs: u64,
+    /// For tests: the polling interval a device authorization starts with, in seconds (1 to 60).
+    #[arg(long, env = "DISPATCHER_DEVICE_CODE_INTERVAL_SECS", default_value_t = protocol::DEVICE_CODE_INTERVAL_DEFAULT_SECS, hide = true)]
+    pub device_code_interval_secs: u64,
+}
+
+/// Validated [`GrantArgs`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// `scheme://host[:port][/prefix]`, without a trailing slash.
+    pub public_url: Option<String>,
+    pub ttl: Duration,
+    pub interval: Duration,
+}
+
+impl Default for Grant {
+    fn default() -> Self {
+        Self {
+            public_url: None,
+            ttl: Duration::from_secs(protocol::DEVICE_CODE_TTL_DEFAULT_SECS),
+            interval: Duration::from_secs(protocol::DEVICE_CODE_INTERVAL_DEFAULT_SECS),
+        }
+    }
+}
+
+impl GrantArgs {
+    pub fn grant(&self) -> Result<Grant, String> {
+        let public_url = match self.public_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+            None => None,
+            Some(text) => {
+                let url =
+                    reqwest::Url::parse(text).map_err(|e| format!("--public-url: {text:?} is not a URL ({e})"))?;
+                if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+                    return Err(format!("--public-url: {text:?} must be an http or https URL with a host"));
+                }
+                if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+                    return Err(format!("--public-url: {text:?} must have no query, fragment or user"));
+                }
+                Some(url.as_str().trim_end_matches('/').to_owned())
+            }
+        };
+        if !(1..=3600).contains(&self.device_code_ttl_secs) {
+            return Err("--device-code-ttl-secs: between 1 and 3600".into());
+        }
+        if !(1..=60).contains(&self.device_code_interval_secs) {
+            return Err("--device-code-interval-secs: between 1 and 60".into());
+        }
+        Ok(Grant {
+            public_url,
+            ttl: Duration::from_secs(self.device_code_ttl_secs),
+            interval: Duration::from_secs(self.device_code_interval_secs),
+        })
+    }
+}
+
 /// Validated settings of `dispatcher serve`.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -271,6 +338,7 @@ pub struct Settings {
     /// `Some`: the listener serves HTTPS.
     pub tls: Option<TlsFiles>,
     pub trusted_proxies: crate::http::proxy::TrustedProxies,
+    pub grant: Grant,
 }
 
 impl ServeArgs {
@@ -362,6 +430,7 @@ impl ServeArgs {
             nats_auth,
             tls,
             trusted_proxies,
+            grant: self.grant.grant()?,
         })
     }
 }
@@ -392,6 +461,7 @@ impl Settings {
             nats_auth: Default::default(),
             tls: None,
             trusted_proxies: Default::default(),
+            grant: Grant::default(),
         }
     }
 }
@@ -508,6 +578,22 @@ mod tests {
     }
 
     #[test]
+    fn grant_flags() {
+        assert_eq!(parse(&[]).expect("defaults").grant, Grant::default());
+        let settings = parse(&[
+            "--public-url",
+            "https://dispatch.example.com/pulsn/",
+            "--device-code-ttl-secs",
+            "3",
+            "--device-code-interval-secs",
+            "1",
+        ])
+        .expect("valid");
+        assert_eq!(settings.grant.public_url.as_deref(), Some("https://dispatch.example.com/pulsn"));
+        assert_eq!((settings.grant.ttl, settings.grant.interval), (Duration::from_secs(3), Duration::from_secs(1)));
+    }
+
+    #[test]
     fn invalid_values_are_refused() {
         let cases: &[&[&str]] = &[
             &["--listen", "nowhere"],
@@ -545,6 +631,11 @@ mod tests {
             &["--nats-token", "t", "--nats-user", "u", "--nats-password", "p"],
             &["--nats-creds-file", "/a.creds", "--nats-nkey-seed-file", "/seed"],
             &["--nats-tls-cert-file", "/c.pem"],
+            &["--public-url", "ftp://x"],
+            &["--public-url", "https://x/?a=1"],
+            &["--public-url", "not a url"],
+            &["--device-code-ttl-secs", "0"],
+            &["--device-code-interval-secs", "61"],
         ];
         for args in cases {
             assert!(parse(args).is_err(), "{args:?}");

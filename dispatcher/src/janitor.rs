@@ -1,7 +1,8 @@
 //! The janitor: every replica's periodic upkeep of the shared database. It fails proposals left
 //! `applying` by a replica that died waiting on the apply (the sweep, every `--stale-apply-secs`),
 //! and deletes what is past keeping (decided proposals after `--proposal-retention-days`, used
-//! or expired pairing codes after a day; every ten minutes and at start).
+//! or expired pairing codes and device authorizations after a day; every ten minutes and at
+//! start).
 //!
 //! Each step is a conditional UPDATE or an indexed DELETE, so every replica running it at once
 //! is harmless: a row is swept or deleted once between them. Not here: what the statements do
@@ -60,7 +61,13 @@ async fn sweep_stale_applies(registry: &Registry, storage: &Storage, now: DateTi
 }
 
 async fn delete_expired(registry: &Registry, storage: &Storage, now: DateTime<Utc>) {
-    match registry.delete_expired(expiry_at(now, storage)).await {
+    let expiry = expiry_at(now, storage);
+    match registry.delete_done_device_authorizations(expiry.codes_done_before).await {
+        Ok(0) => {}
+        Ok(deleted) => tracing::info!(device_authorizations = deleted, "expired rows deleted"),
+        Err(error) => tracing::warn!(%error, "deleting expired device authorizations failed; next try later"),
+    }
+    match registry.delete_expired(expiry).await {
         Ok(expired) if expired.proposals + expired.pairing_codes > 0 => {
             tracing::info!(
                 proposals = expired.proposals,

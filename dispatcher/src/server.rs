@@ -66,7 +66,7 @@ pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Resul
             Arc::new(MemoryBus::new(hub.clone()))
         }
     };
-    tokio::spawn(hub.clone().watch_stalls(settings.keepalive, cancel.child_token()));
+    hub.clone().spawn_stall_watch(settings.keepalive, cancel.child_token())?;
     tokio::spawn(crate::janitor::run(registry.clone(), settings.storage.clone(), cancel.child_token()));
     let events = crate::events::EventHub::start(&bus, cancel.child_token());
     tokio::spawn(crate::revocation::watch(registry.clone(), hub.clone(), cancel.child_token()));
@@ -83,6 +83,7 @@ pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Resul
         metrics: Arc::new(Metrics::new()),
         draining: Arc::new(AtomicBool::new(false)),
         enroll_limiter: Arc::new(RateLimiter::new(ENROLL_BURST, ENROLL_REFILL)),
+        grant_limits: Arc::default(),
         events,
     })
 }

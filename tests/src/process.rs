@@ -59,6 +59,9 @@ const DISPATCHER_ENV: &[&str] = &[
     "NATS_TLS_CA_FILE",
     "NATS_TLS_CERT_FILE",
     "NATS_TLS_KEY_FILE",
+    "DISPATCHER_PUBLIC_URL",
+    "DISPATCHER_DEVICE_CODE_TTL_SECS",
+    "DISPATCHER_DEVICE_CODE_INTERVAL_SECS",
 ];
 
 const AGENT_ENV: &[&str] = &[
@@ -74,6 +77,7 @@ const AGENT_ENV: &[&str] = &[
     "FUSION_HOST_SHUTDOWN_GRACE_SECS",
     "FUSION_HOST_LOG",
     "FUSION_HOST_ALLOW_INSECURE_HTTP",
+    "FUSION_HOST_TOOLS_FILE",
 ];
 
 /// Sends `signal` (a `libc::SIG*` number) to process `pid`.

@@ -1,5 +1,6 @@
 //! The HTTP API of CONTRACT.md: device-facing routes ([`device`]), the control API
-//! ([`control`]), its live events ([`events`]) and operations ([`ops`]), described by [`openapi`].
+//! ([`control`]), its live events ([`events`]), enrollment by link ([`grant`]) and operations
+//! ([`ops`]), described by [`openapi`].
 //! Handlers extract, call the core, the service layer or the registry, and map the outcome to a
 //! response; [`ApiError`] is the one error type.
 
@@ -16,6 +17,7 @@ pub mod control;
 pub mod device;
 pub mod error;
 pub mod events;
+pub mod grant;
 pub mod limit;
 pub mod openapi;
 pub mod ops;
@@ -33,6 +35,8 @@ pub struct AppState {
     /// Set when a graceful shutdown began: readiness fails, new streams are refused.
     pub draining: Arc<AtomicBool>,
     pub enroll_limiter: Arc<limit::RateLimiter>,
+    /// Rate limits of enrollment by link (guessing of device and user codes).
+    pub grant_limits: Arc<grant::GrantLimits>,
     /// This replica's listeners of `GET /api/events`.
     pub events: Arc<crate::events::EventHub>,
 }

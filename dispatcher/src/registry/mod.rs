@@ -16,6 +16,8 @@
 //! - `secret.rs`: minting, normalizing, hashing and comparing tokens and pairing codes (pure).
 //! - `tokens.rs`: api tokens.
 //! - `devices.rs`: pairing codes, enrollment, devices.
+//! - `grants.rs`: device authorizations (RFC 8628): their codes, approval, polls, the device
+//!   they make.
 //! - `proposals.rs`: proposals, their one-way status transitions, and the life of an apply
 //!   (its call, its deadline, the sweep of stuck applies, a late result).
 //! - `page.rs`: cursors and pages (pure), shared by every list.
@@ -27,6 +29,7 @@
 //! it holds across replicas, not just within one.
 
 mod devices;
+mod grants;
 pub mod page;
 mod proposals;
 mod secret;
@@ -42,6 +45,10 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::Migrator;
 use sqlx::AnyPool;
 
+pub use grants::{
+    AuthorizationStatus, Decision, DeviceAuthorization, IssuedAuthorization, NewDeviceAuthorization, TokenOutcome,
+    DEVICE_CODE_PREFIX, MAX_AUTHORIZATION_TTL, SLOW_DOWN_STEP,
+};
 pub use page::{Cursor, Page, PageError, PageRequest};
 pub use proposals::{ApplyOutcome, LateApply};
 pub use secret::{API_TOKEN_PREFIX, DEVICE_TOKEN_PREFIX};
