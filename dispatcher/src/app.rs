@@ -17,7 +17,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::http::{control, device, events, grant, openapi, ops, proxy, ApiError, AppState};
+use crate::http::{calls, control, device, events, grant, openapi, ops, proxy, ApiError, AppState};
 use crate::mcp;
 
 /// Longest a request may take to be answered: the longest dispatch plus a margin. Streams
@@ -47,6 +47,8 @@ pub fn app(state: AppState) -> Router {
         .route("/api/devices/{id}/calls", post(control::call_device))
         .route("/api/proposals", get(control::list_proposals))
         .route("/api/proposals/{id}", get(control::get_proposal))
+        .route("/api/calls", get(calls::list_calls))
+        .route("/api/calls/{callId}", get(calls::get_call))
         .route("/mcp/devices/{id}", post(mcp::post).get(mcp::get).delete(mcp::delete))
         .route("/api/events", get(events::events))
         .merge(crate::ui::routes())

@@ -176,9 +176,13 @@ pub struct StorageArgs {
     #[arg(long, env = "DISPATCHER_APPLY_TIMEOUT_SECS", default_value_t = 30)]
     pub apply_timeout_secs: u64,
     /// A proposal still `applying` this many seconds past its apply's deadline (its replica
-    /// died) is failed with `device timed out`; every replica checks this often.
+    /// died) is failed with `device timed out`, and a call log record still pending is marked
+    /// `unknown`; every replica checks this often.
     #[arg(long, env = "DISPATCHER_STALE_APPLY_SECS", default_value_t = 10)]
     pub stale_apply_secs: u64,
+    /// Days a call log record is kept.
+    #[arg(long, env = "DISPATCHER_CALL_LOG_DAYS", default_value_t = 30)]
+    pub call_log_days: u64,
 }
 
 /// Validated [`StorageArgs`].
@@ -190,6 +194,8 @@ pub struct Storage {
     pub pairing_code_retention: Duration,
     pub apply_timeout: Duration,
     pub stale_apply: Duration,
+    /// How long call log records are kept.
+    pub call_log_retention: Duration,
 }
 
 impl Default for Storage {
@@ -200,6 +206,7 @@ impl Default for Storage {
             pairing_code_retention: Duration::from_secs(DAY_SECS),
             apply_timeout: Duration::from_secs(30),
             stale_apply: Duration::from_secs(10),
+            call_log_retention: Duration::from_secs(30 * DAY_SECS),
         }
     }
 }
@@ -229,6 +236,9 @@ impl StorageArgs {
         if !(1..=3600).contains(&self.stale_apply_secs) {
             return Err("--stale-apply-secs: between 1 and 3600".into());
         }
+        if !(1..=36_500).contains(&self.call_log_days) {
+            return Err("--call-log-days: between 1 and 36500".into());
+        }
         Ok(Storage {
             limits: Limits {
                 max_manifest_bytes: self.max_manifest_bytes,
@@ -241,6 +251,7 @@ impl StorageArgs {
             proposal_retention: Duration::from_secs(self.proposal_retention_days * DAY_SECS),
             apply_timeout: Duration::from_secs(self.apply_timeout_secs),
             stale_apply: Duration::from_secs(self.stale_apply_secs),
+            call_log_retention: Duration::from_secs(self.call_log_days * DAY_SECS),
             ..Storage::default()
         })
     }
@@ -501,6 +512,7 @@ mod tests {
         assert_eq!(settings.storage.limits.max_live_pairing_codes, 50);
         assert_eq!(settings.storage.limits.max_devices_per_user, 1000);
         assert_eq!(settings.storage.proposal_retention, Duration::from_secs(30 * 86_400));
+        assert_eq!(settings.storage.call_log_retention, Duration::from_secs(30 * 86_400));
     }
 
     #[test]
@@ -565,6 +577,8 @@ mod tests {
             "2",
             "--stale-apply-secs",
             "1",
+            "--call-log-days",
+            "2",
         ])
         .expect("valid");
         let storage = settings.storage;
@@ -575,6 +589,7 @@ mod tests {
         assert_eq!((storage.limits.max_live_pairing_codes, storage.limits.max_devices_per_user), (3, 2));
         assert_eq!(storage.proposal_retention, Duration::from_secs(7 * 86_400));
         assert_eq!((storage.apply_timeout, storage.stale_apply), (Duration::from_secs(2), Duration::from_secs(1)));
+        assert_eq!(storage.call_log_retention, Duration::from_secs(2 * 86_400));
     }
 
     #[test]
@@ -619,6 +634,7 @@ mod tests {
             &["--apply-timeout-secs", "0"],
             &["--apply-timeout-secs", "301"],
             &["--stale-apply-secs", "0"],
+            &["--call-log-days", "0"],
             &["--mcp-call-timeout-ms", "0"],
             &["--mcp-call-timeout-ms", "300001"],
             &["--stream-queue-bytes", "1000"],

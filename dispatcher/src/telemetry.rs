@@ -292,6 +292,16 @@ impl Metrics {
         self.stuck_streams.inc_by(stuck_streams.saturating_sub(counted));
     }
 
+    /// Registers the call log writer's counters: records written, and dropped by reason.
+    pub fn register_call_log(&mut self, counters: &crate::calllog::Counters) {
+        self.registry.register("call_log_written", "Call log records stored", counters.written.clone());
+        self.registry.register(
+            "call_log_dropped",
+            "Call log records lost: queue_full (the writer fell behind), database (the database refused them)",
+            counters.dropped.clone(),
+        );
+    }
+
     /// The text exposition, with the gauges read now.
     pub fn render(&self, streams: usize, pending: usize, broker_up: bool) -> Result<String, std::fmt::Error> {
         self.streams.set(i64::try_from(streams).unwrap_or(i64::MAX));

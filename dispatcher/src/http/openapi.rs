@@ -11,7 +11,7 @@ use serde_json::Value;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{control, device, events, grant, ops};
+use super::{calls, control, device, events, grant, ops};
 
 /// Security scheme of the control API: `Authorization: Bearer <api token>`.
 pub const API_TOKEN: &str = "apiToken";
@@ -45,6 +45,8 @@ pub const DEVICE_TOKEN: &str = "deviceToken";
         control::get_proposal,
         control::approve,
         control::reject,
+        calls::list_calls,
+        calls::get_call,
         events::events,
         crate::mcp::post,
         crate::mcp::get,

@@ -21,6 +21,8 @@
 //! - `proposals.rs`: proposals, their one-way status transitions, and the life of an apply
 //!   (its call, its deadline, the sweep of stuck applies, a late result).
 //! - `page.rs`: cursors and pages (pure), shared by every list.
+//! - `calls.rs`: the call log: records assembled from parts written by several replicas,
+//!   listed, swept to `unknown`, expired.
 //! - `dispatcher/migrations/`: the schema, embedded in the binary and run at [`Registry::connect`].
 //!
 //! Portability: queries go through sqlx's Any driver with `$n` placeholders (both engines accept
@@ -28,6 +30,7 @@
 //! (a pairing code used twice, a proposal applied twice) is settled by one conditional UPDATE, so
 //! it holds across replicas, not just within one.
 
+mod calls;
 mod devices;
 mod grants;
 pub mod page;
@@ -45,6 +48,7 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::Migrator;
 use sqlx::AnyPool;
 
+pub use calls::{outcome_rank, CallFilter, CallPart, Dispatched, Finished, Pushed};
 pub use grants::{
     AuthorizationStatus, Decision, DeviceAuthorization, IssuedAuthorization, NewDeviceAuthorization, TokenOutcome,
     DEVICE_CODE_PREFIX, MAX_AUTHORIZATION_TTL, SLOW_DOWN_STEP,
