@@ -10,7 +10,8 @@
 # and changes nothing. Safe to run again and again.
 #
 # Environment: E2E_POSTGRES_URL (default postgres://postgres@127.0.0.1:5432) to use another
-# server; SKIP_SETUP=1 to skip the environment checks; extra arguments go to `cargo test`.
+# server (with E2E_POSTGRES_CA, the PEM file of the CA its TLS certificate chains to);
+# SKIP_SETUP=1 to skip the environment checks; extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -87,6 +88,75 @@ ensure_postgres() {
     postgres_trusts || { echo "error: user postgres still cannot connect to 127.0.0.1:5432" >&2; exit 1; }
   fi
   say "PostgreSQL: accepting user postgres on 127.0.0.1:5432"
+}
+
+# TLS on the local PostgreSQL for tests/tests/security.rs: a test CA and a server certificate
+# for 127.0.0.1, ::1 and localhost, made once with openssl in $PG_TLS_DIR (the CA at ca.crt),
+# and `ssl = on` with them through ALTER SYSTEM and a reload: nothing restarts, pg_hba.conf is
+# untouched, and clients without TLS keep working as before.
+PG_TLS_DIR=/var/lib/postgresql/e2e-tls
+
+pg_admin() {
+  env -u PGPASSWORD PGCONNECT_TIMEOUT=5 psql -h 127.0.0.1 -p 5432 -U postgres -d postgres -w -tAc "$1"
+}
+
+pg_tls_files_ok() {
+  local dir=$PG_TLS_DIR
+  as_root test -s "$dir/server.key" && [ -s "$dir/ca.crt" ] &&
+    openssl verify -CAfile "$dir/ca.crt" "$dir/server.crt" >/dev/null 2>&1 &&
+    openssl x509 -in "$dir/server.crt" -noout -checkend 2592000 >/dev/null 2>&1 &&
+    openssl x509 -in "$dir/server.crt" -noout -ext subjectAltName 2>/dev/null | grep -q 'IP Address:127.0.0.1'
+}
+
+ensure_postgres_tls() {
+  if [ -n "${E2E_POSTGRES_URL:-}" ]; then
+    say "PostgreSQL TLS: using E2E_POSTGRES_URL; E2E_POSTGRES_CA names its CA"
+    return
+  fi
+  command -v openssl >/dev/null 2>&1 || apt_install openssl
+  local dir=$PG_TLS_DIR
+  if ! pg_tls_files_ok; then
+    say "PostgreSQL TLS: making a test CA and server certificate in $dir"
+    local work
+    work=$(mktemp -d)
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \
+      -subj "/CN=pulsn e2e PostgreSQL test CA" -keyout "$work/ca.key" -out "$work/ca.crt" \
+      -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+      -subj "/CN=127.0.0.1" -keyout "$work/server.key" -out "$work/server.csr" 2>/dev/null
+    printf '%s\n' 'subjectAltName=IP:127.0.0.1,IP:::1,DNS:localhost' 'basicConstraints=critical,CA:FALSE' \
+      'keyUsage=critical,digitalSignature' 'extendedKeyUsage=serverAuth' >"$work/server.ext"
+    openssl x509 -req -in "$work/server.csr" -CA "$work/ca.crt" -CAkey "$work/ca.key" -days 3650 \
+      -set_serial "0x$(openssl rand -hex 8)" -extfile "$work/server.ext" -out "$work/server.crt" 2>/dev/null
+    as_root mkdir -p "$dir"
+    as_root install -m 0644 "$work/ca.crt" "$work/server.crt" "$dir/"
+    as_root install -m 0600 "$work/server.key" "$dir/server.key"
+    as_root chown -R postgres:postgres "$dir"
+    as_root chmod 0755 "$dir"
+    rm -rf "$work"
+    pg_tls_files_ok || { echo "error: could not make the PostgreSQL test certificates in $dir" >&2; exit 1; }
+  fi
+  local want="on|$dir/server.crt|$dir/server.key"
+  if [ "$(pg_admin "select current_setting('ssl')||'|'||current_setting('ssl_cert_file')||'|'||current_setting('ssl_key_file')")" != "$want" ]; then
+    say "PostgreSQL TLS: ssl = on with the test certificate (ALTER SYSTEM, reload)"
+    pg_admin "alter system set ssl_cert_file = '$dir/server.crt'" >/dev/null
+    pg_admin "alter system set ssl_key_file = '$dir/server.key'" >/dev/null
+    pg_admin "alter system set ssl = on" >/dev/null
+    pg_admin "select pg_reload_conf()" >/dev/null
+    for _ in $(seq 1 50); do
+      [ "$(pg_admin "select current_setting('ssl')||'|'||current_setting('ssl_cert_file')||'|'||current_setting('ssl_key_file')")" = "$want" ] && break
+      sleep 0.1
+    done
+  fi
+  # A TLS handshake with the test CA proves the server took the certificate (a key it cannot
+  # read leaves the old one in use, and the log says why).
+  if ! env -u PGPASSWORD PGCONNECT_TIMEOUT=5 psql \
+      "host=127.0.0.1 port=5432 user=postgres dbname=postgres sslmode=verify-full sslrootcert=$dir/ca.crt" \
+      -w -tAc 'select ssl from pg_stat_ssl where pid = pg_backend_pid()' 2>/dev/null | grep -q '^t$'; then
+    echo "error: PostgreSQL does not serve TLS with the test certificate (see its log)" >&2
+    exit 1
+  fi
+  say "PostgreSQL TLS: on, CA $dir/ca.crt"
 }
 
 # The official MCP SDKs that tests/tests/mcp.rs drives as clients: Python's in a venv under
@@ -167,6 +237,7 @@ ensure_secret_service() {
 if [ "${SKIP_SETUP:-0}" != 1 ]; then
   ensure_nats
   ensure_postgres
+  ensure_postgres_tls
   ensure_mcp_clients
   ensure_browser
   ensure_openapi_tools

@@ -9,6 +9,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::registry::Limits;
 
+mod security;
+pub use security::{ListenerArgs, NatsAuthArgs, TlsFiles};
+
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://dispatcher.db?mode=rwc";
 
 #[derive(Debug, Parser)]
@@ -62,6 +65,8 @@ pub enum TokenCommand {
         /// Prefix of every NATS subject (as the replicas have it).
         #[arg(long, env = "DISPATCHER_SUBJECT_PREFIX", default_value = protocol::subject::DEFAULT_PREFIX)]
         subject_prefix: String,
+        #[command(flatten)]
+        nats_auth: Box<NatsAuthArgs>,
     },
 }
 
@@ -83,6 +88,10 @@ pub struct ServeArgs {
     /// replica, in-memory bus.
     #[arg(long, env = "NATS_URL")]
     pub nats_url: Option<String>,
+    #[command(flatten)]
+    pub nats_auth: Box<NatsAuthArgs>,
+    #[command(flatten)]
+    pub listener: Box<ListenerArgs>,
     /// This replica's name in responses, logs and presence [default: host name + random suffix].
     #[arg(long, env = "DISPATCHER_REPLICA_ID")]
     pub replica_id: Option<String>,
@@ -336,6 +345,10 @@ pub struct Settings {
     pub storage: Storage,
     pub mcp_call_timeout: Duration,
     pub stream_queue_bytes: usize,
+    pub nats_auth: crate::bus::nats::NatsAuth,
+    /// `Some`: the listener serves HTTPS.
+    pub tls: Option<TlsFiles>,
+    pub trusted_proxies: crate::http::proxy::TrustedProxies,
     pub grant: Grant,
 }
 
@@ -403,6 +416,9 @@ impl ServeArgs {
         if self.stream_queue_bytes < 65_536 {
             return Err("--stream-queue-bytes: at least 65536".into());
         }
+        let nats_auth = self.nats_auth.nats_auth()?;
+        let tls = self.listener.tls()?;
+        let trusted_proxies = self.listener.trusted_proxies()?;
         Ok(Settings {
             listen,
             database_url: self.database.database_url.clone(),
@@ -422,6 +438,9 @@ impl ServeArgs {
             storage,
             mcp_call_timeout: Duration::from_millis(self.mcp_call_timeout_ms),
             stream_queue_bytes: self.stream_queue_bytes,
+            nats_auth,
+            tls,
+            trusted_proxies,
             grant: self.grant.grant()?,
         })
     }
@@ -470,6 +489,9 @@ impl Settings {
             storage: Storage::default(),
             mcp_call_timeout: Duration::from_millis(protocol::CALL_TIMEOUT_DEFAULT_MS),
             stream_queue_bytes: crate::core::hub::STREAM_QUEUE_BYTES,
+            nats_auth: Default::default(),
+            tls: None,
+            trusted_proxies: Default::default(),
             grant: Grant::default(),
         }
     }
@@ -511,6 +533,49 @@ mod tests {
         assert_eq!(settings.storage.limits.max_devices_per_user, 1000);
         assert_eq!(settings.storage.proposal_retention, Duration::from_secs(30 * 86_400));
         assert_eq!(settings.storage.call_log_retention, Duration::from_secs(30 * 86_400));
+    }
+
+    #[test]
+    fn security_flags() {
+        use crate::bus::nats::NatsCredentials;
+        let settings = parse(&[
+            "--tls-cert",
+            "/etc/tls/tls.crt",
+            "--tls-key",
+            "/etc/tls/tls.key",
+            "--trusted-proxies",
+            "10.0.0.0/8, 192.168.0.1",
+            "--nats-user",
+            "dispatcher",
+            "--nats-password",
+            "pw",
+            "--nats-tls-ca-file",
+            "/ca.pem",
+            "--nats-tls-cert-file",
+            "/c.pem",
+            "--nats-tls-key-file",
+            "/k.pem",
+        ])
+        .expect("valid");
+        let tls = settings.tls.expect("tls");
+        assert_eq!((tls.cert.to_str(), tls.key.to_str()), (Some("/etc/tls/tls.crt"), Some("/etc/tls/tls.key")));
+        assert!(settings.trusted_proxies.trusts("10.1.2.3".parse().expect("ip")));
+        assert!(settings.trusted_proxies.trusts("192.168.0.1".parse().expect("ip")));
+        assert!(!settings.trusted_proxies.trusts("192.168.0.2".parse().expect("ip")));
+        assert_eq!(
+            settings.nats_auth.credentials,
+            NatsCredentials::UserPassword { user: "dispatcher".into(), password: "pw".into() }
+        );
+        assert_eq!(settings.nats_auth.tls.ca_file.as_deref().and_then(|p| p.to_str()), Some("/ca.pem"));
+        assert!(settings.nats_auth.tls.client.is_some());
+        let token = parse(&["--nats-token", "t0k", "--nats-user", ""]).expect("an empty value is unset");
+        assert_eq!(token.nats_auth.credentials, NatsCredentials::Token("t0k".into()));
+        let defaults = parse(&[]).expect("defaults");
+        assert_eq!((defaults.tls, defaults.trusted_proxies.is_empty()), (None, true));
+        let cli = Cli::try_parse_from(["dispatcher", "serve", "--nats-user", "u", "--nats-password", "pw-secret"])
+            .expect("parses");
+        assert!(!format!("{cli:?}").contains("pw-secret"), "no secret in debug output");
+        assert_eq!(defaults.nats_auth.credentials, NatsCredentials::None);
     }
 
     #[test]
@@ -593,6 +658,15 @@ mod tests {
             &["--mcp-call-timeout-ms", "0"],
             &["--mcp-call-timeout-ms", "300001"],
             &["--stream-queue-bytes", "1000"],
+            &["--tls-cert", "/c.pem"],
+            &["--tls-key", "/k.pem"],
+            &["--trusted-proxies", "10.0.0.0/33"],
+            &["--trusted-proxies", "proxy.example"],
+            &["--nats-user", "u"],
+            &["--nats-password", "p"],
+            &["--nats-token", "t", "--nats-user", "u", "--nats-password", "p"],
+            &["--nats-creds-file", "/a.creds", "--nats-nkey-seed-file", "/seed"],
+            &["--nats-tls-cert-file", "/c.pem"],
             &["--public-url", "ftp://x"],
             &["--public-url", "https://x/?a=1"],
             &["--public-url", "not a url"],

@@ -44,7 +44,12 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("binding {}", settings.listen))?;
             let shutdown = CancellationToken::new();
             tokio::spawn(signal_shutdown(shutdown.clone()));
-            dispatcher::server::run(settings, listener, shutdown).await?;
+            // One line that says what is wrong (a database that refuses, a certificate, NATS
+            // credentials), and a non-zero exit.
+            if let Err(error) = dispatcher::server::run(settings, listener, shutdown).await {
+                eprintln!("error: {error}");
+                std::process::exit(1);
+            }
         }
         Command::Token { command: TokenCommand::Create { user, name, database } } => {
             dispatcher::telemetry::init_logging();
@@ -55,8 +60,15 @@ async fn main() -> anyhow::Result<()> {
             println!("{token}");
             registry.close().await;
         }
-        Command::Token { command: TokenCommand::Revoke { prefix, database, nats_url, subject_prefix } } => {
+        Command::Token { command: TokenCommand::Revoke { prefix, database, nats_url, subject_prefix, nats_auth } } => {
             dispatcher::telemetry::init_logging();
+            let nats_auth = match nats_auth.nats_auth() {
+                Ok(auth) => auth,
+                Err(message) => {
+                    eprintln!("error: {message}");
+                    std::process::exit(2);
+                }
+            };
             anyhow::ensure!(
                 protocol::subject::is_valid_prefix(&subject_prefix),
                 "--subject-prefix: {subject_prefix:?} must be dot-separated tokens of letters, digits, '-' and '_'"
@@ -68,7 +80,8 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("revoked {} api token(s)", revoked.len());
             if let Some(urls) = nats_url.filter(|urls| !urls.trim().is_empty()) {
                 let subjects = Subjects::new(subject_prefix);
-                match publish_api_token_revocation(&urls, &subjects, &revoked, REVOKE_PUBLISH_TIMEOUT).await {
+                match publish_api_token_revocation(&urls, &nats_auth, &subjects, &revoked, REVOKE_PUBLISH_TIMEOUT).await
+                {
                     Ok(()) => eprintln!("published the revocation on NATS"),
                     // Committed all the same: the replicas poll the database for it.
                     Err(error) => eprintln!(

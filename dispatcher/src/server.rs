@@ -23,6 +23,7 @@ use crate::http::limit::RateLimiter;
 use crate::http::AppState;
 use crate::listener::admission::derive_caps;
 use crate::listener::timing::Timeouts;
+use crate::listener::tls::CertificateSource;
 use crate::listener::Limits;
 use crate::registry::{Registry, RegistryError};
 use crate::telemetry::Metrics;
@@ -39,6 +40,8 @@ pub enum ServeError {
     Bus(#[from] BusError),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Builds a replica's state: connects the registry (running migrations) and the bus.
@@ -48,7 +51,11 @@ pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Resul
     let hub = Hub::with_stream_queue_bytes(settings.replica_id.clone(), rand::random(), settings.stream_queue_bytes);
     let bus: Arc<dyn Bus> = match &settings.nats_url {
         Some(urls) => {
-            let options = NatsOptions { broker_grace: settings.broker_grace, ..NatsOptions::default() };
+            let options = NatsOptions {
+                broker_grace: settings.broker_grace,
+                auth: settings.nats_auth.clone(),
+                ..NatsOptions::default()
+            };
             NatsBus::connect(urls, Subjects::new(settings.subject_prefix.clone()), hub.clone(), options, cancel.clone())
                 .await?
         }
@@ -89,6 +96,10 @@ pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Resul
 
 /// Serves one replica on `listener` until `shutdown` fires, then drains.
 pub async fn run(settings: Settings, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServeError> {
+    // A certificate that does not load stops the start before anything connects.
+    if let Some(files) = &settings.tls {
+        CertificateSource::load(files.clone()).map_err(ServeError::Tls)?;
+    }
     let background = CancellationToken::new();
     let state = build_state(settings, background.clone()).await?;
     let result = serve(state, listener, shutdown).await;
@@ -105,12 +116,19 @@ pub async fn serve(state: AppState, listener: TcpListener, shutdown: Cancellatio
     if let Some(warning) = warning {
         tracing::warn!("{warning}");
     }
+    let certificates = settings.tls.clone().map(CertificateSource::load).transpose().map_err(ServeError::Tls)?;
+    let stop_reloading = CancellationToken::new();
+    let _stop_reloading = stop_reloading.clone().drop_guard();
+    if let Some(certificates) = &certificates {
+        tokio::spawn(certificates.clone().watch(stop_reloading));
+    }
     let limits = Limits {
         timeouts: Timeouts { first_request: settings.connection_timeout, idle: settings.idle_timeout },
         header_timeout: settings.header_timeout,
         keepalive: settings.keepalive,
         caps,
         replica_id: settings.replica_id.clone(),
+        tls: certificates.clone(),
     };
 
     let stop_accepting = CancellationToken::new();
@@ -122,6 +140,8 @@ pub async fn serve(state: AppState, listener: TcpListener, shutdown: Cancellatio
         max_connections = caps.total,
         max_connections_per_ip = caps.per_address,
         descriptor_limit = descriptors,
+        tls = certificates.is_some(),
+        trusted_proxies = %settings.trusted_proxies,
         "serving"
     );
     let grace = settings.shutdown_grace;

@@ -7,7 +7,7 @@
 //!                  [--ca-cert <pem>] [--keepalive-secs 15]
 //!                  [--backoff-base-ms 1000] [--max-backoff-ms 30000] [--shutdown-grace-secs 30]
 //!                  [--log info] [--allow-hardlinked-reads] [--open-deny-ext <ext,...>]
-//!                  [--open-allow-ext <ext,...>] [--tools-file <toml>]
+//!                  [--open-allow-ext <ext,...>] [--tools-file <toml>] [--allow-insecure-http]
 //! host-agent tools [--root <dir>...] [--tools-file <toml>]
 //! host-agent forget --server <url>... [--credentials-dir <dir>]
 //! host-agent call  <tool> '<json input>' [--root <dir>...] [--apply] [--allow-hardlinked-reads]
@@ -20,7 +20,7 @@
 //! `FUSION_HOST_BACKOFF_BASE_MS`, `FUSION_HOST_MAX_BACKOFF_MS`,
 //! `FUSION_HOST_SHUTDOWN_GRACE_SECS`, `FUSION_HOST_LOG`, `FUSION_HOST_ALLOW_HARDLINKED_READS`,
 //! `FUSION_HOST_OPEN_DENY_EXT`, `FUSION_HOST_OPEN_ALLOW_EXT` (comma-separated),
-//! `FUSION_HOST_TOOLS_FILE`.
+//! `FUSION_HOST_TOOLS_FILE`, `FUSION_HOST_ALLOW_INSECURE_HTTP`.
 //!
 //! Not here: reading files, opening roots, or any network (the runtime and the tools do that).
 
@@ -195,6 +195,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "PEM", env = "FUSION_HOST_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
 
+    /// Allow a plain `http://` server that is not on this machine. Refused by default: the
+    /// device's token and every call and result would cross the network unencrypted.
+    #[arg(long, env = "FUSION_HOST_ALLOW_INSECURE_HTTP", value_parser = BoolishValueParser::new())]
+    pub allow_insecure_http: bool,
+
     /// The server's keepalive interval in seconds: a stream silent for two intervals is dead
     /// and the agent reconnects.
     #[arg(long, value_name = "SECS", env = "FUSION_HOST_KEEPALIVE_SECS", default_value_t = 15,
@@ -309,12 +314,33 @@ pub fn parse_server(text: &str) -> Result<Url, String> {
     Ok(url)
 }
 
+/// A server on this machine: `localhost` (and `*.localhost`), or a loopback address.
+pub fn is_loopback(url: &Url) -> bool {
+    let Some(host) = url.host_str() else { return false };
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(ip)) => ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => {
+            let name = host.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost" || name.ends_with(".localhost")
+        }
+    }
+}
+
 impl RunArgs {
     /// The validated configuration of a run. `home` and `hostname` supply the defaults.
     pub fn agent_config(&self, home: Option<PathBuf>, hostname: Option<String>) -> Result<AgentConfig, String> {
         let mut servers: Vec<Url> = Vec::new();
         for text in self.servers.iter().filter(|s| !s.trim().is_empty()) {
             let url = parse_server(text)?;
+            if url.scheme() == "http" && !self.allow_insecure_http && !is_loopback(&url) {
+                return Err(format!(
+                    "--server {}: plain http:// to another machine would send the device token unencrypted; \
+                     use https:// (with --ca-cert for a private CA) or pass --allow-insecure-http",
+                    text.trim()
+                ));
+            }
             if !servers.contains(&url) {
                 servers.push(url);
             }
@@ -391,7 +417,15 @@ mod tests {
 
     #[test]
     fn repeated_and_comma_separated_servers() {
-        let args = run_args(&["--server", "http://a:1,http://b:2", "--server", "https://c", "--server", "http://a:1"]);
+        let args = run_args(&[
+            "--server",
+            "http://a:1,http://b:2",
+            "--server",
+            "https://c",
+            "--server",
+            "http://a:1",
+            "--allow-insecure-http",
+        ]);
         let config = args.agent_config(None, Some("x".into())).expect("valid");
         let hosts: Vec<&str> = config.servers.iter().filter_map(Url::host_str).collect();
         assert_eq!(hosts, ["a", "b", "c"], "in order, duplicates dropped");
@@ -401,7 +435,7 @@ mod tests {
     fn every_setting_as_a_flag() {
         let args = run_args(&[
             "--server",
-            "http://a:1",
+            "https://a:1",
             "--root",
             "/r1",
             "--root",
@@ -436,6 +470,34 @@ mod tests {
         assert_eq!(config.backoff_base, Duration::from_millis(10));
         assert_eq!(config.backoff_cap, Duration::from_millis(100));
         assert_eq!(config.shutdown_grace, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn plain_http_only_to_this_machine_unless_allowed() {
+        let local = [
+            "http://127.0.0.1:8080",
+            "http://127.9.9.9",
+            "http://localhost:1",
+            "http://LocalHost.",
+            "http://dev.localhost",
+            "http://[::1]:8080",
+            "http://[::ffff:127.0.0.1]",
+        ];
+        for server in local {
+            assert!(run_args(&["--server", server]).agent_config(None, Some("x".into())).is_ok(), "{server}");
+        }
+        let remote =
+            ["http://example.com", "http://10.0.0.5:8080", "http://[2001:db8::1]", "http://localhost.example.com"];
+        for server in remote {
+            let err = run_args(&["--server", server]).agent_config(None, Some("x".into())).expect_err(server);
+            assert!(err.contains("--allow-insecure-http") && err.contains("https://"), "{err}");
+            let allowed = run_args(&["--server", server, "--allow-insecure-http"]);
+            assert!(allowed.agent_config(None, Some("x".into())).is_ok(), "{server} allowed");
+        }
+        // One remote plain server among others is enough to refuse.
+        let mixed = run_args(&["--server", "https://a.example,http://b.example"]);
+        assert!(mixed.agent_config(None, Some("x".into())).is_err());
+        assert!(run_args(&["--server", "https://example.com"]).agent_config(None, Some("x".into())).is_ok());
     }
 
     #[test]

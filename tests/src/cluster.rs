@@ -24,7 +24,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 
 use crate::device::{Control, TestDevice};
-use crate::nats::{NatsCluster, NatsServer};
+use crate::nats::{NatsCluster, NatsOptions, NatsServer};
 use crate::postgres::TestDatabase;
 use crate::process::{Dispatcher, DispatcherBuilder};
 
@@ -52,6 +52,7 @@ pub struct ClusterBuilder {
     rust_log: Option<String>,
     configure: Option<ConfigureReplica>,
     ready_timeout: Duration,
+    nats_options: NatsOptions,
 }
 
 impl Default for ClusterBuilder {
@@ -66,6 +67,7 @@ impl Default for ClusterBuilder {
             rust_log: None,
             configure: None,
             ready_timeout: Duration::from_secs(60),
+            nats_options: NatsOptions::default(),
         }
     }
 }
@@ -135,6 +137,12 @@ impl ClusterBuilder {
         self
     }
 
+    /// Options of every NATS server (a configuration with TLS or authentication).
+    pub fn nats_options(mut self, options: NatsOptions) -> Self {
+        self.nats_options = options;
+        self
+    }
+
     /// How long to wait for every replica to be ready (default 60 s).
     pub fn ready_timeout(mut self, timeout: Duration) -> Self {
         self.ready_timeout = timeout;
@@ -165,9 +173,15 @@ impl ClusterBuilder {
         anyhow::ensure!(self.replicas >= 1, "a cluster needs a replica");
         anyhow::ensure!(self.nats_nodes >= 1, "a cluster needs a NATS server");
         let nats = if self.nats_nodes == 1 {
-            Nats::Single(Box::new(NatsServer::start().await.context("starting nats-server")?))
+            Nats::Single(Box::new(
+                NatsServer::start_with(self.nats_options.clone()).await.context("starting nats-server")?,
+            ))
         } else {
-            Nats::Cluster(NatsCluster::start(self.nats_nodes).await.context("starting the NATS cluster")?)
+            Nats::Cluster(
+                NatsCluster::start_with(self.nats_nodes, self.nats_options.clone())
+                    .await
+                    .context("starting the NATS cluster")?,
+            )
         };
         let (database, database_url) = match &self.database_url {
             Some(url) => (None, url.clone()),

@@ -408,6 +408,11 @@ impl Control {
         Self { base_url: base_url.into(), token: token.into(), client: client() }
     }
 
+    /// With a client of the caller's (one that trusts a test CA, say).
+    pub fn with_client(base_url: impl Into<String>, token: impl Into<String>, client: reqwest::Client) -> Self {
+        Self { base_url: base_url.into(), token: token.into(), client }
+    }
+
     /// The same token against another replica.
     pub fn at(&self, base_url: impl Into<String>) -> Self {
         Self { base_url: base_url.into(), token: self.token.clone(), client: self.client.clone() }

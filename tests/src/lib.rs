@@ -10,6 +10,9 @@
 //! - [`process`]: a `dispatcher serve` process ([`process::Dispatcher`]), `dispatcher token`
 //!   commands, and a `host-agent run` process ([`process::Agent`]); signals, exit codes, logs.
 //! - [`nats`]: a `nats-server` on a free port, or a cluster of them; kill and restart.
+//! - [`nats_auth`]: NATS server configurations with TLS and each kind of authentication, and
+//!   the settings a replica needs for them (users, tokens, nkeys, operator JWTs).
+//! - [`tls`]: a private CA issuing test certificates; the local PostgreSQL's test CA.
 //! - [`postgres`]: a fresh PostgreSQL database per test, dropped afterwards.
 //! - [`device`]: [`device::TestDevice`], a small device speaking the contract over HTTP, and
 //!   [`device::Control`], the control API as an app backend uses it.
@@ -28,10 +31,12 @@ pub mod device;
 pub mod events;
 pub mod load;
 pub mod nats;
+pub mod nats_auth;
 pub mod postgres;
 pub mod process;
 pub mod sse;
 pub mod swarm;
+pub mod tls;
 
 pub use cluster::LocalCluster;
 pub use device::{Answer, Control, DeviceConn, TestDevice};

@@ -23,6 +23,10 @@ fn program() -> PathBuf {
 pub struct NatsOptions {
     /// Start with `-js` (storage in the server's temporary directory).
     pub jetstream: bool,
+    /// A configuration file's text (`-c`), for what has no command-line flag: `tls { … }`,
+    /// `authorization { … }`, operator mode (see [`crate::nats_auth`]). The flags the harness
+    /// passes (address, ports, name, cluster) win over it.
+    pub config: Option<String>,
 }
 
 /// One `nats-server` process.
@@ -68,6 +72,11 @@ impl NatsServer {
         ];
         if options.jetstream {
             args.extend(["-js".into(), "-sd".into(), dir.path().join("jetstream").display().to_string()]);
+        }
+        if let Some(config) = &options.config {
+            let path = dir.path().join("nats-server.conf");
+            std::fs::write(&path, config).context("writing the nats-server configuration")?;
+            args.extend(["-c".into(), path.display().to_string()]);
         }
         let mut expected_routes = 0;
         if let Some((cluster_name, own, all)) = cluster {

@@ -48,6 +48,17 @@ const DISPATCHER_ENV: &[&str] = &[
     "DISPATCHER_APPLY_TIMEOUT_SECS",
     "DISPATCHER_STALE_APPLY_SECS",
     "DISPATCHER_STREAM_QUEUE_BYTES",
+    "DISPATCHER_TLS_CERT",
+    "DISPATCHER_TLS_KEY",
+    "DISPATCHER_TRUSTED_PROXIES",
+    "NATS_CREDS_FILE",
+    "NATS_NKEY_SEED_FILE",
+    "NATS_USER",
+    "NATS_PASSWORD",
+    "NATS_TOKEN",
+    "NATS_TLS_CA_FILE",
+    "NATS_TLS_CERT_FILE",
+    "NATS_TLS_KEY_FILE",
     "DISPATCHER_PUBLIC_URL",
     "DISPATCHER_DEVICE_CODE_TTL_SECS",
     "DISPATCHER_DEVICE_CODE_INTERVAL_SECS",
@@ -66,6 +77,7 @@ const AGENT_ENV: &[&str] = &[
     "FUSION_HOST_MAX_BACKOFF_MS",
     "FUSION_HOST_SHUTDOWN_GRACE_SECS",
     "FUSION_HOST_LOG",
+    "FUSION_HOST_ALLOW_INSECURE_HTTP",
     "FUSION_HOST_TOOLS_FILE",
     // No session bus unless a test gives one: `auto` keeps tokens in the credentials files.
     "DBUS_SESSION_BUS_ADDRESS",
@@ -202,6 +214,8 @@ pub struct DispatcherBuilder {
     rust_log: String,
     ready_timeout: Duration,
     fd_limit: Option<u64>,
+    /// The CA of `--tls-cert`, when the replica serves HTTPS.
+    tls_ca: Option<PathBuf>,
 }
 
 impl Default for DispatcherBuilder {
@@ -217,6 +231,7 @@ impl Default for DispatcherBuilder {
             rust_log: std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info".into()),
             ready_timeout: Duration::from_secs(60),
             fd_limit: None,
+            tls_ca: None,
         }
     }
 }
@@ -298,6 +313,13 @@ impl DispatcherBuilder {
         self
     }
 
+    /// Serves HTTPS with `cert` and `key` (`--tls-cert`, `--tls-key`); `ca` is what the harness
+    /// trusts to check `/healthz`. The base URL becomes `https://127.0.0.1:<port>`.
+    pub fn https(mut self, cert: &Path, key: &Path, ca: &Path) -> Self {
+        self.tls_ca = Some(ca.to_owned());
+        self.flag("--tls-cert", cert.display()).flag("--tls-key", key.display())
+    }
+
     /// Runs the process under `prlimit --nofile=N:N` (util-linux): at most `n` open file
     /// descriptors, soft and hard.
     pub fn fd_limit(mut self, n: u64) -> Self {
@@ -348,8 +370,15 @@ impl DispatcherBuilder {
             child: None,
             status: None,
         };
-        let mut dispatcher =
-            Dispatcher { proc, addr, replica_id, database_url, dir, ready_timeout: self.ready_timeout };
+        let mut dispatcher = Dispatcher {
+            proc,
+            addr,
+            replica_id,
+            database_url,
+            dir,
+            ready_timeout: self.ready_timeout,
+            tls_ca: self.tls_ca.clone(),
+        };
         dispatcher.proc.spawn()?;
         dispatcher.wait_healthy().await?;
         Ok(dispatcher)
@@ -365,6 +394,7 @@ pub struct Dispatcher {
     database_url: String,
     dir: Arc<tempfile::TempDir>,
     ready_timeout: Duration,
+    tls_ca: Option<PathBuf>,
 }
 
 impl Dispatcher {
@@ -377,9 +407,20 @@ impl Dispatcher {
         Self::builder().start().await
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://…` when it serves HTTPS).
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls_ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// A client that trusts the replica's certificate (any client when it serves plain HTTP).
+    pub fn client(&self) -> anyhow::Result<reqwest::Client> {
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+        if let Some(ca) = &self.tls_ca {
+            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+        }
+        Ok(builder.build()?)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -466,14 +507,14 @@ impl Dispatcher {
 
     /// Polls `/healthz` until 200; fails at once when the process exits.
     pub async fn wait_healthy(&mut self) -> anyhow::Result<()> {
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+        let client = self.client()?;
         let url = format!("{}/healthz", self.base_url());
         let started = Instant::now();
         loop {
             if let Some(status) = self.proc.try_status() {
                 bail!("dispatcher exited before serving ({status})\n{}", self.log_tail(TAIL_LINES));
             }
-            if let Ok(response) = client.get(&url).send().await {
+            if let Ok(response) = client.get(&url).timeout(Duration::from_secs(2)).send().await {
                 if response.status().is_success() {
                     return Ok(());
                 }

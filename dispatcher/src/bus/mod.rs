@@ -58,6 +58,10 @@ pub enum BusError {
     Unavailable(String),
     #[error("malformed message on the bus: {0}")]
     Malformed(String),
+    /// The broker refused this client (credentials, TLS) or its settings cannot be used:
+    /// retrying will not help.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// The cluster's transport, as the dispatcher core uses it.

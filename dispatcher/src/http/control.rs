@@ -42,7 +42,8 @@ const MAX_TOOL_NAME_LEN: usize = 128;
         (status = 401, description = "Missing, bad or revoked api token", body = ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = ErrorBody),
         (status = 413, description = "Body over the limit", body = ErrorBody),
-        (status = 429, description = "The user holds too many live pairing codes", body = ErrorBody),
+        (status = 429, description = "The user holds too many live pairing codes", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before asking again"))),
     ),
 )]
 pub async fn create_pairing_code(

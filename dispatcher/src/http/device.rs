@@ -9,11 +9,10 @@
 //! the [`ConnectionAbort`] the server attached to it.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -45,13 +44,16 @@ const MAX_NAME_LEN: usize = 200;
         (status = 401, description = "The code is unknown, expired or already used", body = ErrorBody),
         (status = 408, description = "The body did not arrive in time", body = ErrorBody),
         (status = 413, description = "Body over the limit", body = ErrorBody),
-        (status = 429, description = "Too many attempts from this address, or the user's device quota is reached", body = ErrorBody),
+        (status = 429, description = "Too many attempts from this client address (behind `--trusted-proxies`, the \
+            client they name), or the user's device quota is reached", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until another attempt is allowed"))),
     ),
 )]
 pub async fn enroll(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
-    let client = client_ip(&request);
-    if !state.enroll_limiter.try_acquire(client, Instant::now()) {
-        return Err(ApiError::TooManyRequests);
+    let client = super::proxy::client_ip(&request);
+    if let Err(retry_after) = state.enroll_limiter.acquire(client, Instant::now()) {
+        tracing::info!(%client, "enrollment refused: too many attempts from this address");
+        return Err(ApiError::TooManyRequests { retry_after });
     }
     let JsonBody(body) =
         <JsonBody<EnrollRequest> as axum::extract::FromRequest<AppState>>::from_request(request, &state).await?;
@@ -68,20 +70,12 @@ pub async fn enroll(State(state): State<AppState>, request: Request) -> Result<R
     }
     match state.registry.enroll(&code, name, platform.as_deref()).await? {
         EnrollOutcome::Enrolled(enrolled) => {
-            tracing::info!(device_id = %enrolled.device_id, "device enrolled");
+            tracing::info!(device_id = %enrolled.device_id, %client, "device enrolled");
             events::device_enrolled(&state, &enrolled.token);
             Ok((StatusCode::CREATED, Json(enrolled)).into_response())
         }
         EnrollOutcome::Refused => Err(ApiError::Unauthorized),
     }
-}
-
-fn client_ip(request: &Request) -> IpAddr {
-    request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| addr.ip())
-        .unwrap_or(IpAddr::from([0, 0, 0, 0]))
 }
 
 /// Closes the connection a request came on, when cancelled: the server puts one in every

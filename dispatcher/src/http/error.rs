@@ -29,8 +29,9 @@ pub enum ApiError {
     /// Something to store is over a size cap (413), with what and which cap.
     #[error("{0}")]
     TooLarge(String),
+    /// A rate limit (429), with how long until the next attempt is allowed.
     #[error("too many attempts; slow down")]
-    TooManyRequests,
+    TooManyRequests { retry_after: std::time::Duration },
     /// A per-user quota is reached (429), naming it.
     #[error("{0}")]
     OverQuota(String),
@@ -49,7 +50,7 @@ impl ApiError {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge | Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::TooManyRequests | Self::OverQuota(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::TooManyRequests { .. } | Self::OverQuota(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -61,7 +62,27 @@ impl IntoResponse for ApiError {
         if let Self::Internal(detail) = &self {
             tracing::error!(%detail, "internal error");
         }
-        (self.status(), Json(ErrorBody { error: self.to_string() })).into_response()
+        let retry_after = self.retry_after_secs();
+        let mut response = (self.status(), Json(ErrorBody { error: self.to_string() })).into_response();
+        if let Some(secs) = retry_after {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
+    }
+}
+
+/// `Retry-After` of a quota refusal: a quota frees up when a code is used or expires or a device
+/// is revoked, which no clock predicts; a client should not ask again sooner.
+const QUOTA_RETRY_AFTER_SECS: u64 = 60;
+
+impl ApiError {
+    /// Whole seconds for `Retry-After`, on every 429 (at least 1).
+    fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Self::TooManyRequests { retry_after } => Some(retry_after.as_secs_f64().ceil().max(1.0) as u64),
+            Self::OverQuota(_) => Some(QUOTA_RETRY_AFTER_SECS),
+            _ => None,
+        }
     }
 }
 

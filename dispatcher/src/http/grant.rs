@@ -11,10 +11,10 @@
 //! registry's ([`crate::registry::Registry::poll_device_authorization`] creates the device
 //! through the same function as a pairing-code enrollment).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use axum::extract::{ConnectInfo, FromRequest, Path, Request, State};
+use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::header::{CACHE_CONTROL, HOST, PRAGMA, RETRY_AFTER};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -108,12 +108,9 @@ fn no_store(mut response: Response) -> Response {
     response
 }
 
+/// The client, behind `--trusted-proxies` the one they name (see [`super::proxy`]).
 fn client_ip(request: &Request) -> IpAddr {
-    request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| addr.ip())
-        .unwrap_or(IpAddr::from([0, 0, 0, 0]))
+    super::proxy::client_ip(request)
 }
 
 /// A form body, any rejection (wrong content type, bad encoding, a field twice) answered
@@ -387,7 +384,7 @@ fn check_guessing(state: &AppState, caller: &UserCaller) -> Result<(), ApiError>
     if state.grant_limits.by_user.allows(&caller.user_id, Instant::now()) {
         Ok(())
     } else {
-        Err(ApiError::TooManyRequests)
+        Err(ApiError::TooManyRequests { retry_after: GUESS_REFILL })
     }
 }
 

@@ -32,6 +32,12 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
 
     /// Takes one attempt for `key` at `now`; false when the key is over its rate.
     pub fn try_acquire(&self, key: K, now: Instant) -> bool {
+        self.acquire(key, now).is_ok()
+    }
+
+    /// Takes one attempt for `key` at `now`, or says how long until the key has one (the
+    /// `Retry-After` of the refusal).
+    pub fn acquire(&self, key: K, now: Instant) -> Result<(), Duration> {
         let mut buckets = self.buckets.lock();
         if buckets.len() >= self.capacity && !buckets.contains_key(&key) {
             let (burst, rate) = (self.burst, self.per_second);
@@ -42,9 +48,9 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         *at = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;
-            true
+            Ok(())
         } else {
-            false
+            Err(Duration::from_secs_f64((1.0 - *tokens) / self.per_second))
         }
     }
 
@@ -86,6 +92,17 @@ mod tests {
         let now = Instant::now();
         let allowed = (0..10_000).filter(|_| limiter.try_acquire(ip, now)).count();
         assert_eq!(allowed, 10);
+    }
+
+    #[test]
+    fn a_refusal_says_when_to_retry() {
+        let limiter = RateLimiter::new(1, Duration::from_secs(3));
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        let t0 = Instant::now();
+        assert_eq!(limiter.acquire(ip, t0), Ok(()));
+        let wait = limiter.acquire(ip, t0 + Duration::from_secs(1)).expect_err("over the rate");
+        assert!(wait > Duration::from_millis(1990) && wait <= Duration::from_secs(2), "{wait:?}");
+        assert_eq!(limiter.acquire(ip, t0 + Duration::from_secs(3)), Ok(()));
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod grant;
 pub mod limit;
 pub mod openapi;
 pub mod ops;
+pub mod proxy;
 
 pub use error::ApiError;
 

@@ -1,10 +1,10 @@
 //! The serving loop: accepts TCP connections, admits or refuses each, serves the admitted ones
-//! (HTTP/1.1, and HTTP/2 over cleartext with prior knowledge) and closes those that hold a
-//! descriptor for nothing. Device streams are the one kind of connection meant to live long;
-//! every other one is bounded:
+//! (HTTP/1.1, and HTTP/2 over cleartext with prior knowledge; with `--tls-cert`, both over TLS
+//! with ALPN, see [`tls`]) and closes those that hold a descriptor for nothing. Device streams
+//! are the one kind of connection meant to live long; every other one is bounded:
 //!
-//! - from the accept to its first request's headers, whatever the protocol (the version sniff,
-//!   the HTTP/2 preface and HEADERS included): `--connection-timeout-secs`;
+//! - from the accept to its first request's headers, whatever the protocol (the TLS handshake,
+//!   the version sniff, the HTTP/2 preface and HEADERS included): `--connection-timeout-secs`;
 //! - with no request in flight: `--idle-timeout-secs` (HTTP/2 gets a GOAWAY); HTTP/1's own
 //!   header timeout (hyper's) also runs between requests;
 //! - when the overall cap is reached, the connection idle the longest is evicted; when every
@@ -20,6 +20,7 @@
 pub mod admission;
 mod service;
 pub mod timing;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,9 +29,10 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -71,6 +73,8 @@ pub struct Limits {
     pub caps: Caps,
     /// Sent as `X-Replica-Id` on refusals, like every response.
     pub replica_id: String,
+    /// `Some`: every connection is TLS, with this certificate.
+    pub tls: Option<Arc<tls::CertificateSource>>,
 }
 
 struct Shared {
@@ -80,6 +84,9 @@ struct Shared {
     timeouts: Timeouts,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
+    tls: Option<TlsAcceptor>,
+    /// For refusals, which are written as HTTP/1.1: offers only `http/1.1` in ALPN.
+    refusal_tls: Option<TlsAcceptor>,
 }
 
 /// The descriptor limit of this process (`None`: unlimited), after raising the soft limit to
@@ -130,6 +137,8 @@ pub async fn serve(
         timeouts: limits.timeouts,
         metrics: metrics.clone(),
         stop: stop.clone(),
+        tls: limits.tls.as_ref().map(|source| source.acceptor(tls::ALPN)),
+        refusal_tls: limits.tls.as_ref().map(|source| source.acceptor(&tls::ALPN[1..])),
     });
     let replica_id: Arc<str> = limits.replica_id.into();
     let refusing = Arc::new(Semaphore::new(admission::MAX_REFUSING));
@@ -175,8 +184,18 @@ pub async fn serve(
                 // A bounded number answered at once; beyond, closed unanswered.
                 if let Ok(slot) = refusing.clone().try_acquire_owned() {
                     let replica_id = replica_id.clone();
+                    let tls = shared.refusal_tls.clone();
                     tokio::spawn(async move {
-                        refuse(stream, refusal, &replica_id).await;
+                        match tls {
+                            None => refuse(stream, refusal, &replica_id).await,
+                            Some(acceptor) => {
+                                if let Ok(Ok(stream)) =
+                                    tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, acceptor.accept(stream)).await
+                                {
+                                    refuse(stream, refusal, &replica_id).await;
+                                }
+                            }
+                        }
                         drop(slot);
                     });
                 }
@@ -211,14 +230,43 @@ impl Drop for OpenGauge {
     }
 }
 
-/// Serves one admitted connection until it ends, is evicted, or times out.
+/// Serves one admitted connection until it ends, is evicted, or times out; a TLS connection
+/// first completes its handshake within the first request's deadline.
 async fn serve_connection(stream: TcpStream, peer: SocketAddr, admitted: admission::Admitted, shared: Arc<Shared>) {
     let _open = OpenGauge::new(&shared.metrics);
     let _ = stream.set_nodelay(true);
+    let Some(acceptor) = shared.tls.clone() else {
+        return serve_io(TokioIo::new(stream), peer, admitted, shared).await;
+    };
+    let Some(activity) = shared.table.activity(admitted.id()) else { return };
+    let deadline = activity.accepted + shared.timeouts.first_request;
+    let evicted = admitted.evicted().clone();
+    tokio::select! {
+        handshake = tokio::time::timeout_at(deadline.into(), acceptor.accept(stream)) => match handshake {
+            Ok(Ok(stream)) => serve_io(TokioIo::new(stream), peer, admitted, shared).await,
+            Ok(Err(error)) => {
+                shared.metrics.connection_closed(TLS_HANDSHAKE_FAILED);
+                tracing::debug!(client = %peer.ip(), %error, "TLS handshake failed");
+            }
+            Err(_) => shared.metrics.connection_closed(Closing::NoRequest.label()),
+        },
+        () = evicted.cancelled() => shared.metrics.connection_closed(Closing::Evicted.label()),
+        () = shared.stop.cancelled() => {}
+    }
+}
+
+/// The `dispatcher_connections_closed_total` reason of a connection whose TLS handshake failed.
+const TLS_HANDSHAKE_FAILED: &str = "tls_handshake";
+
+/// Serves HTTP on an admitted connection (plain or TLS) until it ends, is evicted, or times out.
+async fn serve_io<I>(io: TokioIo<I>, peer: SocketAddr, admitted: admission::Admitted, shared: Arc<Shared>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let abort = crate::http::device::ConnectionAbort::default();
     let service =
         service::Tracked::new(shared.router.clone(), peer, shared.table.clone(), admitted.id(), abort.clone());
-    let connection = shared.builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+    let connection = shared.builder.serve_connection_with_upgrades(io, service).into_owned();
     tokio::pin!(connection);
     let evicted = admitted.evicted().clone();
     let mut check_at = Instant::now();
@@ -257,7 +305,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, admitted: admissi
 
 /// Writes a `503` with `Retry-After` and a JSON error on a refused socket, lingers briefly to
 /// read what the client sent, and closes it; a few seconds at most.
-async fn refuse(mut stream: TcpStream, refusal: Refusal, replica_id: &str) {
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, refusal: Refusal, replica_id: &str) {
     let body = serde_json::json!({ "error": refusal.message() }).to_string();
     let response = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\

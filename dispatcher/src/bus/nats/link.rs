@@ -102,7 +102,12 @@ async fn on_event(shared: &Shared, outage: &mut Outage, event: Event) {
         Event::LameDuckMode => tracing::info!("NATS server entered lame duck mode; the client will move"),
         Event::SlowConsumer(sid) => tracing::warn!(sid, "NATS slow consumer: messages dropped"),
         Event::ServerError(error) => tracing::warn!(%error, "NATS server error"),
-        Event::ClientError(error) => tracing::debug!(%error, "NATS client error"),
+        // A refusal (credentials, TLS) is an operator's to fix: an error line, not a debug one.
+        Event::ClientError(error) => match super::auth::describe_client_error(&error.to_string(), &shared.options.auth)
+        {
+            Some(refusal) => tracing::error!(%error, "{refusal}"),
+            None => tracing::debug!(%error, "NATS client error"),
+        },
         Event::Draining => tracing::info!("NATS client draining"),
     }
 }

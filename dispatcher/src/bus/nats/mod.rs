@@ -20,6 +20,7 @@
 //! Not here: any decision about streams or calls (the [`Hub`] makes them), retries (the
 //! dispatcher core retries `NotHeld` and `Unreachable`), or epochs (the registry issues them).
 
+pub mod auth;
 mod inbox;
 mod link;
 
@@ -46,6 +47,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+pub use self::auth::{NatsAuth, NatsCredentials, NatsTls};
 use self::inbox::Inbox;
 use super::{Bus, BusError, Health, Hub, Routed, EVENTS_CAPACITY};
 use crate::core::cache::parse_token_hash;
@@ -78,6 +80,8 @@ pub struct NatsOptions {
     pub gather_window: Duration,
     /// `online_devices` stops early once no reply came for this long after the last one.
     pub gather_idle: Duration,
+    /// Credentials and TLS.
+    pub auth: NatsAuth,
 }
 
 impl Default for NatsOptions {
@@ -91,6 +95,7 @@ impl Default for NatsOptions {
             result_timeout: Duration::from_secs(2),
             gather_window: Duration::from_millis(250),
             gather_idle: Duration::from_millis(50),
+            auth: NatsAuth::default(),
         }
     }
 }
@@ -170,23 +175,7 @@ impl NatsBus {
         }
         let server_count = servers.len();
         let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
-        let max_delay = options.max_reconnect_delay;
-        let client = ConnectOptions::new()
-            .name(hub.replica_id())
-            .max_reconnects(None)
-            .retry_on_initial_connect()
-            .ping_interval(options.ping_interval)
-            .connection_timeout(options.connection_timeout)
-            .reconnect_delay_callback(move |attempts| reconnect_delay(attempts, max_delay))
-            .event_callback(move |event| {
-                let events_tx = events_tx.clone();
-                async move {
-                    let _ = events_tx.send(event);
-                }
-            })
-            .connect(servers)
-            .await
-            .map_err(|error| BusError::Unavailable(format!("NATS client: {error}")))?;
+        let client = connect_client(urls, &servers, &options, hub.replica_id(), events_tx).await?;
 
         let cancel = cancel.child_token();
         let shared = Arc::new(Shared {
@@ -218,7 +207,13 @@ impl NatsBus {
         tokio::spawn(serve(shared.clone(), api_tokens, cancel.clone(), Shared::on_api_tokens_revoked));
         tokio::spawn(link::watch(shared.clone(), events_rx, shared.options.broker_grace, cancel.clone()));
         // Server URLs may carry credentials: log how many, not what.
-        tracing::info!(replica = %shared.replica, route = %route, servers = server_count, "NATS bus started");
+        tracing::info!(
+            replica = %shared.replica,
+            route = %route,
+            servers = server_count,
+            auth = %shared.options.auth.describe(),
+            "NATS bus started"
+        );
         Ok(Arc::new(NatsBus { shared, cancel }))
     }
 
@@ -859,6 +854,7 @@ fn encode(body: &impl Serialize) -> Result<Bytes, serde_json::Error> {
 /// `timeout`. Replicas that miss it learn the same from the database within a second.
 pub async fn publish_api_token_revocation(
     urls: &str,
+    auth: &NatsAuth,
     subjects: &Subjects,
     token_hashes: &[String],
     timeout: Duration,
@@ -873,12 +869,13 @@ pub async fn publish_api_token_revocation(
     let payload = encode(&ApiTokensRevoked { token_hashes: token_hashes.to_vec() })
         .map_err(|error| BusError::Malformed(error.to_string()))?;
     let publish = async {
-        let client = ConnectOptions::new()
+        let client = auth::connect_options(auth)
+            .await?
             .name("dispatcher token revoke")
             .connection_timeout(timeout)
             .connect(servers)
             .await
-            .map_err(|error| BusError::Unavailable(format!("NATS client: {error}")))?;
+            .map_err(|error| BusError::Unavailable(auth::describe_connect_error(&error, urls, auth)))?;
         client
             .publish(subjects.api_tokens_revoked(), payload)
             .await
@@ -889,6 +886,49 @@ pub async fn publish_api_token_revocation(
     tokio::time::timeout(timeout, publish)
         .await
         .map_err(|_| BusError::Unavailable(format!("no NATS server took the message within {timeout:?}")))?
+}
+
+/// The client of a replica. A first attempt is made at once: if NATS refuses the credentials
+/// or TLS fails, that is an error of the settings and the replica does not start. If no server
+/// answers, the client keeps trying in the background (the replica starts without the broker,
+/// and its readiness says so).
+async fn connect_client(
+    urls: &str,
+    servers: &[&str],
+    options: &NatsOptions,
+    name: &str,
+    events_tx: tokio::sync::mpsc::UnboundedSender<async_nats::Event>,
+) -> Result<Client, BusError> {
+    let build = |base: ConnectOptions| {
+        let max_delay = options.max_reconnect_delay;
+        let events_tx = events_tx.clone();
+        base.name(name)
+            .max_reconnects(None)
+            .ping_interval(options.ping_interval)
+            .connection_timeout(options.connection_timeout)
+            .reconnect_delay_callback(move |attempts| reconnect_delay(attempts, max_delay))
+            .event_callback(move |event| {
+                let events_tx = events_tx.clone();
+                async move {
+                    let _ = events_tx.send(event);
+                }
+            })
+    };
+    let first = build(auth::connect_options(&options.auth).await?).connect(servers.to_vec()).await;
+    match first {
+        Ok(client) => Ok(client),
+        Err(error) if auth::is_refusal(&error) => {
+            Err(BusError::Refused(auth::describe_connect_error(&error, urls, &options.auth)))
+        }
+        Err(error) => {
+            tracing::warn!(%error, "NATS unreachable at start; the replica starts without it and keeps trying");
+            build(auth::connect_options(&options.auth).await?)
+                .retry_on_initial_connect()
+                .connect(servers.to_vec())
+                .await
+                .map_err(|error| BusError::Unavailable(format!("NATS client: {error}")))
+        }
+    }
 }
 
 /// Room left in a message for headers and protocol framing.
