@@ -34,6 +34,8 @@ pub struct AppState {
     pub enroll_limiter: Arc<limit::RateLimiter>,
     /// This replica's listeners of `GET /api/events`.
     pub events: Arc<crate::events::EventHub>,
+    /// How long the database and NATS have been unreachable, for `/readyz`.
+    pub readiness: Arc<crate::readiness::Readiness>,
 }
 
 impl std::fmt::Debug for AppState {
