@@ -1171,8 +1171,11 @@ async fn an_agent_passes_over_a_frozen_replica_and_keeps_its_stream_when_it_wake
 /// not 200 (no answer within 2 s counts, as a probe's timeout would).
 struct ReadyWatch {
     stop: CancellationToken,
-    tasks: Vec<JoinHandle<(usize, Vec<(Duration, String)>)>>,
+    tasks: Vec<JoinHandle<(usize, Unready)>>,
 }
+
+/// When a replica's `/readyz` was not 200 (since the watch started), and what it answered.
+type Unready = Vec<(Duration, String)>;
 
 impl ReadyWatch {
     fn start(cluster: &LocalCluster, epoch: Instant) -> ReadyWatch {
@@ -1204,7 +1207,7 @@ impl ReadyWatch {
         ReadyWatch { stop, tasks }
     }
 
-    async fn finish(self) -> Vec<(usize, Vec<(Duration, String)>)> {
+    async fn finish(self) -> Vec<(usize, Unready)> {
         self.stop.cancel();
         join_all(self.tasks).await.into_iter().map(|r| r.expect("readyz watch")).collect()
     }
