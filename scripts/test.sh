@@ -183,6 +183,11 @@ if [ "${SKIP_SETUP:-0}" != 1 ]; then
   ensure_deploy_tools
 fi
 
+say "cargo fmt --all --check"
+cargo fmt --all --check
+say "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
 say "cargo build --workspace --all-targets"
 cargo build --workspace --all-targets
 say "cargo test --workspace --no-fail-fast $*"
