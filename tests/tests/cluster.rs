@@ -990,8 +990,30 @@ async fn killing_a_replica_under_load_loses_nothing_twice_and_devices_come_back(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_loses_no_call() {
-    let mut cluster = LocalCluster::start(3).await.expect("cluster");
-    let agents = spawn_agents(&cluster, 9, 2, |i| i % 3).await;
+    let cluster = LocalCluster::start(3).await.expect("cluster");
+    rolling_restart(cluster, "rolling restart of 3 replicas", 2, 15 * SECOND).await;
+}
+
+/// The same with the timing of deploy/k8s/base/dispatcher.yaml: keepalive 15 s, drain 5 s,
+/// grace 305 s, broker grace 5 s, readiness grace 10 s. Each replica must be gone within
+/// drain + grace + 1 s of its SIGTERM (it is, a moment after the drain: nothing stays pending).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_with_the_manifests_timing_loses_no_call() {
+    let cluster = LocalCluster::builder()
+        .keepalive_secs(15)
+        .broker_grace_secs(5)
+        .configure(|_, builder| builder.drain_delay_secs(5).shutdown_grace_secs(305).flag("--readiness-grace-secs", 10))
+        .start()
+        .await
+        .expect("cluster");
+    rolling_restart(cluster, "rolling restart with the manifests' timing", 15, 311 * SECOND).await;
+}
+
+/// Restarts each replica in turn under load (SIGTERM, wait for the exit within `stop_within`,
+/// start again, wait until ready) and checks that no call was lost. The agents' keepalive is
+/// `agent_keepalive_secs`, the replicas'.
+async fn rolling_restart(mut cluster: LocalCluster, name: &str, agent_keepalive_secs: u64, stop_within: Duration) {
+    let agents = spawn_agents(&cluster, 9, agent_keepalive_secs, |i| i % 3).await;
     let ids: Vec<String> = agents.iter().map(|a| a.id.clone()).collect();
     let timeout = 5 * SECOND;
     let load = Load::start(&cluster, &[0, 1, 2], 2, &ids, ("list_directory", json!({"path": "."})), timeout);
@@ -1001,6 +1023,7 @@ async fn a_rolling_restart_loses_no_call() {
     // pending calls), start it again on its port, wait until it is ready.
     let mut windows = Vec::new();
     let mut moved = Vec::new();
+    let mut stops = Vec::new();
     for index in 0..3 {
         let mut on_replica = Vec::new();
         for id in &ids {
@@ -1011,7 +1034,8 @@ async fn a_rolling_restart_loses_no_call() {
         }
         let stopped_at = load.now();
         let stopped_wall = Utc::now();
-        cluster.stop(index, 15 * SECOND).await.expect("graceful stop");
+        cluster.stop(index, stop_within).await.expect("graceful stop");
+        stops.push(load.now() - stopped_at);
         cluster.restart(index, 30 * SECOND).await.expect("restart");
         windows.push((index, stopped_at, load.now()));
         moved.extend(agent_failover_times(&agents, &on_replica, stopped_wall).await);
@@ -1029,7 +1053,7 @@ async fn a_rolling_restart_loses_no_call() {
         assert!(restarting && refused, "a dispatch went unanswered: {record:?}");
     }
     let answered: Vec<Record> = records.iter().filter(|r| r.status.is_some()).cloned().collect();
-    assert_resolved_in_time(&answered, &[], "rolling restart");
+    assert_resolved_in_time(&answered, &[], name);
     let pushes = assert_agents_pushed_once(&agents);
     // No call was lost: every call an agent received was answered with its result.
     let outcome: HashMap<&str, &Record> = answered.iter().filter_map(|r| Some((r.call_id()?, r))).collect();
@@ -1044,8 +1068,9 @@ async fn a_rolling_restart_loses_no_call() {
     assert!(timed_out.is_empty(), "calls lost in the rolling restart: {timed_out:?}");
     assert_all_reachable(&cluster, &[0, 1, 2], &ids, "list_directory", json!({"path": "."})).await;
     println!(
-        "rolling restart of 3 replicas (SIGTERM, restart, ready): {} dispatches ({}); {} calls pushed, none twice, \
+        "{name} (SIGTERM, restart, ready): each stop took {:?} ms; {} dispatches ({}); {} calls pushed, none twice, \
          none lost; {} agent moves, reconnected after p50 {} ms, max {} ms",
+        stops.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
         records.len(),
         tally(&records),
         pushes.values().map(HashMap::len).sum::<usize>(),
