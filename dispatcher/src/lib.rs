@@ -24,6 +24,7 @@
 //! - [`telemetry`]: logging, tracing and Prometheus metrics.
 //! - [`revocation`]: the watch that evicts api tokens revoked in the database from the cache.
 //! - [`server`]: `run(config, listener, shutdown)`: builds the state, serves, drains.
+//! - [`readiness`]: the rule of `/readyz` and the watch that times dependency outages.
 //!
 //! The core is also a library: an app can build a [`core::Dispatcher`] over its own bus and
 //! serve its own routes; the `dispatcher` binary is one composition of these parts.
@@ -39,6 +40,7 @@ pub mod http;
 pub mod janitor;
 pub mod listener;
 pub mod mcp;
+pub mod readiness;
 pub mod registry;
 pub mod revocation;
 pub mod server;

@@ -2,12 +2,17 @@
 //! listener and mapping SIGINT/SIGTERM to a graceful shutdown), manage api tokens, or run an
 //! operator command against a server's control API (`dispatcher::cli`).
 
+use std::time::Duration;
+
 use anyhow::Context;
 use clap::Parser;
 use dispatcher::bus::nats::publish_api_token_revocation;
+use dispatcher::bus::BusError;
 use dispatcher::config::{Cli, Command, TokenCommand};
-use dispatcher::registry::Registry;
+use dispatcher::registry::{Registry, RegistryError};
+use dispatcher::server::ServeError;
 use protocol::subject::Subjects;
+use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 
 /// The global allocator, by Cargo feature: mimalloc by default, jemalloc with `--features
@@ -21,7 +26,7 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Longest `token revoke` spends publishing the revocation on NATS.
-const REVOKE_PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+const REVOKE_PUBLISH_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -44,11 +49,32 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("binding {}", settings.listen))?;
             let shutdown = CancellationToken::new();
             tokio::spawn(signal_shutdown(shutdown.clone()));
-            // One line that says what is wrong (a database that refuses, a certificate, NATS
-            // credentials), and a non-zero exit.
+            let database_url = settings.database_url.clone();
             if let Err(error) = dispatcher::server::run(settings, listener, shutdown).await {
-                eprintln!("error: {error}");
+                // One line an operator can act on (a database that refuses, a certificate, NATS
+                // credentials), on stderr, and a non-zero exit.
+                let message = match &error {
+                    ServeError::Registry(inner) => database_error_line(&database_url, inner).await,
+                    // Refused credentials or TLS: the message names the flags to check.
+                    ServeError::Bus(inner @ BusError::Refused(_)) => format!("message broker: {inner}"),
+                    ServeError::Bus(inner) => format!("message broker: {inner}; check --nats-url (NATS_URL)"),
+                    other => other.to_string(),
+                };
+                eprintln!("error: {message}");
                 std::process::exit(1);
+            }
+        }
+        Command::Migrate(database) => {
+            dispatcher::telemetry::init_logging();
+            match Registry::connect(&database.database_url).await {
+                Ok(registry) => {
+                    registry.close().await;
+                    eprintln!("database {}: migrations applied", redacted(&database.database_url));
+                }
+                Err(error) => {
+                    eprintln!("error: {}", database_error_line(&database.database_url, &error).await);
+                    std::process::exit(1);
+                }
             }
         }
         Command::Token { command: TokenCommand::Create { user, name, database } } => {
@@ -96,6 +122,36 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One line saying why the database at `url` could not be used. A pool that timed out hides
+/// the cause (sqlx retries until its acquire timeout), so one direct connection is tried to
+/// name it (refused, unknown host, bad password, ...).
+async fn database_error_line(url: &str, error: &RegistryError) -> String {
+    let mut line = format!("database {}: {error}", redacted(url));
+    if matches!(error, RegistryError::Database(sqlx::Error::PoolTimedOut)) {
+        let attempt = tokio::time::timeout(Duration::from_secs(5), sqlx::AnyConnection::connect(url)).await;
+        if let Ok(Err(cause)) = attempt {
+            line.push_str(&format!(" (the last attempt: {cause})"));
+        }
+    }
+    line.push_str("; check --database-url (DATABASE_URL)");
+    line.replace('\n', " ")
+}
+
+/// A database URL fit for a log line: a password in it is replaced by `***`, and a query
+/// string (which may carry one too) is left out.
+fn redacted(url: &str) -> String {
+    let url = url.split('?').next().unwrap_or(url);
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((credentials, host)) => match credentials.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{path}"),
+            None => format!("{scheme}://{credentials}@{host}{path}"),
+        },
+        None => url.to_owned(),
+    }
+}
+
 /// Cancels `shutdown` on SIGINT or SIGTERM.
 async fn signal_shutdown(shutdown: CancellationToken) {
     let ctrl_c = async {
@@ -117,4 +173,23 @@ async fn signal_shutdown(shutdown: CancellationToken) {
         _ = terminate => tracing::info!("SIGTERM: shutting down"),
     }
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn database_urls_lose_their_passwords() {
+        for (url, shown) in [
+            ("postgres://app:s3cret@db:5432/app?sslmode=require", "postgres://app:***@db:5432/app"),
+            ("postgres://app@db/app", "postgres://app@db/app"),
+            ("postgres://db:5432/app", "postgres://db:5432/app"),
+            ("postgres://a:b:c@db/app", "postgres://a:***@db/app"),
+            ("sqlite://dispatcher.db?mode=rwc", "sqlite://dispatcher.db"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redacted(url), shown, "{url}");
+        }
+    }
 }

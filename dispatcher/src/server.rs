@@ -6,12 +6,13 @@
 //! within the grace period.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use protocol::sse::ReconnectReason;
 use protocol::subject::Subjects;
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::memory::MemoryBus;
@@ -25,12 +26,15 @@ use crate::listener::admission::derive_caps;
 use crate::listener::timing::Timeouts;
 use crate::listener::tls::CertificateSource;
 use crate::listener::Limits;
+use crate::readiness::Readiness;
 use crate::registry::{Registry, RegistryError};
 use crate::telemetry::Metrics;
 
 /// Enrollment attempts a client address gets at once, and the refill interval.
 const ENROLL_BURST: u32 = 10;
 const ENROLL_REFILL: Duration = Duration::from_secs(3);
+/// Longest the exit waits for the database pool to close its connections.
+const REGISTRY_CLOSE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -81,8 +85,16 @@ pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Resul
         database = registry.engine(),
         "replica ready"
     );
+    let dispatcher = Dispatcher::new(hub, bus);
+    let readiness = Arc::new(Readiness::new());
+    tokio::spawn(crate::readiness::watch(
+        readiness.clone(),
+        dispatcher.clone(),
+        registry.clone(),
+        cancel.child_token(),
+    ));
     Ok(AppState {
-        dispatcher: Dispatcher::new(hub, bus),
+        dispatcher,
         registry,
         settings: Arc::new(settings),
         metrics: Arc::new(metrics),
@@ -91,6 +103,7 @@ pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Resul
         grant_limits: Arc::default(),
         events,
         call_log,
+        readiness,
     })
 }
 
@@ -132,7 +145,8 @@ pub async fn serve(state: AppState, listener: TcpListener, shutdown: Cancellatio
     };
 
     let stop_accepting = CancellationToken::new();
-    tokio::spawn(drain_on(shutdown, state.clone(), stop_accepting.clone()));
+    let grace_end: Arc<OnceLock<Instant>> = Arc::default();
+    tokio::spawn(drain_on(shutdown, state.clone(), stop_accepting.clone(), grace_end.clone()));
 
     tracing::info!(
         listen = %listener.local_addr()?,
@@ -145,12 +159,17 @@ pub async fn serve(state: AppState, listener: TcpListener, shutdown: Cancellatio
         "serving"
     );
     let grace = settings.shutdown_grace;
-    let finished = crate::listener::serve(listener, router, limits, state.metrics.clone(), stop_accepting, grace).await;
+    // One grace period for the whole drain: what the wait for pending calls used of it is not
+    // given again to the requests still in flight.
+    let until = move || grace_end.get().copied().unwrap_or_else(|| Instant::now() + grace);
+    let finished = crate::listener::serve(listener, router, limits, state.metrics.clone(), stop_accepting, until).await;
     if !finished {
         tracing::warn!(grace_secs = grace.as_secs(), "grace period over with requests still in flight");
     }
     state.call_log.close().await;
-    state.registry.close().await;
+    if tokio::time::timeout(REGISTRY_CLOSE, state.registry.close()).await.is_err() {
+        tracing::warn!("database connections still busy at exit; left to close with the process");
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -158,7 +177,16 @@ pub async fn serve(state: AppState, listener: TcpListener, shutdown: Cancellatio
 /// The shutdown sequence up to closing the listener: readiness fails, the replica keeps
 /// serving through the drain delay, streams close with `reconnect`, and results for the calls
 /// still pending here are accepted until they resolve or the grace period ends.
-async fn drain_on(shutdown: CancellationToken, state: AppState, stop_accepting: CancellationToken) {
+///
+/// The whole shutdown takes at most the drain delay plus the grace period (plus
+/// [`REGISTRY_CLOSE`]): `grace_end` is set once, when the grace begins, and bounds both the
+/// wait for pending calls here and the wait for requests in flight in the listener.
+async fn drain_on(
+    shutdown: CancellationToken,
+    state: AppState,
+    stop_accepting: CancellationToken,
+    grace_end: Arc<OnceLock<Instant>>,
+) {
     shutdown.cancelled().await;
     state.draining.store(true, Ordering::Release);
     tracing::info!(delay_secs = state.settings.drain_delay.as_secs(), "draining: readiness fails from now");
@@ -167,8 +195,8 @@ async fn drain_on(shutdown: CancellationToken, state: AppState, stop_accepting: 
     let closed = hub.close_all(Close::Reconnect(ReconnectReason::Shutdown));
     state.events.close_all();
     tracing::info!(closed, pending = hub.pending_calls(), "streams closed with reconnect");
-    let deadline = tokio::time::Instant::now() + state.settings.shutdown_grace;
-    while hub.pending_calls() > 0 && tokio::time::Instant::now() < deadline {
+    let deadline = *grace_end.get_or_init(|| Instant::now() + state.settings.shutdown_grace);
+    while hub.pending_calls() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stop_accepting.cancel();

@@ -42,6 +42,8 @@ pub struct AppState {
     pub events: Arc<crate::events::EventHub>,
     /// This replica's writer of the call log.
     pub call_log: crate::calllog::CallLog,
+    /// How long the database and NATS have been unreachable, for `/readyz`.
+    pub readiness: Arc<crate::readiness::Readiness>,
 }
 
 impl std::fmt::Debug for AppState {

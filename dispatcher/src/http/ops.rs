@@ -1,7 +1,6 @@
 //! Operations endpoints, unauthenticated: liveness, readiness, Prometheus metrics.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -13,6 +12,7 @@ use utoipa::ToSchema;
 
 use super::{ApiError, AppState};
 use crate::bus::Health;
+use crate::readiness::{verdict, Dependency, NotReady, Observed};
 
 /// The body of a healthy `/healthz` or `/readyz`: `{"ok": true}`.
 #[derive(Debug, Clone, Copy, Serialize, ToSchema)]
@@ -33,31 +33,30 @@ pub async fn healthz() -> Json<Healthy> {
     Json(HEALTHY)
 }
 
-/// `GET /readyz`: 200 when the database and (in cluster mode) NATS answer and the replica
-/// is not draining; 503 with the reason otherwise.
+/// `GET /readyz`: 200 while this replica can serve; 503 with the reason while it drains or
+/// is frozen, or once the database or NATS has been unreachable longer than the readiness
+/// grace (the rule: [`crate::readiness`]). Reads memory only: the dependencies are sampled in
+/// the background.
 #[utoipa::path(
     get,
     path = "/readyz",
     tag = "operations",
     responses(
         (status = 200, description = "This replica can serve", body = Healthy),
-        (status = 503, description = "Draining, or the database or the message broker is unreachable", body = ErrorBody),
+        (status = 503, description = "Draining, frozen, or the database or the message broker unreachable for longer than the readiness grace", body = ErrorBody),
     ),
 )]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Healthy>, ApiError> {
-    if state.draining.load(Ordering::Acquire) {
-        return Err(ApiError::Unavailable("draining".into()));
-    }
-    if state.dispatcher.bus().health() != Health::Up {
-        return Err(ApiError::Unavailable("message broker unreachable".into()));
-    }
-    match tokio::time::timeout(Duration::from_secs(2), state.registry.ping()).await {
-        Ok(Ok(())) => Ok(Json(HEALTHY)),
-        Ok(Err(error)) => {
-            tracing::warn!(%error, "database unreachable");
-            Err(ApiError::Unavailable("database unreachable".into()))
-        }
-        Err(_) => Err(ApiError::Unavailable("database did not answer".into())),
+    let now = tokio::time::Instant::now();
+    let observed = Observed {
+        draining: state.draining.load(Ordering::Acquire),
+        frozen: !state.dispatcher.hub().accepts_streams(),
+        database_down_for: state.readiness.down_for(Dependency::Database, now),
+        broker_down_for: state.readiness.down_for(Dependency::Broker, now),
+    };
+    match verdict(observed, state.settings.readiness_grace) {
+        Ok(()) => Ok(Json(HEALTHY)),
+        Err(NotReady(reason)) => Err(ApiError::Unavailable(reason)),
     }
 }
 

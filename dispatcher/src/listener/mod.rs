@@ -111,14 +111,15 @@ pub fn raise_descriptor_limit() -> Option<u64> {
 }
 
 /// Serves `router` on `listener` until `stop` fires, then asks every connection to finish
-/// (graceful shutdown) and waits up to `grace` for them. False when some did not finish.
+/// (graceful shutdown) and waits for them until `grace_end()` (asked once `stop` fired: the
+/// end of the shutdown's one grace period, not a second one). False when some did not finish.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
-    grace: Duration,
+    grace_end: impl FnOnce() -> tokio::time::Instant,
 ) -> bool {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
@@ -204,7 +205,7 @@ pub async fn serve(
     }
     drop(listener);
     tracker.close();
-    tokio::time::timeout(grace, tracker.wait()).await.is_ok()
+    tokio::time::timeout_at(grace_end(), tracker.wait()).await.is_ok()
 }
 
 /// Errors of one connection that went away before it was accepted, as opposed to errors of

@@ -249,7 +249,8 @@ Call it from any replica (its id is in the device list):
 Failover by hand (the pids are above):
   kill -9 <replica pid>       its devices reconnect to the other replicas within seconds
   kill -STOP <replica pid>    frozen: devices leave after {silence} s of silence; kill -CONT resumes it
-  kill -9 <nats pid>          readiness fails (GET /readyz 503); after {grace} s replicas close their streams
+  kill -9 <nats pid>          after {grace} s replicas close their streams; GET /readyz stays 200 for the
+                              readiness grace (10 s), then 503
                               (--respawn restarts dead replicas and NATS servers after 3 s)
 
 Ctrl-C stops everything{drop}."#,
