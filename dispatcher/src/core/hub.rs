@@ -321,6 +321,30 @@ impl Hub {
         drained.len()
     }
 
+    /// Asks up to `count` devices to reconnect elsewhere (`reconnect`, `rebalance`): the
+    /// streams with nothing queued, idlest first. A call already written to a device is not
+    /// affected (the device posts its result to any replica); calls routed here meanwhile find
+    /// no stream and the dispatcher tries again. Returns the devices asked.
+    pub fn shed_streams(&self, count: usize) -> Vec<String> {
+        if count == 0 {
+            return Vec::new();
+        }
+        let mut conns = self.conns.lock();
+        let mut idle: Vec<(Instant, String, u64)> = conns
+            .iter()
+            .filter_map(|(device_id, conn)| Some((conn.queue.idle_since()?, device_id.clone(), conn.conn_id)))
+            .collect();
+        idle.sort();
+        idle.into_iter()
+            .take(count)
+            .filter_map(|(_, device_id, conn_id)| {
+                let conn = conns.remove_conn(&device_id, conn_id)?;
+                conn.queue.close(Close::Reconnect(ReconnectReason::Rebalance));
+                Some(device_id)
+            })
+            .collect()
+    }
+
     /// Drops the streams here that have not drained for longer than `limit` (a frame waiting,
     /// or a write blocked, that long: the device stopped reading). Each one's queue is emptied
     /// and its connection closed; the calls that were queued resolve as unanswered calls do.
@@ -714,6 +738,27 @@ mod tests {
         assert!(hub.holder("stuck").is_none());
         assert_eq!(hub.push("stuck", &call("c")), CallAck::NotHeld);
         assert!(hub.drop_stuck_streams(Duration::from_millis(20)).is_empty(), "the reading one stays");
+    }
+
+    #[test]
+    fn shedding_takes_the_idlest_streams_with_nothing_queued() {
+        let hub = Hub::new("r", 1);
+        hub.tick();
+        let oldest = hub.open("oldest", 1);
+        std::thread::sleep(Duration::from_millis(5));
+        let busy = hub.open("busy", 1);
+        std::thread::sleep(Duration::from_millis(5));
+        let recent = hub.open("recent", 1);
+        // A call waits on `busy`: it is never shed.
+        assert_eq!(hub.push("busy", &call("c")), CallAck::Accepted);
+        assert_eq!(hub.shed_streams(1), vec!["oldest".to_owned()]);
+        assert!(matches!(oldest.queue.try_recv(), Some(Frame::Close(Close::Reconnect(ReconnectReason::Rebalance)))));
+        assert!(hub.holder("oldest").is_none(), "a shed stream takes no more calls");
+        assert_eq!(hub.shed_streams(5), vec!["recent".to_owned()]);
+        assert!(matches!(recent.queue.try_recv(), Some(Frame::Close(_))));
+        assert!(matches!(busy.queue.try_recv(), Some(Frame::Call(_))), "the busy stream keeps its call");
+        assert_eq!(hub.connected(), 1);
+        assert!(hub.shed_streams(0).is_empty());
     }
 
     #[test]
