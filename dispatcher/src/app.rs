@@ -15,9 +15,8 @@ use protocol::REPLICA_HEADER;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
-use tower_http::trace::TraceLayer;
 
-use crate::http::{control, device, events, openapi, ops, ApiError, AppState};
+use crate::http::{access, control, device, events, openapi, ops, ApiError, AppState};
 use crate::mcp;
 
 /// Longest a request may take to be answered: the longest dispatch plus a margin. Streams
@@ -50,13 +49,13 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(openapi::openapi_json))
         .fallback(|| async { ApiError::NotFound })
-        .with_state(state)
+        .with_state(state.clone())
         .layer(DefaultBodyLimit::disable())
         .layer(RequestBodyLimitLayer::new(max_body))
         .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT))
         .layer(middleware::from_fn(json_errors))
-        .layer(TraceLayer::new_for_http())
+        .layer(middleware::from_fn_with_state(state, access::log_and_count))
         .layer(SetResponseHeaderLayer::overriding(header::HeaderName::from_static(REPLICA_HEADER), replica))
 }
 

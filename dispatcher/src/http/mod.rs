@@ -11,6 +11,7 @@ use crate::core::Dispatcher;
 use crate::registry::Registry;
 use crate::telemetry::Metrics;
 
+pub mod access;
 pub mod auth;
 pub mod control;
 pub mod device;
