@@ -19,10 +19,13 @@
 //!   bounce back.
 //!
 //! The devices asked are the idlest streams with nothing queued ([`crate::core::Hub::shed_streams`]);
-//! a call already written to a device completes (its result is posted to any replica), and a
-//! call routed while the device reconnects is retried by the dispatcher until its deadline.
-//! A draining replica neither publishes nor sheds, and one that hears no other replica does
-//! nothing.
+//! a call already written to a device completes (its result is posted to any replica). The
+//! shed device's bus subscriptions linger ([`crate::core::hub::MOVE_LINGER`], 2 s, or until its
+//! new stream announces itself), answering "not held", so a call routed while the device
+//! reconnects is retried by the dispatcher instead of being answered `device offline`.
+//! A draining replica says once that it is leaving (the others forget it at once) and stops;
+//! one that hears no other replica does nothing. A replica that dies without a word is
+//! forgotten when its last report is older than [`Policy::stale_after`].
 //!
 //! Not here: how devices find another replica (the load balancer, and the agent's backoff).
 
@@ -143,21 +146,27 @@ pub async fn run(
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_published: Option<tokio::time::Instant> = None;
     let mut shedding = false;
+    let report = |streams: u64, leaving: bool| ReplicaLoad {
+        replica: hub.replica_id().to_owned(),
+        streams,
+        max_streams: max_streams.map(|m| m as u64),
+        leaving,
+    };
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = interval.tick() => {}
         }
         if draining.load(Ordering::Acquire) {
-            continue;
+            // Once: the others stop counting this replica (it takes no more streams).
+            if let Err(error) = bus.publish_load(&report(0, true)).await {
+                tracing::debug!(%error, "leaving report not published");
+            }
+            return;
         }
         let own = hub.connected() as u64;
         if last_published.is_none_or(|at| at.elapsed() >= policy.publish_every) {
-            let load = ReplicaLoad {
-                replica: hub.replica_id().to_owned(),
-                streams: own,
-                max_streams: max_streams.map(|m| m as u64),
-            };
+            let load = report(own, false);
             if let Err(error) = bus.publish_load(&load).await {
                 tracing::debug!(%error, "load report not published");
             }
@@ -234,9 +243,9 @@ mod tests {
         let full = [Peer { streams: 10, room: false }];
         assert_eq!(decide(&policy, 20, &full, true), Decision { shed: 0, shedding: false });
         let reports = [
-            (ReplicaLoad { replica: "a".into(), streams: 10, max_streams: Some(10) }, false),
-            (ReplicaLoad { replica: "b".into(), streams: 9, max_streams: Some(10) }, true),
-            (ReplicaLoad { replica: "c".into(), streams: 900, max_streams: None }, true),
+            (ReplicaLoad { replica: "a".into(), streams: 10, max_streams: Some(10), leaving: false }, false),
+            (ReplicaLoad { replica: "b".into(), streams: 9, max_streams: Some(10), leaving: false }, true),
+            (ReplicaLoad { replica: "c".into(), streams: 900, max_streams: None, leaving: false }, true),
         ];
         for (load, room) in reports {
             assert_eq!(Peer::of(&load).room, room, "{load:?}");

@@ -211,6 +211,10 @@ pub struct ReplicaLoad {
     /// Its `--max-streams`, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_streams: Option<u64>,
+    /// Sent once when the replica starts draining: forget it now rather than when its last
+    /// report grows stale.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leaving: bool,
 }
 
 /// One replica's answer to `{p}.presence.all`.

@@ -29,7 +29,8 @@ async fn stream_counts(cluster: &LocalCluster, replicas: &[usize]) -> Vec<usize>
     join_all(replicas.iter().map(|&i| streams_on(cluster, i))).await
 }
 
-/// Calls flowing to random devices through `replicas` until stopped: (status, call id) of each.
+/// Calls flowing to random devices through `replicas` until stopped: (status, call id, error)
+/// of each.
 struct Calls {
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<Vec<(Option<StatusCode>, Option<String>, String)>>>,
@@ -93,10 +94,17 @@ async fn a_replica_at_its_cap_sheds_new_streams_to_the_others() {
     // Round robin over both replicas: half of them try the capped one first.
     let swarm = Swarm::start(devices, SwarmConfig::new(cluster.urls())).expect("swarm");
     let took = swarm.wait_online(DEVICES, 60 * SECOND).await.expect("every device online");
-    let counts = stream_counts(&cluster, &[0, 1]).await;
-    assert_eq!(counts.iter().sum::<usize>(), DEVICES, "{counts:?}");
-    assert!(counts[0] <= CAP, "replica A holds {} streams over its cap of {CAP}", counts[0]);
-    assert_eq!(counts[0], CAP, "the capped replica is used up to its cap: {counts:?}");
+    // Never over the cap; filled up to it as refused devices try again.
+    let started = Instant::now();
+    let counts = loop {
+        let counts = stream_counts(&cluster, &[0, 1]).await;
+        assert!(counts[0] <= CAP, "replica A holds {} streams over its cap of {CAP}", counts[0]);
+        if counts[0] == CAP && counts.iter().sum::<usize>() == DEVICES {
+            break counts;
+        }
+        assert!(started.elapsed() < 30 * SECOND, "not settled: {counts:?}, {:?}", swarm.stats());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let stats = swarm.stats();
     assert!(stats.unavailable >= 1, "no stream was refused: {stats:?}");
     let refused = metric(&cluster.url(0), "dispatcher_stream_refusals_total").await.unwrap_or(0.0);
@@ -187,13 +195,25 @@ async fn a_replica_added_to_a_loaded_cluster_takes_its_share_with_no_call_lost()
     let ids: Vec<String> = devices.iter().map(|d| d.device_id.clone()).collect();
     let swarm = Swarm::start(devices, SwarmConfig::new(cluster.urls())).expect("swarm");
     swarm.wait_online(DEVICES, 60 * SECOND).await.expect("every device online");
-    // Settled: nothing moves between two balanced replicas.
-    tokio::time::sleep(3 * SECOND).await;
-    let before = stream_counts(&cluster, &[0, 1]).await;
-    assert_eq!(before.iter().sum::<usize>(), DEVICES, "{before:?}");
-    let settled_frames = swarm.stats().rebalance_frames;
-    assert_eq!(settled_frames, 0, "a balanced cluster asked devices to move: {before:?}");
-
+    // Settled: every device on A or B, and no device asked to move for 3 s (the way devices
+    // first spread may be uneven enough for A and B to even it out themselves).
+    let started = Instant::now();
+    let mut quiet_since = Instant::now();
+    let mut frames = swarm.stats().rebalance_frames;
+    let before = loop {
+        let counts = stream_counts(&cluster, &[0, 1]).await;
+        let now = swarm.stats().rebalance_frames;
+        if now != frames {
+            frames = now;
+            quiet_since = Instant::now();
+        }
+        if counts.iter().sum::<usize>() == DEVICES && quiet_since.elapsed() >= 3 * SECOND {
+            break counts;
+        }
+        assert!(started.elapsed() < 30 * SECOND, "{counts:?}: {:?}", swarm.stats());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let settle_frames = frames;
     let calls = Calls::start(&cluster, &[0, 1], 3, &ids);
     tokio::time::sleep(2 * SECOND).await;
     let added = Instant::now();
@@ -221,12 +241,9 @@ async fn a_replica_added_to_a_loaded_cluster_takes_its_share_with_no_call_lost()
     swarm.wait_online(DEVICES, 30 * SECOND).await.expect("every device online at the end");
 
     let stats = swarm.stats();
-    assert!(stats.rebalance_frames > 0, "no device was asked to move: {stats:?}");
-    assert!(
-        stats.rebalance_frames <= (DEVICES as u64) * 2,
-        "a herd: {} devices asked to move for {DEVICES} devices",
-        stats.rebalance_frames
-    );
+    let moved = stats.rebalance_frames - settle_frames;
+    assert!(moved > 0, "no device was asked to move: {stats:?}");
+    assert!(moved <= (DEVICES as u64) * 2, "a herd: {moved} devices asked to move for {DEVICES} devices");
     assert_eq!(settled.iter().sum::<usize>(), DEVICES, "{settled:?}");
     assert!(
         settled.iter().all(|&n| n >= near && n <= average * 13 / 10),
@@ -249,6 +266,9 @@ async fn a_replica_added_to_a_loaded_cluster_takes_its_share_with_no_call_lost()
     }
     assert!(swarm.double_executions().is_empty(), "{:?}", swarm.double_executions());
     assert!(ok > 100, "too few calls went through: {ok}");
+    // A moved device's subscriptions linger until its new stream is up: calls meanwhile are
+    // retried, not answered offline (a device slower than the linger to come back may be).
+    assert!(offline * 100 <= ok, "{offline} calls answered offline against {ok} ok while devices moved");
     let urls = cluster.urls();
     let shed: f64 = join_all(urls.iter().map(|url| metric(url, "dispatcher_rebalance_reconnects_total")))
         .await
@@ -263,7 +283,7 @@ async fn a_replica_added_to_a_loaded_cluster_takes_its_share_with_no_call_lost()
         counts[2],
         counts[2] * 100 / average,
         took.as_millis(),
-        stats.rebalance_frames
+        moved
     );
     swarm.stop(5 * SECOND).await;
 }

@@ -134,20 +134,25 @@ pub async fn stream(
         state.metrics.stream_refused("stalled");
         return Err(ApiError::Unavailable("replica is recovering from a stall; reconnect to another".into()));
     }
-    if let Some(max) = state.settings.capacity.max_streams {
-        // Checked before any database work: a full replica refuses cheaply. A device whose
-        // stream is here already (reconnecting) may replace it.
-        let hub = state.dispatcher.hub();
-        if hub.connected() >= max && hub.holder(&caller.device_id).is_none() {
-            state.metrics.stream_refused("max_streams");
-            let error = ApiError::Unavailable(format!(
-                "replica holds its maximum of {max} device streams (--max-streams); reconnect to another"
-            ));
-            let mut response = error.into_response();
-            response.headers_mut().insert(axum::http::header::RETRY_AFTER, STREAMS_FULL_RETRY_AFTER.into());
-            return Ok(response);
-        }
-    }
+    // Under a cap, a place is held from here until the stream is registered; a full replica
+    // refuses before any database work. A device whose stream is here already (reconnecting)
+    // may replace it.
+    let hub = state.dispatcher.hub();
+    let _slot = match state.settings.capacity.max_streams {
+        Some(max) if hub.holder(&caller.device_id).is_none() => match hub.reserve_stream(max) {
+            Some(slot) => Some(slot),
+            None => {
+                state.metrics.stream_refused("max_streams");
+                let error = ApiError::Unavailable(format!(
+                    "replica holds its maximum of {max} device streams (--max-streams); reconnect to another"
+                ));
+                let mut response = error.into_response();
+                response.headers_mut().insert(axum::http::header::RETRY_AFTER, STREAMS_FULL_RETRY_AFTER.into());
+                return Ok(response);
+            }
+        },
+        _ => None,
+    };
     // Revoked since its token was cached: the registry knows no live device by that id.
     let epoch = match state.registry.next_stream_epoch(&caller.device_id).await {
         Err(RegistryError::NotFound) => return Err(ApiError::Unauthorized),

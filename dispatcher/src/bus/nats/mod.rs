@@ -524,7 +524,11 @@ impl Shared {
     /// Releases the device's subscriptions of `epoch` when the hub has no stream of it any
     /// more (closed by a takeover, a revocation, a stall or a broker outage).
     fn release_if_gone(&self, device_id: &str, epoch: u64) {
-        if self.hub.holder(device_id).is_none() && self.release(device_id, epoch) {
+        // A device the rebalancer moved lingers until its new stream is up (or a moment passed).
+        if self.hub.holder(device_id).is_none()
+            && self.hub.moving_for(device_id).is_none()
+            && self.release(device_id, epoch)
+        {
             tracing::debug!(device_id, epoch, "released the subscriptions of a stream that is gone");
         }
     }
@@ -774,6 +778,9 @@ impl Shared {
     async fn on_load(self: Arc<Self>, message: Message) {
         match serde_json::from_slice::<ReplicaLoad>(&message.payload) {
             Ok(load) if load.replica == self.replica => {}
+            Ok(load) if load.leaving => {
+                self.loads.lock().remove(&load.replica);
+            }
             Ok(load) => {
                 let mut loads = self.loads.lock();
                 // Replicas come and go (a new pod name each restart): forget the long silent.
