@@ -154,10 +154,25 @@ fn otlp_provider(replica_id: &str) -> Option<Result<SdkTracerProvider, String>> 
     Some(Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build()))
 }
 
-/// The OTLP/gRPC exporter (tonic), built on its own runtime thread's context: the batch
-/// processor calls it from a thread of its own.
+/// The OTLP/gRPC exporter (tonic). Its channel needs a Tokio runtime for its connection task,
+/// and spans are exported from the batch processor's own thread: the channel lives on a small
+/// runtime of its own (one worker thread), kept for the life of the process.
 #[cfg(feature = "otlp-grpc")]
 fn grpc_exporter() -> Result<opentelemetry_otlp::SpanExporter, String> {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    let runtime = match RUNTIME.get() {
+        Some(runtime) => runtime,
+        None => {
+            let built = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("otlp-grpc")
+                .enable_all()
+                .build()
+                .map_err(|error| format!("cannot start the OTLP/gRPC runtime: {error}"))?;
+            RUNTIME.get_or_init(|| built)
+        }
+    };
+    let _entered = runtime.enter();
     opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .with_protocol(opentelemetry_otlp::Protocol::Grpc)

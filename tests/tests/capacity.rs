@@ -29,11 +29,13 @@ async fn stream_counts(cluster: &LocalCluster, replicas: &[usize]) -> Vec<usize>
     join_all(replicas.iter().map(|&i| streams_on(cluster, i))).await
 }
 
-/// Calls flowing to random devices through `replicas` until stopped: (status, call id, error)
-/// of each.
+/// One call as the backend saw it: its status (none without an answer), call id and error.
+type CallRecord = (Option<StatusCode>, Option<String>, String);
+
+/// Calls flowing to random devices through `replicas` until stopped.
 struct Calls {
     stop: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<Vec<(Option<StatusCode>, Option<String>, String)>>>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<CallRecord>>>,
 }
 
 impl Calls {
@@ -69,7 +71,7 @@ impl Calls {
         Calls { stop, tasks }
     }
 
-    async fn finish(self) -> Vec<(Option<StatusCode>, Option<String>, String)> {
+    async fn finish(self) -> Vec<CallRecord> {
         self.stop.cancel();
         let mut records = Vec::new();
         for task in self.tasks {

@@ -369,3 +369,27 @@ async fn an_unknown_otlp_protocol_is_said_and_export_is_off() {
     assert_eq!(call.traceparent.as_deref(), Some(CALLER), "without export the caller's context travels as is");
     assert!(server.log().contains("carrier-pigeon"), "the bad protocol is named:\n{}", server.log());
 }
+
+#[tokio::test]
+async fn spans_go_over_otlp_grpc_when_asked() {
+    // The receiving end: another dispatcher, which serves HTTP/2 without TLS (h2c) as gRPC
+    // needs, and logs the path it was sent even though it has no such route.
+    let receiver = Dispatcher::start().await.expect("receiver");
+    let sender = Dispatcher::builder()
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.base_url())
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .start()
+        .await
+        .expect("sender");
+    let _call = traced_call(&sender).await;
+    let export = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+    let started = Instant::now();
+    while !receiver.log().contains(export) && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let line = receiver.log().lines().find(|line| line.contains(export)).map(str::to_owned);
+    let line = line.unwrap_or_else(|| panic!("no gRPC export arrived:\n{}", sender.log()));
+    assert!(line.contains("method=POST") || line.contains("http.request.method=POST"), "{line}");
+    assert!(!sender.log().contains("panicked"), "{}", sender.log());
+}
