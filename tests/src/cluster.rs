@@ -40,7 +40,7 @@ pub fn replica_id(index: usize) -> String {
 }
 
 /// How to start a [`LocalCluster`]. Defaults: three replicas, one NATS server, keepalive 2 s,
-/// broker grace 2 s, a fresh PostgreSQL database, user `user-a`.
+/// broker grace 2 s, a fresh PostgreSQL database, user `user-a`, no rebalancing.
 #[derive(Clone)]
 pub struct ClusterBuilder {
     replicas: usize,
@@ -52,6 +52,7 @@ pub struct ClusterBuilder {
     rust_log: Option<String>,
     configure: Option<ConfigureReplica>,
     ready_timeout: Duration,
+    rebalance: bool,
 }
 
 impl Default for ClusterBuilder {
@@ -66,6 +67,7 @@ impl Default for ClusterBuilder {
             rust_log: None,
             configure: None,
             ready_timeout: Duration::from_secs(60),
+            rebalance: false,
         }
     }
 }
@@ -135,6 +137,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// Let replicas rebalance streams among themselves (off by default: suites place devices
+    /// on given replicas and expect them to stay there).
+    pub fn rebalance(mut self, on: bool) -> Self {
+        self.rebalance = on;
+        self
+    }
+
     /// How long to wait for every replica to be ready (default 60 s).
     pub fn ready_timeout(mut self, timeout: Duration) -> Self {
         self.ready_timeout = timeout;
@@ -152,6 +161,9 @@ impl ClusterBuilder {
             .ready_timeout(self.ready_timeout);
         if let Some(filter) = &self.rust_log {
             builder = builder.rust_log(filter.clone());
+        }
+        if !self.rebalance {
+            builder = builder.flag("--rebalance-threshold-percent", 0);
         }
         if let Some(configure) = &self.configure {
             builder = configure(index, builder);

@@ -87,6 +87,7 @@ async fn a_replica_at_its_cap_sheds_new_streams_to_the_others() {
     const DEVICES: usize = 40;
     let cluster = LocalCluster::builder()
         .replicas(2)
+        .rebalance(true)
         .configure(|index, builder| if index == 0 { builder.flag("--max-streams", CAP) } else { builder })
         .start()
         .await
@@ -190,7 +191,7 @@ async fn host_agent_waits_the_retry_after_of_a_full_replica_then_moves_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_added_to_a_loaded_cluster_takes_its_share_with_no_call_lost() {
     const DEVICES: usize = 120;
-    let mut cluster = LocalCluster::start(3).await.expect("cluster");
+    let mut cluster = LocalCluster::builder().replicas(3).rebalance(true).start().await.expect("cluster");
     // Two replicas carry the load; the third joins later (same port, same id).
     cluster.stop(2, 15 * SECOND).await.expect("stop replica C");
     let devices = enroll_many(&cluster.urls()[..2], cluster.control(), DEVICES, 0, 8).await.expect("enroll");
