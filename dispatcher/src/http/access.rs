@@ -20,9 +20,25 @@ use super::AppState;
 /// Routes logged at debug: polled by machines every few seconds.
 const QUIET_ROUTES: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
+/// The method as a label: the standard ones by name, anything else `other`, so a client
+/// inventing methods cannot grow the metrics without bound.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
 pub async fn log_and_count(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().as_str().to_owned();
+    let method = method_label(request.method()).to_owned();
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str).to_owned();
     let path = request.uri().path().to_owned();
     let client = super::device::client_ip(&request);
@@ -59,4 +75,18 @@ pub async fn log_and_count(State(state): State<AppState>, request: Request, next
         }
     });
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invented_methods_share_one_label() {
+        let cases = [("GET", "GET"), ("DELETE", "DELETE"), ("BREW", "other"), ("get", "other"), ("CONNECT", "other")];
+        for (method, label) in cases {
+            let method = axum::http::Method::from_bytes(method.as_bytes()).expect("a method");
+            assert_eq!(method_label(&method), label, "{method}");
+        }
+    }
 }
