@@ -16,7 +16,7 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 
-use crate::http::{access, control, device, events, openapi, ops, ApiError, AppState};
+use crate::http::{access, calls, control, device, events, grant, openapi, ops, ApiError, AppState};
 use crate::mcp;
 
 /// Longest a request may take to be answered: the longest dispatch plus a margin. Streams
@@ -33,6 +33,11 @@ pub fn app(state: AppState) -> Router {
         .route("/api/host/stream", get(device::stream))
         .route("/api/host/result", post(device::result))
         .route("/api/host/manifest", put(device::manifest))
+        .route("/api/host/device-authorization", post(grant::device_authorization))
+        .route("/api/host/token", post(grant::token))
+        .route("/api/device-authorizations/{user_code}", get(grant::get_device_authorization))
+        .route("/api/device-authorizations/{user_code}/approve", post(grant::approve_device_authorization))
+        .route("/api/device-authorizations/{user_code}/deny", post(grant::deny_device_authorization))
         .route("/api/host/approve", post(control::approve))
         .route("/api/host/reject", post(control::reject))
         .route("/api/pairing-codes", post(control::create_pairing_code))
@@ -41,6 +46,8 @@ pub fn app(state: AppState) -> Router {
         .route("/api/devices/{id}/calls", post(control::call_device))
         .route("/api/proposals", get(control::list_proposals))
         .route("/api/proposals/{id}", get(control::get_proposal))
+        .route("/api/calls", get(calls::list_calls))
+        .route("/api/calls/{callId}", get(calls::get_call))
         .route("/mcp/devices/{id}", post(mcp::post).get(mcp::get).delete(mcp::delete))
         .route("/api/events", get(events::events))
         .merge(crate::ui::routes())

@@ -137,6 +137,8 @@ pub struct ServeArgs {
     pub storage: StorageArgs,
     #[command(flatten)]
     pub capacity: CapacityArgs,
+    #[command(flatten)]
+    pub grant: GrantArgs,
 }
 
 /// How much one replica takes on: its database pool, its device streams, and how it sheds
@@ -220,9 +222,13 @@ pub struct StorageArgs {
     #[arg(long, env = "DISPATCHER_APPLY_TIMEOUT_SECS", default_value_t = 30)]
     pub apply_timeout_secs: u64,
     /// A proposal still `applying` this many seconds past its apply's deadline (its replica
-    /// died) is failed with `device timed out`; every replica checks this often.
+    /// died) is failed with `device timed out`, and a call log record still pending is marked
+    /// `unknown`; every replica checks this often.
     #[arg(long, env = "DISPATCHER_STALE_APPLY_SECS", default_value_t = 10)]
     pub stale_apply_secs: u64,
+    /// Days a call log record is kept.
+    #[arg(long, env = "DISPATCHER_CALL_LOG_DAYS", default_value_t = 30)]
+    pub call_log_days: u64,
 }
 
 /// Validated [`StorageArgs`].
@@ -234,6 +240,8 @@ pub struct Storage {
     pub pairing_code_retention: Duration,
     pub apply_timeout: Duration,
     pub stale_apply: Duration,
+    /// How long call log records are kept.
+    pub call_log_retention: Duration,
 }
 
 impl Default for Storage {
@@ -244,6 +252,7 @@ impl Default for Storage {
             pairing_code_retention: Duration::from_secs(DAY_SECS),
             apply_timeout: Duration::from_secs(30),
             stale_apply: Duration::from_secs(10),
+            call_log_retention: Duration::from_secs(30 * DAY_SECS),
         }
     }
 }
@@ -273,6 +282,9 @@ impl StorageArgs {
         if !(1..=3600).contains(&self.stale_apply_secs) {
             return Err("--stale-apply-secs: between 1 and 3600".into());
         }
+        if !(1..=36_500).contains(&self.call_log_days) {
+            return Err("--call-log-days: between 1 and 36500".into());
+        }
         Ok(Storage {
             limits: Limits {
                 max_manifest_bytes: self.max_manifest_bytes,
@@ -285,7 +297,73 @@ impl StorageArgs {
             proposal_retention: Duration::from_secs(self.proposal_retention_days * DAY_SECS),
             apply_timeout: Duration::from_secs(self.apply_timeout_secs),
             stale_apply: Duration::from_secs(self.stale_apply_secs),
+            call_log_retention: Duration::from_secs(self.call_log_days * DAY_SECS),
             ..Storage::default()
+        })
+    }
+}
+
+/// Enrollment by link (RFC 8628): where the links point, and the codes' timing.
+#[derive(Debug, Clone, Args)]
+pub struct GrantArgs {
+    /// The URL users reach this service at (`https://dispatch.example.com`, any path prefix
+    /// kept): enrollment links are `{public URL}/ui/activate?code=…`. Without it, each link is
+    /// made from the request: its `Host` header, and https when `X-Forwarded-Proto` says so.
+    #[arg(long, env = "DISPATCHER_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// For tests: seconds a device authorization's codes live (1 to 3600).
+    #[arg(long, env = "DISPATCHER_DEVICE_CODE_TTL_SECS", default_value_t = protocol::DEVICE_CODE_TTL_DEFAULT_SECS, hide = true)]
+    pub device_code_ttl_secs: u64,
+    /// For tests: the polling interval a device authorization starts with, in seconds (1 to 60).
+    #[arg(long, env = "DISPATCHER_DEVICE_CODE_INTERVAL_SECS", default_value_t = protocol::DEVICE_CODE_INTERVAL_DEFAULT_SECS, hide = true)]
+    pub device_code_interval_secs: u64,
+}
+
+/// Validated [`GrantArgs`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// `scheme://host[:port][/prefix]`, without a trailing slash.
+    pub public_url: Option<String>,
+    pub ttl: Duration,
+    pub interval: Duration,
+}
+
+impl Default for Grant {
+    fn default() -> Self {
+        Self {
+            public_url: None,
+            ttl: Duration::from_secs(protocol::DEVICE_CODE_TTL_DEFAULT_SECS),
+            interval: Duration::from_secs(protocol::DEVICE_CODE_INTERVAL_DEFAULT_SECS),
+        }
+    }
+}
+
+impl GrantArgs {
+    pub fn grant(&self) -> Result<Grant, String> {
+        let public_url = match self.public_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+            None => None,
+            Some(text) => {
+                let url =
+                    reqwest::Url::parse(text).map_err(|e| format!("--public-url: {text:?} is not a URL ({e})"))?;
+                if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+                    return Err(format!("--public-url: {text:?} must be an http or https URL with a host"));
+                }
+                if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+                    return Err(format!("--public-url: {text:?} must have no query, fragment or user"));
+                }
+                Some(url.as_str().trim_end_matches('/').to_owned())
+            }
+        };
+        if !(1..=3600).contains(&self.device_code_ttl_secs) {
+            return Err("--device-code-ttl-secs: between 1 and 3600".into());
+        }
+        if !(1..=60).contains(&self.device_code_interval_secs) {
+            return Err("--device-code-interval-secs: between 1 and 60".into());
+        }
+        Ok(Grant {
+            public_url,
+            ttl: Duration::from_secs(self.device_code_ttl_secs),
+            interval: Duration::from_secs(self.device_code_interval_secs),
         })
     }
 }
@@ -314,6 +392,7 @@ pub struct Settings {
     pub mcp_call_timeout: Duration,
     pub stream_queue_bytes: usize,
     pub capacity: Capacity,
+    pub grant: Grant,
 }
 
 impl ServeArgs {
@@ -401,6 +480,7 @@ impl ServeArgs {
             mcp_call_timeout: Duration::from_millis(self.mcp_call_timeout_ms),
             stream_queue_bytes: self.stream_queue_bytes,
             capacity,
+            grant: self.grant.grant()?,
         })
     }
 }
@@ -429,6 +509,7 @@ impl Settings {
             mcp_call_timeout: Duration::from_millis(protocol::CALL_TIMEOUT_DEFAULT_MS),
             stream_queue_bytes: crate::core::hub::STREAM_QUEUE_BYTES,
             capacity: Capacity::default(),
+            grant: Grant::default(),
         }
     }
 }
@@ -468,6 +549,7 @@ mod tests {
         assert_eq!(settings.storage.limits.max_live_pairing_codes, 50);
         assert_eq!(settings.storage.limits.max_devices_per_user, 1000);
         assert_eq!(settings.storage.proposal_retention, Duration::from_secs(30 * 86_400));
+        assert_eq!(settings.storage.call_log_retention, Duration::from_secs(30 * 86_400));
     }
 
     #[test]
@@ -489,6 +571,8 @@ mod tests {
             "2",
             "--stale-apply-secs",
             "1",
+            "--call-log-days",
+            "2",
         ])
         .expect("valid");
         let storage = settings.storage;
@@ -499,6 +583,23 @@ mod tests {
         assert_eq!((storage.limits.max_live_pairing_codes, storage.limits.max_devices_per_user), (3, 2));
         assert_eq!(storage.proposal_retention, Duration::from_secs(7 * 86_400));
         assert_eq!((storage.apply_timeout, storage.stale_apply), (Duration::from_secs(2), Duration::from_secs(1)));
+        assert_eq!(storage.call_log_retention, Duration::from_secs(2 * 86_400));
+    }
+
+    #[test]
+    fn grant_flags() {
+        assert_eq!(parse(&[]).expect("defaults").grant, Grant::default());
+        let settings = parse(&[
+            "--public-url",
+            "https://dispatch.example.com/pulsn/",
+            "--device-code-ttl-secs",
+            "3",
+            "--device-code-interval-secs",
+            "1",
+        ])
+        .expect("valid");
+        assert_eq!(settings.grant.public_url.as_deref(), Some("https://dispatch.example.com/pulsn"));
+        assert_eq!((settings.grant.ttl, settings.grant.interval), (Duration::from_secs(3), Duration::from_secs(1)));
     }
 
     #[test]
@@ -540,6 +641,7 @@ mod tests {
             &["--apply-timeout-secs", "0"],
             &["--apply-timeout-secs", "301"],
             &["--stale-apply-secs", "0"],
+            &["--call-log-days", "0"],
             &["--mcp-call-timeout-ms", "0"],
             &["--mcp-call-timeout-ms", "300001"],
             &["--stream-queue-bytes", "1000"],
@@ -547,6 +649,11 @@ mod tests {
             &["--max-streams", "0"],
             &["--rebalance-rate", "0"],
             &["--rebalance-threshold-percent", "5000"],
+            &["--public-url", "ftp://x"],
+            &["--public-url", "https://x/?a=1"],
+            &["--public-url", "not a url"],
+            &["--device-code-ttl-secs", "0"],
+            &["--device-code-interval-secs", "61"],
         ];
         for args in cases {
             assert!(parse(args).is_err(), "{args:?}");

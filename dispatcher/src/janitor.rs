@@ -1,7 +1,10 @@
 //! The janitor: every replica's periodic upkeep of the shared database. It fails proposals left
-//! `applying` by a replica that died waiting on the apply (the sweep, every `--stale-apply-secs`),
+//! `applying` by a replica that died waiting on the apply, and marks `unknown` the call log
+//! records still pending that long past their deadline (the sweep, every `--stale-apply-secs`),
 //! and deletes what is past keeping (decided proposals after `--proposal-retention-days`, used
-//! or expired pairing codes after a day; every ten minutes and at start).
+//! or expired pairing codes and device authorizations after a day, call log records after
+//! `--call-log-days` and records that never got their dispatch part after an hour; every ten
+//! minutes and at start).
 //!
 //! Each step is a conditional UPDATE or an indexed DELETE, so every replica running it at once
 //! is harmless: a row is swept or deleted once between them. Not here: what the statements do
@@ -17,6 +20,9 @@ use crate::registry::{Expiry, Registry};
 
 /// How often decided proposals and done pairing codes are looked for.
 const PURGE_INTERVAL: Duration = Duration::from_secs(10 * 60);
+/// How long a call log record may wait for its dispatch part (written by a replica that may
+/// have died) before it is deleted.
+const ORPHAN_CALL_RETENTION: Duration = Duration::from_secs(60 * 60);
 
 /// Sweeps and purges until `cancel` fires.
 pub async fn run(registry: Registry, storage: Storage, cancel: CancellationToken) {
@@ -27,8 +33,14 @@ pub async fn run(registry: Registry, storage: Storage, cancel: CancellationToken
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = sweep.tick() => sweep_stale_applies(&registry, &storage, Utc::now()).await,
-            _ = purge.tick() => delete_expired(&registry, &storage, Utc::now()).await,
+            _ = sweep.tick() => {
+                sweep_stale_applies(&registry, &storage, Utc::now()).await;
+                sweep_unanswered_calls(&registry, &storage, Utc::now()).await;
+            }
+            _ = purge.tick() => {
+                delete_expired(&registry, &storage, Utc::now()).await;
+                delete_old_calls(&registry, &storage, Utc::now()).await;
+            }
         }
     }
 }
@@ -59,8 +71,41 @@ async fn sweep_stale_applies(registry: &Registry, storage: &Storage, now: DateTi
     }
 }
 
+/// Call log records older than this are deleted, and records still without their dispatch
+/// part first logged before the second time.
+pub fn calls_expire_before(now: DateTime<Utc>, storage: &Storage) -> (DateTime<Utc>, DateTime<Utc>) {
+    let ago = |keep: Duration| now - chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::MAX);
+    (ago(storage.call_log_retention), ago(ORPHAN_CALL_RETENTION))
+}
+
+/// Call log records still pending `--stale-apply-secs` past their deadline become `unknown`: a
+/// live dispatching replica records `timed out` at the deadline, so theirs is gone, and no
+/// device result came back anywhere.
+async fn sweep_unanswered_calls(registry: &Registry, storage: &Storage, now: DateTime<Utc>) {
+    match registry.mark_unknown_calls(stale_before(now, storage)).await {
+        Ok(0) => {}
+        Ok(marked) => tracing::info!(marked, "call log: calls with no outcome past their deadline marked unknown"),
+        Err(error) => tracing::warn!(%error, "call log sweep failed; next try in a moment"),
+    }
+}
+
+async fn delete_old_calls(registry: &Registry, storage: &Storage, now: DateTime<Utc>) {
+    let (logged_before, orphans_before) = calls_expire_before(now, storage);
+    match registry.delete_old_calls(logged_before, orphans_before).await {
+        Ok(0) => {}
+        Ok(deleted) => tracing::info!(deleted, "call log: records past keeping deleted"),
+        Err(error) => tracing::warn!(%error, "deleting old call log records failed; next try later"),
+    }
+}
+
 async fn delete_expired(registry: &Registry, storage: &Storage, now: DateTime<Utc>) {
-    match registry.delete_expired(expiry_at(now, storage)).await {
+    let expiry = expiry_at(now, storage);
+    match registry.delete_done_device_authorizations(expiry.codes_done_before).await {
+        Ok(0) => {}
+        Ok(deleted) => tracing::info!(device_authorizations = deleted, "expired rows deleted"),
+        Err(error) => tracing::warn!(%error, "deleting expired device authorizations failed; next try later"),
+    }
+    match registry.delete_expired(expiry).await {
         Ok(expired) if expired.proposals + expired.pairing_codes > 0 => {
             tracing::info!(
                 proposals = expired.proposals,
@@ -91,5 +136,9 @@ mod tests {
         let expiry = expiry_at(now, &storage);
         assert_eq!(expiry.proposals_decided_before, Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap());
         assert_eq!(expiry.codes_done_before, Utc.with_ymd_and_hms(2026, 3, 30, 12, 0, 0).unwrap());
+        let (calls, orphans) =
+            calls_expire_before(now, &Storage { call_log_retention: Duration::from_secs(7 * 86_400), ..storage });
+        assert_eq!(calls, Utc.with_ymd_and_hms(2026, 3, 24, 12, 0, 0).unwrap());
+        assert_eq!(orphans, Utc.with_ymd_and_hms(2026, 3, 31, 11, 0, 0).unwrap());
     }
 }

@@ -7,6 +7,7 @@
 //!   drop_device. No I/O of its own.
 //! - [`bus`]: how replicas reach each other: in-memory, or NATS.
 //! - [`registry`]: api tokens, pairing codes, devices and proposals in SQLite or PostgreSQL.
+//! - [`calllog`]: every dispatch's record, written off the hot path by a batched writer.
 //! - [`janitor`]: each replica's periodic upkeep of the database (stuck applies, expiry).
 //! - [`http`]: the axum handlers of the contract, one [`http::ApiError`].
 //! - [`service`]: what every door (REST, MCP) calls: dispatch a call for a user on a device,
@@ -31,6 +32,7 @@
 
 pub mod app;
 pub mod bus;
+pub mod calllog;
 pub mod cli;
 pub mod config;
 pub mod core;

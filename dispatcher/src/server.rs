@@ -61,11 +61,16 @@ pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Resul
             Arc::new(MemoryBus::new(hub.clone()))
         }
     };
-    tokio::spawn(hub.clone().watch_stalls(settings.keepalive, cancel.child_token()));
+    hub.clone().spawn_stall_watch(settings.keepalive, cancel.child_token())?;
     tokio::spawn(crate::janitor::run(registry.clone(), settings.storage.clone(), cancel.child_token()));
+    let mut metrics = Metrics::new();
+    let call_log_counters = crate::calllog::Counters::default();
+    metrics.register_call_log(&call_log_counters);
+    let call_log =
+        crate::calllog::CallLog::start(registry.clone(), &settings.replica_id, call_log_counters, cancel.child_token());
     let events = crate::events::EventHub::start(&bus, cancel.child_token());
     tokio::spawn(crate::revocation::watch(registry.clone(), hub.clone(), cancel.child_token()));
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(metrics);
     let draining = Arc::new(AtomicBool::new(false));
     if let Some(policy) = settings.capacity.rebalance {
         tokio::spawn(crate::rebalance::run(
@@ -91,7 +96,9 @@ pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Resul
         metrics,
         draining,
         enroll_limiter: Arc::new(RateLimiter::new(ENROLL_BURST, ENROLL_REFILL)),
+        grant_limits: Arc::default(),
         events,
+        call_log,
     })
 }
 
@@ -137,6 +144,7 @@ pub async fn serve(state: AppState, listener: TcpListener, shutdown: Cancellatio
     if !finished {
         tracing::warn!(grace_secs = grace.as_secs(), "grace period over with requests still in flight");
     }
+    state.call_log.close().await;
     state.registry.close().await;
     tracing::info!("stopped");
     Ok(())

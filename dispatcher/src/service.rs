@@ -1,6 +1,6 @@
 //! The service layer under every door (REST control API, MCP): "dispatch this call for this
 //! user on this device" and "approve this proposal for this user". Each does the owner check,
-//! the proposal bookkeeping and the tracing once, so every door behaves the same; a door only
+//! the proposal bookkeeping, the call log and the tracing once, so every door behaves the same; a door only
 //! validates its own protocol's input and translates the typed outcome.
 //!
 //! It does not decide statuses or wire shapes (that is each door's part), and it does not
@@ -87,18 +87,34 @@ fn fits_the_bus(state: &AppState, input: &Value) -> Result<(), ServiceError> {
 
 /// Dispatches in a span parented on the caller's trace; the call carries the span's context
 /// (or, when spans are not exported, the caller's own, or a new one) to the device, whose
-/// result POST comes back under it.
+/// result POST comes back under it. The call log hears of the dispatch before it is sent, and
+/// of its answer when this replica made it (`device offline`, `device timed out`); the device's
+/// own answer is logged by the replica that receives it.
 async fn traced_dispatch(
     state: &AppState,
     kind: &'static str,
+    owner: &str,
     device_id: &str,
     traceparent: Option<&str>,
+    proposal_id: Option<&str>,
     mut request: DispatchRequest,
 ) -> HostResult {
     let span = tracing::info_span!("api.dispatch", kind, device_id = %device_id, tool = %request.tool);
     crate::telemetry::set_parent(&span, traceparent);
     request.traceparent = Some(crate::telemetry::traceparent_of(&span, traceparent));
-    state.metrics.observe_dispatch(state.dispatcher.dispatch(device_id, request)).instrument(span).await
+    let call_id = request.call_id.get_or_insert_with(|| state.dispatcher.new_call_id()).clone();
+    state.call_log.dispatched(crate::calllog::Dispatch {
+        call_id: &call_id,
+        device_id,
+        owner,
+        tool: &request.tool,
+        mode: request.mode.unwrap_or(CallMode::Auto),
+        proposal_id,
+        timeout: request.timeout,
+    });
+    let result = state.metrics.observe_dispatch(state.dispatcher.dispatch(device_id, request)).instrument(span).await;
+    state.call_log.answered_by_server(device_id, owner, &result);
+    result
 }
 
 /// Runs `tool` with `input` on `user_id`'s device `device_id` (never in apply mode); a
@@ -116,7 +132,7 @@ pub async fn call_device(
     let device_id = owned_device_id(state, user_id, device_id).await?;
     fits_the_bus(state, &input)?;
     let dispatch = DispatchRequest::new(tool, input.clone(), timeout);
-    let result = traced_dispatch(state, "call", &device_id, traceparent, dispatch).await;
+    let result = traced_dispatch(state, "call", user_id, &device_id, traceparent, None, dispatch).await;
 
     let mut proposal_id = None;
     if result.ok && result.is_proposal() {
@@ -137,6 +153,7 @@ pub async fn call_device(
             .await?;
         state.metrics.proposal("proposed");
         crate::events::proposal_changed(state, user_id, &stored).await;
+        state.call_log.proposed(&result.call_id, &device_id, user_id, &stored.id);
         proposal_id = Some(stored.id);
     }
     Ok(CallOutcome { result, proposal_id })
@@ -186,7 +203,8 @@ pub async fn approve_proposal(
     dispatch.mode = Some(CallMode::Apply);
     dispatch.preconditions = Some(stored.preconditions);
     dispatch.call_id = Some(call_id.clone());
-    let result = traced_dispatch(state, "apply", &proposal.device_id, traceparent, dispatch).await;
+    let result =
+        traced_dispatch(state, "apply", user_id, &proposal.device_id, traceparent, Some(&proposal.id), dispatch).await;
 
     // Offline: nothing was pushed, pending again. Timed out: failed, never pushed a second
     // time (the device may have applied it; its late result may still say so). Otherwise the

@@ -603,6 +603,17 @@ impl Metrics {
         catch_up(&self.stuck_streams, stuck_streams);
     }
 
+    /// Registers the call log writer's counters: records written, and dropped by reason.
+    pub fn register_call_log(&mut self, counters: &crate::calllog::Counters) {
+        let registry = self.registry.sub_registry_with_prefix("dispatcher");
+        registry.register("call_log_written", "Call log records stored", counters.written.clone());
+        registry.register(
+            "call_log_dropped",
+            "Call log records lost: queue_full (the writer fell behind), database (the database refused them)",
+            counters.dropped.clone(),
+        );
+    }
+
     /// The text exposition, with the gauges read now.
     pub fn render(&self, now: Snapshot) -> Result<String, std::fmt::Error> {
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);

@@ -173,7 +173,7 @@ impl Replica {
         let cancel = CancellationToken::new();
         let name = format!("{name}-{:04x}", rand::random::<u16>());
         let hub = Hub::new(name.clone(), rand::random());
-        tokio::spawn(hub.clone().watch_stalls(Duration::from_secs(60), cancel.child_token()));
+        hub.clone().spawn_stall_watch(Duration::from_secs(60), cancel.child_token()).expect("stall watch");
         let bus = NatsBus::connect(urls, Subjects::default(), hub.clone(), options, cancel.child_token())
             .await
             .expect("NATS bus");

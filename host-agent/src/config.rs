@@ -6,10 +6,10 @@
 //!                  [--credentials-dir <dir>] [--ca-cert <pem>] [--keepalive-secs 15]
 //!                  [--backoff-base-ms 1000] [--max-backoff-ms 30000] [--shutdown-grace-secs 30]
 //!                  [--log info] [--allow-hardlinked-reads] [--open-deny-ext <ext,...>]
-//!                  [--open-allow-ext <ext,...>]
-//! host-agent tools [--root <dir>...]
+//!                  [--open-allow-ext <ext,...>] [--tools-file <toml>]
+//! host-agent tools [--root <dir>...] [--tools-file <toml>]
 //! host-agent call  <tool> '<json input>' [--root <dir>...] [--apply] [--allow-hardlinked-reads]
-//!                  [--open-deny-ext <ext,...>] [--open-allow-ext <ext,...>]
+//!                  [--open-deny-ext <ext,...>] [--open-allow-ext <ext,...>] [--tools-file <toml>]
 //! ```
 //!
 //! Environment: `PULSN_URL` (comma-separated servers), `FUSION_HOST_ROOTS` (roots separated by
@@ -17,7 +17,8 @@
 //! `FUSION_HOST_CREDENTIALS_DIR`, `FUSION_HOST_CA_CERT`, `FUSION_HOST_KEEPALIVE_SECS`,
 //! `FUSION_HOST_BACKOFF_BASE_MS`, `FUSION_HOST_MAX_BACKOFF_MS`,
 //! `FUSION_HOST_SHUTDOWN_GRACE_SECS`, `FUSION_HOST_LOG`, `FUSION_HOST_ALLOW_HARDLINKED_READS`,
-//! `FUSION_HOST_OPEN_DENY_EXT`, `FUSION_HOST_OPEN_ALLOW_EXT` (comma-separated).
+//! `FUSION_HOST_OPEN_DENY_EXT`, `FUSION_HOST_OPEN_ALLOW_EXT` (comma-separated),
+//! `FUSION_HOST_TOOLS_FILE`.
 //!
 //! Not here: reading files, opening roots, or any network (the runtime and the tools do that).
 
@@ -45,11 +46,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Enroll on first run (--code), then hold the stream to the server and run the calls it
-    /// pushes, until SIGINT/SIGTERM.
+    /// Enroll on first run (with --code, or without it by a link to approve), then hold the
+    /// stream to the server and run the calls it pushes, until SIGINT/SIGTERM.
     ///
-    /// Exit codes: 0 clean shutdown; 1 other failure; 2 usage error (including: not enrolled and
-    /// no --code); 3 enrollment refused (bad, expired or used code; too many attempts); 4 device
+    /// Exit codes: 0 clean shutdown; 1 other failure; 2 usage error; 3 enrollment refused (bad,
+    /// expired or used code; too many attempts; the link denied or expired); 4 device
     /// revoked (cached credentials deleted); 5 superseded (another process uses these
     /// credentials). A dropped connection is never an exit: the agent reconnects.
     Run(RunArgs),
@@ -99,6 +100,15 @@ impl PolicyArgs {
     }
 }
 
+/// Domain tools declared beside the built-ins.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ToolsFileArgs {
+    /// A TOML file of domain tools (named shell-outs with typed, scoped arguments) to serve
+    /// beside the built-ins. A file that does not validate is a usage error (exit 2).
+    #[arg(long, value_name = "TOML", env = "FUSION_HOST_TOOLS_FILE")]
+    pub tools_file: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Base URL of the server (repeatable, or comma-separated; tried in turn on failure). All of
@@ -112,7 +122,11 @@ pub struct RunArgs {
     #[command(flatten)]
     pub policy: PolicyArgs,
 
-    /// One-time pairing code: only needed on the first run (no cached credentials).
+    #[command(flatten)]
+    pub tools: ToolsFileArgs,
+
+    /// One-time pairing code, used on the first run (no cached credentials). Without it the
+    /// first run enrolls by link: it prints a link to approve in the admin page.
     #[arg(long, value_name = "CODE", env = "FUSION_HOST_CODE", hide_env_values = true)]
     pub code: Option<String>,
 
@@ -160,6 +174,8 @@ pub struct RunArgs {
 pub struct ToolsArgs {
     #[command(flatten)]
     pub roots: RootArgs,
+    #[command(flatten)]
+    pub tools: ToolsFileArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -172,6 +188,8 @@ pub struct CallArgs {
     pub roots: RootArgs,
     #[command(flatten)]
     pub policy: PolicyArgs,
+    #[command(flatten)]
+    pub tools: ToolsFileArgs,
     /// Apply a mutation instead of printing its proposal. The agent plans the change right
     /// then and applies it at once with that fresh plan's preconditions: there is no approval
     /// step, so use it only for changes you would make yourself.
@@ -427,6 +445,17 @@ mod tests {
         assert!(run_args(&["--server", "http://a", "--allow-hardlinked-reads"]).policy.allow_hardlinked_reads);
         let call = parse_from(["host-agent", "call", "stat", "{}", "--allow-hardlinked-reads"]).expect("call");
         assert!(matches!(call.command, Command::Call(args) if args.policy.allow_hardlinked_reads));
+    }
+
+    #[test]
+    fn a_tools_file_for_run_tools_and_call() {
+        let run = run_args(&["--server", "http://a", "--tools-file", "/etc/fusion/tools.toml"]);
+        assert_eq!(run.tools.tools_file, Some(PathBuf::from("/etc/fusion/tools.toml")));
+        assert_eq!(run_args(&["--server", "http://a"]).tools.tools_file, None);
+        let tools = parse_from(["host-agent", "tools", "--tools-file", "t.toml"]).expect("tools");
+        assert!(matches!(tools.command, Command::Tools(args) if args.tools.tools_file == Some("t.toml".into())));
+        let call = parse_from(["host-agent", "call", "x", "{}", "--tools-file", "t.toml"]).expect("call");
+        assert!(matches!(call.command, Command::Call(args) if args.tools.tools_file == Some("t.toml".into())));
     }
 
     #[test]

@@ -45,15 +45,25 @@ fn usage_error(message: &str) -> i32 {
     exit_code::USAGE
 }
 
-fn open_toolbox(roots: &config::RootArgs) -> Result<Toolbox, i32> {
+/// The built-ins over the roots, and the domain tools of `--tools-file` beside them; a bad
+/// tools file is a usage error that names the tool and the problem.
+fn open_toolbox(roots: &config::RootArgs, tools: &config::ToolsFileArgs) -> Result<Toolbox, i32> {
     let roots = roots.resolve(config::home()).map_err(|msg| usage_error(&msg))?;
-    Toolbox::new(&roots).map_err(|err| usage_error(&format!("cannot use the roots: {err}")))
+    let toolbox = Toolbox::new(&roots).map_err(|err| usage_error(&format!("cannot use the roots: {err}")))?;
+    match &tools.tools_file {
+        Some(file) => toolbox.with_tools_file(file).map_err(|err| usage_error(&err.to_string())),
+        None => Ok(toolbox),
+    }
 }
 
 /// The toolbox of `run` and `call`: the roots, and what the tools may do inside them.
-fn open_toolbox_with(roots: &config::RootArgs, policy: &config::PolicyArgs) -> Result<Toolbox, i32> {
+fn open_toolbox_with(
+    roots: &config::RootArgs,
+    policy: &config::PolicyArgs,
+    tools: &config::ToolsFileArgs,
+) -> Result<Toolbox, i32> {
     let rules = policy.launch_rules().map_err(|msg| usage_error(&msg))?;
-    Ok(open_toolbox(roots)?.with_hardlinked_reads(policy.allow_hardlinked_reads).with_launch_rules(rules))
+    Ok(open_toolbox(roots, tools)?.with_hardlinked_reads(policy.allow_hardlinked_reads).with_launch_rules(rules))
 }
 
 fn run_agent(args: &RunArgs) -> i32 {
@@ -62,7 +72,7 @@ fn run_agent(args: &RunArgs) -> i32 {
         Ok(config) => config,
         Err(message) => return usage_error(&message),
     };
-    let toolbox = match open_toolbox_with(&args.roots, &args.policy) {
+    let toolbox = match open_toolbox_with(&args.roots, &args.policy, &args.tools) {
         Ok(toolbox) => toolbox,
         Err(code) => return code,
     };
@@ -88,7 +98,8 @@ fn run_agent(args: &RunArgs) -> i32 {
         Ok(Outcome::Revoked) => {
             eprintln!(
                 "host-agent: this device was revoked by the server; its cached credentials were deleted. \
-                 To use this machine again, enroll it with a new pairing code (--code)."
+                 To use this machine again, enroll it again: with a new pairing code (--code), or run without \
+                 --code for a link to approve."
             );
             exit_code::REVOKED
         }
@@ -145,7 +156,7 @@ async fn next_signal() -> &'static str {
 
 fn print_tools(args: &ToolsArgs) -> i32 {
     init_logging("warn");
-    let toolbox = match open_toolbox(&args.roots) {
+    let toolbox = match open_toolbox(&args.roots, &args.tools) {
         Ok(toolbox) => toolbox,
         Err(code) => return code,
     };
@@ -169,7 +180,7 @@ fn call_tool(args: &CallArgs) -> i32 {
         Ok(input) => input,
         Err(err) => return usage_error(&format!("the input is not JSON: {err}")),
     };
-    let toolbox = match open_toolbox_with(&args.roots, &args.policy) {
+    let toolbox = match open_toolbox_with(&args.roots, &args.policy, &args.tools) {
         Ok(toolbox) => toolbox,
         Err(code) => return code,
     };

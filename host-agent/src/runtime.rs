@@ -9,8 +9,9 @@
 //! - The credentials directory and files are made private (0700, 0600) first, where others
 //!   could read them.
 //! - Credentials are looked up under every `--server` origin; the first found is used (they
-//!   are valid cluster-wide). Without any, `--code` enrolls with the first server that answers
-//!   and the credentials are cached under every given origin.
+//!   are valid cluster-wide). Without any, `--code` enrolls with the first server that answers,
+//!   or without a code the device enrolls by link ([`crate::grant`]); the credentials are
+//!   cached under every given origin.
 //! - Servers are tried in turn: every failed or dropped stream moves to the next one, after a
 //!   capped, fully jittered exponential delay ([`crate::backoff`]). A stream that stayed up for
 //!   a while resets the delay; a `reconnect` frame skips it (a pause of at most the base delay
@@ -36,7 +37,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use protocol::sse::ReconnectReason;
-use protocol::{EnrollRequest, HostCall, HostResult, Manifest, ToolDescriptor};
+use protocol::{EnrollRequest, EnrollResponse, HostCall, HostResult, Manifest, ToolDescriptor};
 use reqwest::{Client, StatusCode, Url};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -55,10 +56,11 @@ pub mod exit_code {
     /// Anything else that stops the agent (an unwritable credentials directory, a `call`
     /// whose result is not `ok`).
     pub const FAILURE: i32 = 1;
-    /// A usage error: bad flags, a bad server URL or root, no credentials and no `--code`.
+    /// A usage error: bad flags, a bad server URL or root.
     pub const USAGE: i32 = 2;
     /// Enrollment refused: the pairing code is unknown, expired or used (401), the request was
-    /// malformed (400), or too many attempts (429).
+    /// malformed (400), or too many attempts (429); or, enrolling by link, the link was denied
+    /// (`access_denied`) or expired (`expired_token`).
     pub const ENROLLMENT_REFUSED: i32 = 3;
     /// The device was revoked (a `revoked` frame or a 401 on connect); credentials deleted.
     pub const REVOKED: i32 = 4;
@@ -152,7 +154,7 @@ impl RunError {
 }
 
 /// A server URL as logs show it: without the trailing `/` of an empty path.
-fn shown(url: &Url) -> &str {
+pub(crate) fn shown(url: &Url) -> &str {
     url.as_str().trim_end_matches('/')
 }
 
@@ -191,15 +193,14 @@ pub async fn run(
             found
         }
         None => {
-            let Some(code) = config.code.clone().filter(|c| !c.trim().is_empty()) else {
-                return Err(RunError::Usage(format!(
-                    "this device is not enrolled yet (no credentials in {} for {}): pass a pairing code with \
-                     --code <code> (or FUSION_HOST_CODE) on the first run",
-                    store.dir().display(),
-                    origins.join(", ")
-                )));
+            let enrolled = match config.code.clone().filter(|c| !c.trim().is_empty()) {
+                Some(code) => enroll(&client, &config, &store, &origins, &code, &shutdown).await?,
+                // No code: enrollment by link (the device authorization grant).
+                None => {
+                    crate::grant::enroll_by_link(&client, &config, &store, &origins, tools.roots(), &shutdown).await?
+                }
             };
-            match enroll(&client, &config, &store, &origins, &code, &shutdown).await? {
+            match enrolled {
                 Enrollment::Enrolled(credentials) => credentials,
                 Enrollment::Refused(why) => return Ok(Outcome::EnrollmentRefused(why)),
                 Enrollment::Cancelled => return Ok(Outcome::Shutdown),
@@ -293,10 +294,41 @@ fn forget_credentials(store: &CredentialStore, origins: &[String], device_id: &s
     }
 }
 
-enum Enrollment {
+pub(crate) enum Enrollment {
     Enrolled(Credentials),
     Refused(String),
     Cancelled,
+}
+
+/// Caches a new device's credentials under every origin and prints the confirmation, the same
+/// whichever way the device enrolled (a pairing code, or by link).
+pub(crate) fn remember_enrollment(
+    config: &AgentConfig,
+    store: &CredentialStore,
+    origins: &[String],
+    url: &Url,
+    enrolled: EnrollResponse,
+) -> Result<Credentials, RunError> {
+    let enrolled_origin = origin_of(url).unwrap_or_else(|| shown(url).to_owned());
+    let mut saved = None;
+    for origin in origins {
+        let credentials = Credentials {
+            device_id: enrolled.device_id.clone(),
+            token: enrolled.token.clone(),
+            server: origin.clone(),
+        };
+        let path = store.save(&credentials)?;
+        if *origin == enrolled_origin || saved.is_none() {
+            saved = Some(path);
+        }
+    }
+    let saved = saved.map(|p| p.display().to_string()).unwrap_or_default();
+    println!(
+        "Enrolled this device.\n  name:        {}\n  device id:   {}\n  server:      {}\n  credentials: {}",
+        config.name, enrolled.device_id, enrolled_origin, saved
+    );
+    info!("enrolled as device {} ({:?}) with {enrolled_origin}", enrolled.device_id, config.name);
+    Ok(Credentials { device_id: enrolled.device_id, token: enrolled.token, server: enrolled_origin })
 }
 
 /// Trades the pairing code with the first server that answers; caches the credentials under
@@ -322,30 +354,7 @@ async fn enroll(
         };
         let err = match answer {
             Ok(enrolled) => {
-                let enrolled_origin = origin_of(url).unwrap_or_else(|| server.to_owned());
-                let mut saved = None;
-                for origin in origins {
-                    let credentials = Credentials {
-                        device_id: enrolled.device_id.clone(),
-                        token: enrolled.token.clone(),
-                        server: origin.clone(),
-                    };
-                    let path = store.save(&credentials)?;
-                    if *origin == enrolled_origin || saved.is_none() {
-                        saved = Some(path);
-                    }
-                }
-                let saved = saved.map(|p| p.display().to_string()).unwrap_or_default();
-                println!(
-                    "Enrolled this device.\n  name:        {}\n  device id:   {}\n  server:      {}\n  credentials: {}",
-                    config.name, enrolled.device_id, enrolled_origin, saved
-                );
-                info!("enrolled as device {} ({:?}) with {enrolled_origin}", enrolled.device_id, config.name);
-                return Ok(Enrollment::Enrolled(Credentials {
-                    device_id: enrolled.device_id,
-                    token: enrolled.token,
-                    server: enrolled_origin,
-                }));
+                return Ok(Enrollment::Enrolled(remember_enrollment(config, store, origins, url, enrolled)?))
             }
             Err(err) => err,
         };
@@ -379,7 +388,7 @@ async fn enroll(
     }
 }
 
-fn log_transport_failure(what: &str, err: &TransportError, delay: Duration) {
+pub(crate) fn log_transport_failure(what: &str, err: &TransportError, delay: Duration) {
     if matches!(err, TransportError::UntrustedCertificate(_)) {
         error!("{what}: {err}; retrying in {} ms", delay.as_millis());
     } else {
@@ -388,7 +397,7 @@ fn log_transport_failure(what: &str, err: &TransportError, delay: Duration) {
 }
 
 /// False when `shutdown` fired first.
-async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> bool {
+pub(crate) async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) -> bool {
     tokio::select! {
         () = tokio::time::sleep(delay) => true,
         () = shutdown.cancelled() => false,

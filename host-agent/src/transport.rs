@@ -84,7 +84,7 @@ impl TransportError {
         }
     }
 
-    fn from_reqwest(err: reqwest::Error) -> Self {
+    pub(crate) fn from_reqwest(err: reqwest::Error) -> Self {
         let text = describe_error(&err);
         if is_untrusted_certificate(&err) {
             Self::UntrustedCertificate(text)

@@ -223,12 +223,15 @@ async fn too_many_enrollment_attempts_exits_3_with_a_clear_message() {
     assert!(agent.stderr().contains("too many enrollment attempts"), "{}", agent.stderr());
 }
 
+/// No credentials and no code: enrollment by link; a server that does not offer it (this fake
+/// answers 404) is a refusal (exit 3) that names `--code`.
 #[tokio::test]
-async fn no_credentials_and_no_code_exits_2() {
+async fn no_credentials_and_no_code_against_a_server_without_links_exits_3() {
     let fake = Fake::start(&[]).await;
     let dirs = dirs();
     let mut agent = AgentProcess::spawn(&run_args(&[&fake.url], dirs.root.path(), dirs.creds.path(), &[]), &[]);
-    assert_eq!(agent.wait_exit(WAIT).await, 2);
+    assert_eq!(agent.wait_exit(WAIT).await, 3);
+    assert!(agent.stderr().contains("does not offer enrollment by link"), "{}", agent.stderr());
     assert!(agent.stderr().contains("--code"), "{}", agent.stderr());
     assert_eq!(fake.state.stream_count(), 0);
 }

@@ -125,3 +125,18 @@ async fn a_ca_cert_file_without_certificates_is_a_usage_error() {
     assert_eq!(agent.wait_exit(WAIT).await, 2);
     assert!(agent.stderr().contains("empty.pem"), "{}", agent.stderr());
 }
+
+/// Enrollment by link says the same about an untrusted certificate as a pairing enrollment.
+#[tokio::test]
+async fn enrollment_by_link_names_the_flag_too() {
+    let fake = Fake::start(&[]).await;
+    let tls = tls_terminator(fake.addr).await;
+    let url = format!("https://127.0.0.1:{}", tls.port());
+    let root = tempfile::tempdir().expect("root");
+    let creds = tempfile::tempdir().expect("creds");
+    let mut agent = AgentProcess::spawn(&run_args(&[&url], root.path(), creds.path(), &[]), &[]);
+    agent.wait_for_stderr("certificate is not trusted", 1, WAIT).await;
+    let stderr = agent.stderr();
+    assert!(stderr.contains("--ca-cert") && stderr.contains("enrollment link"), "{stderr}");
+    assert!(agent.is_running(), "an untrusted server is retried, not an exit");
+}

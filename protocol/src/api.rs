@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::{HostResult, ToolDescriptor};
+use crate::{CallMode, HostResult, ToolClass, ToolDescriptor};
 
 /// Default and largest `ttlSeconds` of a pairing code.
 pub const PAIRING_TTL_DEFAULT_SECS: u64 = 600;
@@ -206,6 +206,98 @@ pub struct ProposalList {
 #[serde(rename_all = "camelCase")]
 pub struct ProposalDecision {
     pub proposal_id: String,
+}
+
+/// Default and largest `limit` of a page of the call log (`GET /api/calls`).
+pub const CALL_LOG_LIMIT_DEFAULT: usize = 50;
+pub const CALL_LOG_LIMIT_MAX: usize = 500;
+
+/// What became of a logged call. `pending` until an outcome is recorded; `ok` and `error` are
+/// the device's own answer; `offline` and `timed out` the two server-made failures; `unknown` a
+/// call whose result never came back anywhere (its dispatching replica died, and no device
+/// result arrived by well after its deadline).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum CallOutcome {
+    #[serde(rename = "pending")]
+    Pending,
+    #[serde(rename = "ok")]
+    Ok,
+    #[serde(rename = "error")]
+    Error,
+    #[serde(rename = "offline")]
+    Offline,
+    #[serde(rename = "timed out")]
+    TimedOut,
+    #[serde(rename = "unknown")]
+    Unknown,
+}
+
+impl CallOutcome {
+    pub const ALL: [Self; 6] = [Self::Pending, Self::Ok, Self::Error, Self::Offline, Self::TimedOut, Self::Unknown];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Ok => "ok",
+            Self::Error => "error",
+            Self::Offline => "offline",
+            Self::TimedOut => "timed out",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|outcome| outcome.as_str() == text)
+    }
+}
+
+/// One dispatch as the call log keeps it: who ran what where, and what became of it. Neither
+/// the input nor the result is stored (they may hold file contents); the tool, the outcome and
+/// the result's size are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct CallRecord {
+    pub call_id: String,
+    pub device_id: String,
+    pub tool: String,
+    pub mode: CallMode,
+    /// The tool's class, from the device's manifest (absent when it was not known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<ToolClass>,
+    /// The proposal an apply applied, or the proposal a mutation's dry run stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proposal_id: Option<String>,
+    pub dispatched_at: DateTime<Utc>,
+    /// The replica that dispatched the call.
+    pub dispatched_by: String,
+    /// When the replica holding the device's stream wrote the call to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pushed_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pushed_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    pub outcome: CallOutcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// From dispatch to finish, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Bytes of the device's result as it posted it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_bytes: Option<u64>,
+}
+
+/// `GET /api/calls?deviceId=&tool=&outcome=&before=&limit=`: one page, newest first; `next` is
+/// the cursor to pass as `before` for the next page when there is one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CallList {
+    pub calls: Vec<CallRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 /// An optional whole number that JSON may write either way, `5` or `5.0` (JSON Schema calls

@@ -12,16 +12,20 @@
 //!   proposals, pairing codes, errors).
 //! - [`tool`]: [`ToolDescriptor`], [`ToolClass`], [`Manifest`] and the mutation [`Plan`].
 //! - [`sse`]: event names and payloads of the device stream.
+//! - [`grant`]: enrollment by link (RFC 8628): the OAuth forms, answers and error codes, and
+//!   the control API's view of a device authorization.
 //! - [`events`]: frames of the control API's live events and the message carrying them.
 //! - [`subject`]: the NATS subject scheme and message headers of cluster mode.
 
 pub mod api;
 pub mod call;
 pub mod events;
+pub mod grant;
 pub mod sse;
 pub mod subject;
 pub mod tool;
 
 pub use api::*;
 pub use call::*;
+pub use grant::*;
 pub use tool::*;

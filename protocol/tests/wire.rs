@@ -199,3 +199,56 @@ fn nats_bodies() {
         json!({"replica": "a", "streams": 0, "maxStreams": 100, "leaving": true}),
     );
 }
+
+#[test]
+fn call_records_minimal_and_complete() {
+    let at = |s| Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, s).unwrap();
+    let pending = CallRecord {
+        call_id: "c1".into(),
+        device_id: "d1".into(),
+        tool: "stat".into(),
+        mode: CallMode::Auto,
+        class: None,
+        proposal_id: None,
+        dispatched_at: at(5),
+        dispatched_by: "a".into(),
+        pushed_at: None,
+        pushed_by: None,
+        finished_at: None,
+        outcome: CallOutcome::Pending,
+        error: None,
+        duration_ms: None,
+        result_bytes: None,
+    };
+    pin(
+        &pending,
+        json!({"callId": "c1", "deviceId": "d1", "tool": "stat", "mode": "auto",
+               "dispatchedAt": "2026-01-02T03:04:05Z", "dispatchedBy": "a", "outcome": "pending"}),
+    );
+    let done = CallRecord {
+        mode: CallMode::Apply,
+        class: Some(ToolClass::Mutate),
+        proposal_id: Some("p1".into()),
+        pushed_at: Some(at(6)),
+        pushed_by: Some("b".into()),
+        finished_at: Some(at(9)),
+        outcome: CallOutcome::TimedOut,
+        error: Some("device timed out".into()),
+        duration_ms: Some(4000),
+        result_bytes: Some(12),
+        ..pending
+    };
+    pin(
+        &CallList { calls: vec![done], next: Some("n".into()) },
+        json!({"calls": [{"callId": "c1", "deviceId": "d1", "tool": "stat", "mode": "apply", "class": "mutate",
+               "proposalId": "p1", "dispatchedAt": "2026-01-02T03:04:05Z", "dispatchedBy": "a",
+               "pushedAt": "2026-01-02T03:04:06Z", "pushedBy": "b", "finishedAt": "2026-01-02T03:04:09Z",
+               "outcome": "timed out", "error": "device timed out", "durationMs": 4000, "resultBytes": 12}],
+               "next": "n"}),
+    );
+    for outcome in CallOutcome::ALL {
+        assert_eq!(serde_json::to_value(outcome).unwrap(), json!(outcome.as_str()));
+        assert_eq!(CallOutcome::parse(outcome.as_str()), Some(outcome));
+    }
+    assert_eq!(CallOutcome::parse("timed_out"), None);
+}

@@ -641,10 +641,9 @@ async fn a_call_crosses_three_replicas_and_a_thousand_run_exactly_once() {
         }
         assert_eq!(calls.len(), 50, "device {index} got {} calls, not 50", calls.len());
         pushed_total += calls.values().sum::<u32>();
-        assert!(
-            conn.posted.lock().iter().all(|(_, status)| *status == StatusCode::OK),
-            "device {index}: a POST refused"
-        );
+        let refused: Vec<_> =
+            conn.posted.lock().iter().filter(|(_, status)| *status != StatusCode::OK).cloned().collect();
+        assert!(refused.is_empty(), "device {index}: POSTs refused: {refused:?}");
     }
     assert_eq!(pushed_total, 1000);
     let latencies: Vec<Duration> = records.iter().map(|(_, r)| r.elapsed).collect();

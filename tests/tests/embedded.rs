@@ -488,8 +488,16 @@ async fn api_token_revoke_is_prompt(backend: Backend) {
     let kept = env.other_user("user-b").await;
     let (status, _) = env.control.devices().await.unwrap();
     assert_eq!(status, StatusCode::OK, "the token works, and is cached now");
+    // An events stream of the token: keepalives every 15 s, so it can only end sooner by hearing
+    // of the revocation.
+    let mut events = e2e::events::EventStream::open(&env.base(), &env.control.token).await.expect("events");
+    let kept_events = e2e::events::EventStream::open(&env.base(), &kept.token).await.expect("events of user-b");
 
     revoke_token(&url, &env.control.token[..12]).await.expect("revoke");
+    let revoked_at = Instant::now();
+    events.wait_closed(5 * SECOND).await.expect("the revoked token's events stream ends");
+    println!("{backend:?}: its events stream ended {:?} after the command's exit", revoked_at.elapsed());
+    assert!(!kept_events.is_closed(), "another user's events stream stays open");
     let after = env.control.time_until_refused(40 * SECOND).await.unwrap();
     println!("{backend:?}: a revoked, cached api token was refused after {after:?} (from the command's exit)");
     let after = after.expect("the revoked token is refused within 40 s");
@@ -913,20 +921,24 @@ async fn a_stream_that_does_not_read_is_bounded_and_dropped() {
         answers
     };
     let watch = async {
-        let (mut peak_rss, mut peak_queued, mut dropped_after) = (0u64, 0f64, None);
+        let (mut peak_rss, mut peak_queued, mut dropped_after, mut queued_from) = (0u64, 0f64, None, None);
         loop {
             peak_rss = peak_rss.max(e2e::process::rss_kib(pid).unwrap_or(0));
-            peak_queued = peak_queued.max(metric(&base, "stream_queue_bytes").await.unwrap_or(f64::NAN));
+            let queued = metric(&base, "stream_queue_bytes").await.unwrap_or(f64::NAN);
+            peak_queued = peak_queued.max(queued);
+            if queued_from.is_none() && queued > 0.0 {
+                queued_from = Some(started.elapsed());
+            }
             if dropped_after.is_none() && metric(&base, "stuck_streams_total").await.unwrap_or(0.0) >= 1.0 {
                 dropped_after = Some(started.elapsed());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
             if done.load(Ordering::Acquire) || started.elapsed() > 40 * SECOND {
-                return (peak_rss, peak_queued, dropped_after);
+                return (peak_rss, peak_queued, dropped_after, queued_from);
             }
         }
     };
-    let (answers, (peak_rss, peak_queued, dropped_after)) = tokio::join!(calls, watch);
+    let (answers, (peak_rss, peak_queued, dropped_after, queued_from)) = tokio::join!(calls, watch);
     // Close the 100 connections the calls came on: their buffers are theirs, not the stream's.
     drop(client);
     let mut statuses = std::collections::BTreeMap::new();
@@ -952,8 +964,11 @@ async fn a_stream_that_does_not_read_is_bounded_and_dropped() {
     })
     .await
     .unwrap_or(false);
-    // Memory comes back as the allocator returns freed pages: wait for it, 30 s at most.
-    const MARGIN_KIB: u64 = 64 * 1024;
+    // Memory comes back as the allocator returns freed pages: wait for it, 30 s at most. mimalloc
+    // keeps some freed pages with idle threads' heaps: 0-90 MiB above the baseline were measured
+    // after this burst (BENCHMARKS.md: glibc's malloc kept 585-738 MiB of a larger one), hence
+    // the margin.
+    const MARGIN_KIB: u64 = 128 * 1024;
     let settling = Instant::now();
     let after = loop {
         let rss = e2e::process::rss_kib(pid).expect("VmRSS");
@@ -965,7 +980,7 @@ async fn a_stream_that_does_not_read_is_bounded_and_dropped() {
     let settled_in = settling.elapsed();
     let mib = |kib: u64| kib as f64 / 1024.0;
     println!(
-        "deaf stream, {CALLS} calls of 1 MiB: answers {statuses:?}; stream dropped after {dropped_after:?}; peak queued \
+        "deaf stream, {CALLS} calls of 1 MiB: answers {statuses:?}; calls queued from {queued_from:?}, stream dropped after {dropped_after:?}; peak queued \
          {:.1} MiB; RSS baseline {:.1} MiB, peak {:.1} MiB, after {:.1} MiB (within {:.1} s); {:.1} MiB sent before the close",
         peak_queued / 1048576.0,
         mib(baseline),
@@ -978,8 +993,14 @@ async fn a_stream_that_does_not_read_is_bounded_and_dropped() {
         println!("{line}");
     }
     assert!(peak_queued <= BUDGET + CALL_BYTES as f64 * 1.1, "queued {peak_queued} bytes, over the budget");
+    // Dropped two keepalives after its queue stopped draining, counted from the first queued
+    // byte (sending 100 MiB of calls on a loaded machine takes a while) with room for a slow tick.
     let dropped_after = dropped_after.expect("the stream was dropped");
-    assert!(dropped_after < 2 * KEEPALIVE + 8 * SECOND, "dropped only after {dropped_after:?}");
+    let queued_from = queued_from.expect("calls were queued for the stream");
+    assert!(
+        dropped_after < queued_from + 2 * KEEPALIVE + 15 * SECOND,
+        "dropped only after {dropped_after:?}, calls queued from {queued_from:?}"
+    );
     assert!(closed, "the server closed the connection");
     assert!(after < baseline + MARGIN_KIB, "RSS {after} KiB after 30 s, baseline {baseline} KiB");
     assert_eq!(metric(&base, "stream_queue_bytes").await, Some(0.0));

@@ -68,6 +68,25 @@ pub enum OperatorCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// The call log: the latest calls, newest first, or one call's record.
+    Calls {
+        /// One call's id: show its record instead of a list.
+        call_id: Option<String>,
+        /// Only calls to this device: its id, or its name when no other device has the same one.
+        #[arg(long)]
+        device: Option<String>,
+        /// Only calls of this tool.
+        #[arg(long)]
+        tool: Option<String>,
+        /// Only calls with this outcome.
+        #[arg(long, value_parser = OUTCOMES)]
+        outcome: Option<String>,
+        /// How many calls to show at most (pages are followed).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        limit: u64,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Revoke a device after confirmation: its stream closes and its token stops working.
     Revoke {
         /// The device: its id, or its name when no other device has the same one.
@@ -79,6 +98,9 @@ pub enum OperatorCommand {
         server: ServerArgs,
     },
 }
+
+/// The outcomes `calls --outcome` takes (`timed-out` stands for `timed out`).
+const OUTCOMES: [&str; 7] = ["pending", "ok", "error", "offline", "timed out", "timed-out", "unknown"];
 
 /// The control API to talk to, and how to print its answers.
 #[derive(Debug, Clone, Args)]
@@ -107,7 +129,8 @@ impl OperatorCommand {
             | Self::Proposals { server, .. }
             | Self::Approve { server, .. }
             | Self::Reject { server, .. }
-            | Self::Revoke { server, .. } => server,
+            | Self::Revoke { server, .. }
+            | Self::Calls { server, .. } => server,
         }
     }
 }
@@ -140,6 +163,8 @@ mod tests {
             &["approve", "p"],
             &["reject", "p"],
             &["revoke", "laptop"],
+            &["calls"],
+            &["calls", "0a000001-0000-4000-8000-000000000001"],
         ] {
             let mut argv = args.to_vec();
             argv.extend(["--server", "https://d.example", "--token", "t", "--json", "--ca-cert", "/ca.pem"]);
@@ -180,6 +205,9 @@ mod tests {
             &["approve"],
             &["revoke"],
             &["devices", "extra"],
+            &["calls", "--outcome", "fine"],
+            &["calls", "--limit", "0"],
+            &["calls", "a", "b"],
         ] {
             let error = parse(args).expect_err(&format!("{args:?}"));
             assert_eq!(error.exit_code(), 2, "{args:?}");

@@ -13,7 +13,7 @@ use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use chrono::Utc;
-use protocol::{CallResponse, Device, HostResult, PairingCode, Proposal, CALL_TIMEOUT_DEFAULT_MS};
+use protocol::{CallRecord, CallResponse, Device, HostResult, PairingCode, Proposal, CALL_TIMEOUT_DEFAULT_MS};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
@@ -85,6 +85,16 @@ pub async fn run(command: OperatorCommand) -> Result<(), CliError> {
             approve(&Context::new(&server)?, &proposal, confirmation).await
         }
         OperatorCommand::Reject { proposal, server } => reject(&Context::new(&server)?, &proposal).await,
+        OperatorCommand::Calls { call_id, device, tool, outcome, limit, server } => match call_id {
+            Some(_) if device.is_some() || tool.is_some() || outcome.is_some() => Err(CliError::Usage(
+                "a call id shows that one call; --device, --tool and --outcome filter the list (give no id)".into(),
+            )),
+            Some(id) => call_record(&Context::new(&server)?, &id).await,
+            None => {
+                let filter = CallLogFilter { device, tool, outcome: outcome.map(|o| o.replace('-', " ")) };
+                calls(&Context::new(&server)?, &filter, limit).await
+            }
+        },
         OperatorCommand::Revoke { device, yes, server } => {
             let confirmation = prompt::confirmation(yes, std::io::stdin().is_terminal(), "revoke it")?;
             revoke(&Context::new(&server)?, &device, confirmation).await
@@ -324,6 +334,88 @@ async fn reject(ctx: &Context, id: &str) -> Result<(), CliError> {
         render::cell(&proposal.device_id),
         proposal.status.as_str()
     ));
+    Ok(())
+}
+
+/// What `dispatcher calls` lists.
+struct CallLogFilter {
+    device: Option<String>,
+    tool: Option<String>,
+    outcome: Option<String>,
+}
+
+/// `dispatcher calls`: the latest `limit` calls matching `filter`, newest first, following pages.
+async fn calls(ctx: &Context, filter: &CallLogFilter, limit: u64) -> Result<(), CliError> {
+    let device_id = match &filter.device {
+        Some(device) => Some(device_id(ctx, device).await?),
+        None => None,
+    };
+    let mut query: Vec<(&str, String)> = Vec::new();
+    if let Some(id) = &device_id {
+        query.push(("deviceId", id.clone()));
+    }
+    if let Some(tool) = &filter.tool {
+        query.push(("tool", tool.clone()));
+    }
+    if let Some(outcome) = &filter.outcome {
+        query.push(("outcome", outcome.clone()));
+    }
+    let wanted = usize::try_from(limit).unwrap_or(usize::MAX);
+    let mut rows: Vec<Value> = Vec::new();
+    let mut before: Option<String> = None;
+    while rows.len() < wanted {
+        let page_limit = (wanted - rows.len()).min(protocol::CALL_LOG_LIMIT_MAX).to_string();
+        let mut page_query: Vec<(&str, &str)> = query.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        page_query.push(("limit", &page_limit));
+        if let Some(cursor) = &before {
+            page_query.push(("before", cursor));
+        }
+        let reply = ctx.api.request(Method::GET, &["api", "calls"], &page_query, None, REQUEST_TIMEOUT).await?;
+        let page = reply.success()?;
+        match page.get("calls") {
+            Some(Value::Array(items)) => rows.extend(items.iter().cloned()),
+            _ => return Err(CliError::Unexpected("no \"calls\" list in api/calls".into())),
+        }
+        match page.get("next").and_then(Value::as_str) {
+            Some(next) if before.as_deref() != Some(next) => before = Some(next.to_owned()),
+            _ => break,
+        }
+    }
+    rows.truncate(wanted);
+    if ctx.json {
+        out_json(&json!({ "calls": rows }));
+        return Ok(());
+    }
+    let records: Vec<CallRecord> = rows.into_iter().map(|row| parse(row, "call")).collect::<Result<_, _>>()?;
+    let names: HashMap<String, String> = if records.is_empty() {
+        HashMap::new()
+    } else {
+        typed_devices(device_rows(ctx).await?)?.into_iter().map(|device| (device.id, device.name)).collect()
+    };
+    out(&render::calls(&records, &names, Utc::now(), ctx.style));
+    Ok(())
+}
+
+/// `dispatcher calls <call id>`.
+async fn call_record(ctx: &Context, id: &str) -> Result<(), CliError> {
+    let reply = ctx.api.request(Method::GET, &["api", "calls", id], &[], None, REQUEST_TIMEOUT).await?;
+    if reply.status == StatusCode::NOT_FOUND {
+        return Err(CliError::Refused { status: 404, message: format!("no call {:?}", render::cell(id)) });
+    }
+    let value = reply.success()?;
+    if ctx.json {
+        out_json(&value);
+        return Ok(());
+    }
+    let record: CallRecord = parse(value, "call")?;
+    let name =
+        match ctx.api.request(Method::GET, &["api", "devices", &record.device_id], &[], None, REQUEST_TIMEOUT).await {
+            Ok(reply) if reply.answer() == Answer::Success => {
+                reply.body.get("name").and_then(Value::as_str).map(str::to_owned)
+            }
+            _ => None,
+        };
+    out(&render::call_record(&record, name.as_deref(), Utc::now()));
     Ok(())
 }
 

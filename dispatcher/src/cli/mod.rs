@@ -1,4 +1,5 @@
-//! The operator CLI: `dispatcher pair | devices | call | proposals | approve | reject | revoke`,
+//! The operator CLI: `dispatcher pair | devices | call | proposals | approve | reject | revoke |
+//! calls`,
 //! one-shot HTTP clients of the control API of any replica (CONTRACT.md, "The operator CLI").
 //!
 //! This door translates a command line into control-API requests and their answers into text

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use protocol::{Device, HostResult, PairingCode, Proposal};
+use protocol::{CallMode, CallOutcome, CallRecord, Device, HostResult, PairingCode, Proposal};
 use serde_json::Value;
 
 /// How to print: with ANSI colours (stdout is a terminal and `NO_COLOR` is unset) or without.
@@ -252,6 +252,111 @@ pub fn proposals(
         })
         .collect();
     table(&["ID", "DEVICE", "TOOL", "STATUS", "CREATED", "SUMMARY"], &rows, style)
+}
+
+/// An outcome's colour: green for ok, red for the failures, cyan while pending.
+fn outcome_paint(outcome: CallOutcome) -> Option<Paint> {
+    match outcome {
+        CallOutcome::Ok => Some(Paint::Green),
+        CallOutcome::Pending => Some(Paint::Cyan),
+        CallOutcome::Error | CallOutcome::Offline | CallOutcome::TimedOut | CallOutcome::Unknown => Some(Paint::Red),
+    }
+}
+
+fn mode_word(mode: CallMode) -> &'static str {
+    match mode {
+        CallMode::Auto => "auto",
+        CallMode::Apply => "apply",
+    }
+}
+
+/// Milliseconds in words: `850 ms`, `2.4 s`, then as [`span`].
+pub fn duration_ms(ms: u64) -> String {
+    match ms {
+        0..=999 => format!("{ms} ms"),
+        1000..=59_999 => format!("{:.1} s", ms as f64 / 1000.0),
+        _ => span(ms / 1000),
+    }
+}
+
+/// A byte count in words: `512 B`, `3.2 KiB`, `1.5 MiB`.
+pub fn bytes(n: u64) -> String {
+    const KIB: f64 = 1024.0;
+    match n {
+        0..=1023 => format!("{n} B"),
+        1024..=1_048_575 => format!("{:.1} KiB", n as f64 / KIB),
+        _ => format!("{:.1} MiB", n as f64 / (KIB * KIB)),
+    }
+}
+
+/// The call log table: when, device (its name when known), tool, mode, outcome, duration,
+/// result size, call id.
+pub fn calls(calls: &[CallRecord], names: &HashMap<String, String>, now: DateTime<Utc>, style: Style) -> String {
+    if calls.is_empty() {
+        return "No calls.\n".into();
+    }
+    let rows: Vec<Vec<(String, Option<Paint>)>> = calls
+        .iter()
+        .map(|call| {
+            vec![
+                (relative_time(now, call.dispatched_at), None),
+                (cell(names.get(&call.device_id).unwrap_or(&call.device_id)), None),
+                (cell(&call.tool), None),
+                (mode_word(call.mode).to_owned(), None),
+                (call.outcome.as_str().to_owned(), outcome_paint(call.outcome)),
+                (call.duration_ms.map_or_else(|| "-".into(), duration_ms), None),
+                (call.result_bytes.map_or_else(|| "-".into(), bytes), None),
+                (cell(&call.call_id), None),
+            ]
+        })
+        .collect();
+    table(&["WHEN", "DEVICE", "TOOL", "MODE", "OUTCOME", "DURATION", "RESULT", "CALL ID"], &rows, style)
+}
+
+/// One call's record, a field a line.
+pub fn call_record(call: &CallRecord, device_name: Option<&str>, now: DateTime<Utc>) -> String {
+    let mut out = String::new();
+    let at = |time: DateTime<Utc>| format!("{} ({})", timestamp(time), relative_time(now, time));
+    let device = match device_name {
+        Some(name) => format!("{} ({})", cell(name), cell(&call.device_id)),
+        None => cell(&call.device_id),
+    };
+    let _ = writeln!(out, "Call:        {}", cell(&call.call_id));
+    let _ = writeln!(out, "Device:      {device}");
+    let _ = writeln!(out, "Tool:        {}", cell(&call.tool));
+    let class = call.class.map(|c| format!(" ({c:?})").to_lowercase()).unwrap_or_default();
+    let _ = writeln!(out, "Mode:        {}{class}", mode_word(call.mode));
+    if let Some(id) = &call.proposal_id {
+        let _ = writeln!(out, "Proposal:    {}", cell(id));
+    }
+    let _ = writeln!(out, "Outcome:     {}", call.outcome.as_str());
+    if let Some(error) = &call.error {
+        let _ = writeln!(out, "Error:       {}", cell(error));
+    }
+    let _ = writeln!(out, "Dispatched:  {} by {}", at(call.dispatched_at), cell(&call.dispatched_by));
+    match (call.pushed_at, &call.pushed_by) {
+        (Some(time), Some(by)) => {
+            let _ = writeln!(out, "Pushed:      {} by {}", at(time), cell(by));
+        }
+        _ => {
+            let _ = writeln!(out, "Pushed:      -");
+        }
+    }
+    match call.finished_at {
+        Some(time) => {
+            let _ = writeln!(out, "Finished:    {}", at(time));
+        }
+        None => {
+            let _ = writeln!(out, "Finished:    -");
+        }
+    }
+    if let Some(ms) = call.duration_ms {
+        let _ = writeln!(out, "Duration:    {}", duration_ms(ms));
+    }
+    if let Some(n) = call.result_bytes {
+        let _ = writeln!(out, "Result size: {}", bytes(n));
+    }
+    out
 }
 
 /// A unified diff, lines coloured by kind when the style has colour.

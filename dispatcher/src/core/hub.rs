@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 use protocol::sse::ReconnectReason;
 use protocol::subject::{CallAck, DeliverAck, Holder};
 use protocol::{HostCall, HostResult};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::cache::{CachedDevice, TtlCache};
@@ -103,6 +103,9 @@ pub struct Hub {
     quarantine_until_ms: AtomicU64,
     device_tokens: Mutex<TtlCache<[u8; 32], CachedDevice>>,
     api_tokens: Mutex<TtlCache<[u8; 32], String>>,
+    /// Counts the api-token revocations heard here: long-lived api-token streams (events) watch
+    /// it and ask again whether their token is still good.
+    api_token_revocations: watch::Sender<u64>,
     /// Device id to its owner, for devices seen live in the registry: a dispatch checks
     /// ownership here instead of in the database.
     device_owners: Mutex<TtlCache<String, String>>,
@@ -181,7 +184,7 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
-    /// A hub for one replica. Spawn [`Hub::watch_stalls`] beside it: without its ticks the hub
+    /// A hub for one replica. Start [`Hub::spawn_stall_watch`] beside it: without its ticks the hub
     /// soon counts itself frozen and refuses pushes and new streams.
     pub fn new(replica_id: impl Into<String>, route_tag: u32) -> Arc<Self> {
         Self::with_stream_queue_bytes(replica_id, route_tag, STREAM_QUEUE_BYTES)
@@ -200,6 +203,7 @@ impl Hub {
             quarantine_until_ms: AtomicU64::new(0),
             device_tokens: Mutex::new(TtlCache::new(AUTH_CACHE_TTL, AUTH_CACHE_CAPACITY)),
             api_tokens: Mutex::new(TtlCache::new(AUTH_CACHE_TTL, AUTH_CACHE_CAPACITY)),
+            api_token_revocations: watch::Sender::new(0),
             device_owners: Mutex::new(TtlCache::new(AUTH_CACHE_TTL, AUTH_CACHE_CAPACITY)),
             pushed: Mutex::default(),
             queue_limits: QueueLimits { frames: STREAM_QUEUE, bytes: queue_bytes },
@@ -489,15 +493,24 @@ impl Hub {
     /// Api tokens were revoked: forget them, so their next request asks the registry (and is
     /// refused). Returns how many were cached here.
     pub fn revoke_api_tokens<'a>(&self, token_hashes: impl IntoIterator<Item = &'a [u8; 32]>) -> usize {
-        let mut cache = self.api_tokens.lock();
-        token_hashes
-            .into_iter()
-            .filter(|hash| {
-                let cached = cache.contains(hash);
-                cache.remove(hash);
-                cached
-            })
-            .count()
+        let evicted = {
+            let mut cache = self.api_tokens.lock();
+            token_hashes
+                .into_iter()
+                .filter(|hash| {
+                    let cached = cache.contains(hash);
+                    cache.remove(hash);
+                    cached
+                })
+                .count()
+        };
+        self.api_token_revocations.send_modify(|count| *count += 1);
+        evicted
+    }
+
+    /// Changes after every api-token revocation heard here (and every flush of the caches).
+    pub fn api_token_revocations(&self) -> watch::Receiver<u64> {
+        self.api_token_revocations.subscribe()
     }
 
     /// The owner of a live device, if this replica looked it up recently.
@@ -514,6 +527,7 @@ impl Hub {
         self.device_tokens.lock().clear();
         self.api_tokens.lock().clear();
         self.device_owners.lock().clear();
+        self.api_token_revocations.send_modify(|count| *count += 1);
     }
 
     // ---- stall watch ----
@@ -536,19 +550,27 @@ impl Hub {
         Duration::from_millis(self.now_ms().saturating_sub(last)) > PUSH_FENCE
     }
 
-    /// Ticks until cancelled. A gap longer than `stall_after` (the process was frozen past the
-    /// devices' patience) gives up every stream with `reconnect`: they may have moved. Each
-    /// tick also drops the streams that have not drained for twice `stall_after` (the
-    /// keepalive interval): [`Hub::drop_stuck_streams`].
-    pub async fn watch_stalls(self: Arc<Self>, stall_after: Duration, cancel: CancellationToken) {
+    /// Starts the stall watch on a thread of its own, ticking until `cancel`. A gap longer than
+    /// `stall_after` (the process was frozen past the devices' patience) gives up every stream
+    /// with `reconnect`: they may have moved. Each tick also drops the streams that have not
+    /// drained for twice `stall_after` (the keepalive interval): [`Hub::drop_stuck_streams`].
+    ///
+    /// Its own thread, not a task: what it detects is the whole process stopped (SIGSTOP, a paused
+    /// VM), which stops this thread too, whereas an async runtime merely busy with requests
+    /// (thousands of calls on a starved CPU) delays a task's timer and would pass for a freeze,
+    /// giving up every stream of a replica that is working.
+    pub fn spawn_stall_watch(
+        self: Arc<Self>,
+        stall_after: Duration,
+        cancel: CancellationToken,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new().name("stall-watch".into()).spawn(move || self.watch_stalls(stall_after, &cancel))
+    }
+
+    fn watch_stalls(&self, stall_after: Duration, cancel: &CancellationToken) {
         self.tick();
-        let mut interval = tokio::time::interval(TICK);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = interval.tick() => {}
-            }
+        while !cancel.is_cancelled() {
+            std::thread::sleep(TICK);
             if let Some((gap, closed)) = self.check_stall(stall_after) {
                 tracing::warn!(gap_ms = gap.as_millis() as u64, closed, "replica was frozen; gave up its streams");
                 continue;

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::auth::DeviceCaller;
-use super::{ApiError, AppState, JsonBody};
+use super::{ApiError, AppState, JsonBody, SizedJsonBody};
 use crate::core::{Close, Delivery, DeviceStream, Frame};
 use crate::events;
 use crate::registry::{EnrollOutcome, LateApply, RegistryError};
@@ -235,6 +235,7 @@ fn frames(ready: Ready, stream: DeviceStream, end: StreamEnd) -> impl Stream<Ite
         };
         match frame {
             Frame::Call(call) => {
+                end.state.call_log.pushed(&call.call_id, &end.device_id, &end.owner);
                 // Encoded when it was queued: one line of JSON.
                 let event = Event::default().event(sse::EVENT_CALL).id(&call.call_id).data(call.json);
                 Some((Ok(event), (None, Some((stream, end)))))
@@ -287,12 +288,12 @@ pub async fn result(
     State(state): State<AppState>,
     caller: DeviceCaller,
     headers: axum::http::HeaderMap,
-    JsonBody(result): JsonBody<HostResult>,
+    SizedJsonBody(result, bytes): SizedJsonBody<HostResult>,
 ) -> Result<Response, ApiError> {
     // The agent posts under the call's trace context: the hand-over joins the dispatch's trace.
     let span = tracing::info_span!("api.result", device_id = %caller.device_id, call_id = %result.call_id);
     crate::telemetry::set_parent(&span, headers.get("traceparent").and_then(|v| v.to_str().ok()));
-    let outcome = deliver(&state, &caller, result, span).await;
+    let outcome = deliver(&state, &caller, result, bytes, span).await;
     state.metrics.result_delivery(match &outcome {
         Ok((fate, _)) => fate,
         Err(ApiError::Forbidden(_)) => "forbidden",
@@ -301,29 +302,52 @@ pub async fn result(
     outcome.map(|(_, response)| response)
 }
 
-/// Hands a result over; the fate (`delivered`, `late_apply`, `unknown`, `forbidden`) and the
-/// response.
+/// Hands a result over (and completes its call log record); the fate (`delivered`,
+/// `late_apply`, `unknown`, `forbidden`) and the response.
 async fn deliver(
     state: &AppState,
     caller: &DeviceCaller,
     result: HostResult,
+    bytes: usize,
     span: tracing::Span,
 ) -> Result<(&'static str, Response), ApiError> {
+    // The call log's part, taken before the result moves on: its outcome and size only.
+    let logged = HostResult {
+        call_id: result.call_id.clone(),
+        ok: result.ok,
+        result: None,
+        proposal: None,
+        error: result.error.clone(),
+    };
+    let log = || state.call_log.answered_by_device(&caller.device_id, &caller.owner, &logged, bytes);
     match state.dispatcher.deliver_or_keep(&caller.device_id, result).instrument(span.clone()).await {
-        Delivery::Answered(DeliverAck::Delivered) => Ok(("delivered", delivered(true))),
+        Delivery::Answered(DeliverAck::Delivered) => {
+            log();
+            Ok(("delivered", delivered(true)))
+        }
         Delivery::Answered(DeliverAck::Forbidden) => Err(forbidden()),
         Delivery::Answered(DeliverAck::Unknown) => Ok(("unknown", delivered(false))),
         // Nobody waits for it: it may be the apply of a proposal whose replica died or gave up.
-        Delivery::Unclaimed(late) => match state.registry.complete_late_apply(&caller.device_id, &late).await? {
-            LateApply::Recorded { proposal_id, status } => {
-                span.in_scope(|| tracing::info!(%proposal_id, status = status.as_str(), "late apply result recorded"));
-                state.metrics.proposal(status.as_str());
-                events::proposal_reloaded(state, &caller.owner, &proposal_id).await;
-                Ok(("late_apply", delivered(true)))
+        // Whatever the call was, the result completes its record (the registry keeps it only
+        // when the call was sent to this device).
+        Delivery::Unclaimed(late) => {
+            let late_apply = state.registry.complete_late_apply(&caller.device_id, &late).await;
+            if !matches!(late_apply, Ok(LateApply::OtherDevice)) {
+                log();
             }
-            LateApply::OtherDevice => Err(forbidden()),
-            LateApply::Unknown => Ok(("unknown", delivered(false))),
-        },
+            match late_apply? {
+                LateApply::Recorded { proposal_id, status } => {
+                    span.in_scope(
+                        || tracing::info!(%proposal_id, status = status.as_str(), "late apply result recorded"),
+                    );
+                    state.metrics.proposal(status.as_str());
+                    events::proposal_reloaded(state, &caller.owner, &proposal_id).await;
+                    Ok(("late_apply", delivered(true)))
+                }
+                LateApply::OtherDevice => Err(forbidden()),
+                LateApply::Unknown => Ok(("unknown", delivered(false))),
+            }
+        }
     }
 }
 

@@ -3,8 +3,9 @@
 //! snapshot, then each frame the [`EventHub`](crate::events::EventHub) queues for it, and a
 //! keepalive comment at the keepalive interval.
 //!
-//! At each keepalive the stream asks again whether its api token is still good (through the
-//! same extractor as every request): a revoked token ends it. The stream also ends when its
+//! When this replica hears of an api-token revocation (the NATS broadcast or the database poll),
+//! and at each keepalive, the stream asks again whether its api token is still good (through the
+//! same extractor as every request): a revoked token ends it within the revocation's delay. The stream also ends when its
 //! listener falls behind or the replica drains; a client then reconnects and gets a fresh
 //! snapshot. Not here: who hears what (`events::listeners`) or what is published (`events`).
 
@@ -19,6 +20,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use protocol::events::EVENT_SNAPSHOT;
 use protocol::sse::KEEPALIVE_COMMENT;
+use tokio::sync::watch;
 use tokio::time::{Instant, Interval};
 use tokio_util::sync::CancellationToken;
 
@@ -63,6 +65,7 @@ pub async fn events(
         authorization: headers.get(AUTHORIZATION).cloned(),
         user_id: caller.user_id,
         ticks: tokio::time::interval_at(Instant::now() + keepalive, keepalive),
+        revocations: state.dispatcher.hub().api_token_revocations(),
         subscription,
         state,
     };
@@ -89,26 +92,37 @@ struct Live {
     authorization: Option<HeaderValue>,
     user_id: String,
     ticks: Interval,
+    revocations: watch::Receiver<u64>,
 }
 
 impl Live {
     /// The next event to write, or `None` when the stream ends.
     async fn next(&mut self) -> Option<Event> {
-        let listener = &mut self.subscription.listener;
-        tokio::select! {
-            biased;
-            _ = self.closing.cancelled() => None,
-            _ = listener.dropped.cancelled() => None,
-            frame = listener.frames.recv() => frame.map(|frame| event_of(&frame)),
-            _ = self.ticks.tick() => {
-                if still_authorized(&self.state, self.authorization.as_ref(), &self.user_id).await {
-                    Some(Event::default().comment(KEEPALIVE_COMMENT))
-                } else {
-                    tracing::info!("events stream ended: its api token is no longer accepted");
-                    None
+        loop {
+            let listener = &mut self.subscription.listener;
+            tokio::select! {
+                biased;
+                _ = self.closing.cancelled() => return None,
+                _ = listener.dropped.cancelled() => return None,
+                changed = self.revocations.changed() => {
+                    if changed.is_err() || !self.authorized().await {
+                        return None;
+                    }
+                }
+                frame = listener.frames.recv() => return frame.map(|frame| event_of(&frame)),
+                _ = self.ticks.tick() => {
+                    return self.authorized().await.then(|| Event::default().comment(KEEPALIVE_COMMENT));
                 }
             }
         }
+    }
+
+    async fn authorized(&self) -> bool {
+        let authorized = still_authorized(&self.state, self.authorization.as_ref(), &self.user_id).await;
+        if !authorized {
+            tracing::info!("events stream ended: its api token is no longer accepted");
+        }
+        authorized
     }
 }
 

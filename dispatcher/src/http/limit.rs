@@ -1,22 +1,25 @@
 //! A keyed token-bucket rate limiter, used on enrollment so pairing codes cannot be guessed
-//! at speed. Pure and synchronous; keys are client addresses. Per replica: with N replicas a
-//! client gets N times the rate, which the code's 60 bits of entropy absorb many times over.
+//! at speed, and on enrollment by link so device and user codes cannot either. Pure and
+//! synchronous; keys are client addresses (or, for the control API, user ids). Per replica:
+//! with N replicas a client gets N times the rate, which the codes' entropy and short lives
+//! absorb many times over.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
 #[derive(Debug)]
-pub struct RateLimiter {
+pub struct RateLimiter<K = IpAddr> {
     burst: f64,
     per_second: f64,
-    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    buckets: Mutex<HashMap<K, (f64, Instant)>>,
     capacity: usize,
 }
 
-impl RateLimiter {
+impl<K: Hash + Eq + Clone> RateLimiter<K> {
     /// `burst` attempts at once, refilled at one per `every`.
     pub fn new(burst: u32, every: Duration) -> Self {
         Self {
@@ -28,7 +31,7 @@ impl RateLimiter {
     }
 
     /// Takes one attempt for `key` at `now`; false when the key is over its rate.
-    pub fn try_acquire(&self, key: IpAddr, now: Instant) -> bool {
+    pub fn try_acquire(&self, key: K, now: Instant) -> bool {
         let mut buckets = self.buckets.lock();
         if buckets.len() >= self.capacity && !buckets.contains_key(&key) {
             let (burst, rate) = (self.burst, self.per_second);
@@ -42,6 +45,18 @@ impl RateLimiter {
             true
         } else {
             false
+        }
+    }
+
+    /// Whether `key` has an attempt left at `now`, without taking it: for limits that charge
+    /// only failed attempts (a wrong code), checked before the attempt.
+    pub fn allows(&self, key: &K, now: Instant) -> bool {
+        let buckets = self.buckets.lock();
+        match buckets.get(key) {
+            None => self.burst >= 1.0,
+            Some((tokens, at)) => {
+                (*tokens + now.saturating_duration_since(*at).as_secs_f64() * self.per_second).min(self.burst) >= 1.0
+            }
         }
     }
 }
@@ -71,5 +86,18 @@ mod tests {
         let now = Instant::now();
         let allowed = (0..10_000).filter(|_| limiter.try_acquire(ip, now)).count();
         assert_eq!(allowed, 10);
+    }
+
+    #[test]
+    fn allows_looks_without_taking() {
+        let limiter: RateLimiter<String> = RateLimiter::new(2, Duration::from_secs(1));
+        let key = "alice".to_owned();
+        let t0 = Instant::now();
+        assert!(limiter.allows(&key, t0));
+        assert!(limiter.allows(&key, t0), "looking takes nothing");
+        assert!(limiter.try_acquire(key.clone(), t0));
+        assert!(limiter.try_acquire(key.clone(), t0));
+        assert!(!limiter.allows(&key, t0));
+        assert!(limiter.allows(&key, t0 + Duration::from_millis(1100)));
     }
 }

@@ -1,5 +1,6 @@
 //! The HTTP API of CONTRACT.md: device-facing routes ([`device`]), the control API
-//! ([`control`]), its live events ([`events`]) and operations ([`ops`]), described by [`openapi`].
+//! ([`control`]), the call log ([`calls`]), its live events ([`events`]), enrollment by link
+//! ([`grant`]) and operations ([`ops`]), described by [`openapi`].
 //! Handlers extract, call the core, the service layer or the registry, and map the outcome to a
 //! response; [`ApiError`] is the one error type.
 
@@ -13,10 +14,12 @@ use crate::telemetry::Metrics;
 
 pub mod access;
 pub mod auth;
+pub mod calls;
 pub mod control;
 pub mod device;
 pub mod error;
 pub mod events;
+pub mod grant;
 pub mod limit;
 pub mod openapi;
 pub mod ops;
@@ -33,8 +36,12 @@ pub struct AppState {
     /// Set when a graceful shutdown began: readiness fails, new streams are refused.
     pub draining: Arc<AtomicBool>,
     pub enroll_limiter: Arc<limit::RateLimiter>,
+    /// Rate limits of enrollment by link (guessing of device and user codes).
+    pub grant_limits: Arc<grant::GrantLimits>,
     /// This replica's listeners of `GET /api/events`.
     pub events: Arc<crate::events::EventHub>,
+    /// This replica's writer of the call log.
+    pub call_log: crate::calllog::CallLog,
 }
 
 impl std::fmt::Debug for AppState {
@@ -57,6 +64,22 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        SizedJsonBody::from_request(request, state).await.map(|SizedJsonBody(value, _)| Self(value))
+    }
+}
+
+/// A [`JsonBody`] with the size of the body in bytes (the call log records a result's size).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SizedJsonBody<T>(pub T, pub usize);
+
+impl<S, T> axum::extract::FromRequest<S> for SizedJsonBody<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
         if !is_json_content_type(request.headers()) {
             return Err(ApiError::BadRequest("expected a body with Content-Type: application/json".into()));
         }
@@ -71,7 +94,7 @@ where
             return Err(ApiError::BadRequest("expected a JSON object".into()));
         }
         let axum::Json(value) = axum::Json::<T>::from_bytes(&bytes)?;
-        Ok(Self(value))
+        Ok(Self(value, bytes.len()))
     }
 }
 

@@ -11,7 +11,7 @@ use serde_json::Value;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{control, device, events, ops};
+use super::{calls, control, device, events, grant, ops};
 
 /// Security scheme of the control API: `Authorization: Bearer <api token>`.
 pub const API_TOKEN: &str = "apiToken";
@@ -31,6 +31,11 @@ pub const DEVICE_TOKEN: &str = "deviceToken";
         device::stream,
         device::result,
         device::manifest,
+        grant::device_authorization,
+        grant::token,
+        grant::get_device_authorization,
+        grant::approve_device_authorization,
+        grant::deny_device_authorization,
         control::create_pairing_code,
         control::list_devices,
         control::get_device,
@@ -40,6 +45,8 @@ pub const DEVICE_TOKEN: &str = "deviceToken";
         control::get_proposal,
         control::approve,
         control::reject,
+        calls::list_calls,
+        calls::get_call,
         events::events,
         crate::mcp::post,
         crate::mcp::get,
@@ -57,6 +64,7 @@ pub const DEVICE_TOKEN: &str = "deviceToken";
         protocol::sse::Reconnect,
         protocol::sse::ReconnectReason,
         control::DeviceInclude,
+        protocol::DeviceAuthorizationStatus,
     )),
     modifiers(&BearerSchemes),
     tags(

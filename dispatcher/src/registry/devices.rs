@@ -144,7 +144,6 @@ impl Registry {
             return Ok(EnrollOutcome::Refused);
         };
         let device_id = uuid::Uuid::new_v4().to_string();
-        let token = secret::new_token(DEVICE_TOKEN_PREFIX);
         let now = self.now_ms();
 
         let mut tx = self.pool.begin().await?;
@@ -166,31 +165,56 @@ impl Registry {
             tx.rollback().await?;
             return Ok(EnrollOutcome::Refused);
         };
-        lock_user_quota(&mut tx, self.engine, Limit::DevicesPerUser, &owner).await?;
+        let token = match self.create_device(&mut tx, &device_id, &owner, name, platform, now).await {
+            Ok(token) => token,
+            Err(error) => {
+                tx.rollback().await?;
+                return Err(error);
+            }
+        };
+        tx.commit().await?;
+        Ok(EnrollOutcome::Enrolled(EnrollResponse { device_id, token }))
+    }
+
+    /// Creates `owner`'s device `device_id` with a new device token, inside `tx`, and returns
+    /// the token (its only time in clear): the one way a device comes to exist, whichever door
+    /// it enrolled through (a pairing code, an approved device authorization). Within the
+    /// owner's quota of [`super::Limits::max_devices_per_user`] devices, counted and created
+    /// serialized per user across replicas; on [`RegistryError::OverLimit`] the caller rolls
+    /// `tx` back.
+    pub(super) async fn create_device(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        device_id: &str,
+        owner: &str,
+        name: &str,
+        platform: Option<&str>,
+        now: i64,
+    ) -> Result<String, RegistryError> {
+        lock_user_quota(tx, self.engine, Limit::DevicesPerUser, owner).await?;
         let (devices,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM devices WHERE owner = $1 AND revoked_at IS NULL")
-            .bind(&owner)
-            .fetch_one(&mut *tx)
+            .bind(owner)
+            .fetch_one(&mut **tx)
             .await?;
         let max = self.limits.max_devices_per_user;
         if as_u64(devices) >= max {
-            tx.rollback().await?;
             return Err(RegistryError::OverLimit { limit: Limit::DevicesPerUser, value: as_u64(devices), max });
         }
+        let token = secret::new_token(DEVICE_TOKEN_PREFIX);
         sqlx::query(
             "INSERT INTO devices (id, owner, name, platform, token_hash, token_prefix, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
-        .bind(&device_id)
-        .bind(&owner)
+        .bind(device_id)
+        .bind(owner)
         .bind(name)
         .bind(platform)
         .bind(secret::hash_secret(&token))
         .bind(secret::stored_prefix(&token))
         .bind(now)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
-        tx.commit().await?;
-        Ok(EnrollOutcome::Enrolled(EnrollResponse { device_id, token }))
+        Ok(token)
     }
 
     /// The device a device token belongs to; `None` when it is unknown, revoked or not a token.

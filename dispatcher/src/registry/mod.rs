@@ -16,9 +16,13 @@
 //! - `secret.rs`: minting, normalizing, hashing and comparing tokens and pairing codes (pure).
 //! - `tokens.rs`: api tokens.
 //! - `devices.rs`: pairing codes, enrollment, devices.
+//! - `grants.rs`: device authorizations (RFC 8628): their codes, approval, polls, the device
+//!   they make.
 //! - `proposals.rs`: proposals, their one-way status transitions, and the life of an apply
 //!   (its call, its deadline, the sweep of stuck applies, a late result).
 //! - `page.rs`: cursors and pages (pure), shared by every list.
+//! - `calls.rs`: the call log: records assembled from parts written by several replicas,
+//!   listed, swept to `unknown`, expired.
 //! - `dispatcher/migrations/`: the schema, embedded in the binary and run at [`Registry::connect`].
 //!
 //! Portability: queries go through sqlx's Any driver with `$n` placeholders (both engines accept
@@ -26,7 +30,9 @@
 //! (a pairing code used twice, a proposal applied twice) is settled by one conditional UPDATE, so
 //! it holds across replicas, not just within one.
 
+mod calls;
 mod devices;
+mod grants;
 pub mod page;
 mod proposals;
 mod secret;
@@ -42,6 +48,11 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::Migrator;
 use sqlx::AnyPool;
 
+pub use calls::{outcome_rank, CallFilter, CallPart, Dispatched, Finished, Pushed};
+pub use grants::{
+    AuthorizationStatus, Decision, DeviceAuthorization, IssuedAuthorization, NewDeviceAuthorization, TokenOutcome,
+    DEVICE_CODE_PREFIX, MAX_AUTHORIZATION_TTL, SLOW_DOWN_STEP,
+};
 pub use page::{Cursor, Page, PageError, PageRequest};
 pub use proposals::{ApplyOutcome, LateApply};
 pub use secret::{API_TOKEN_PREFIX, DEVICE_TOKEN_PREFIX};

@@ -98,6 +98,52 @@ pub fn normalize_pairing_code(input: &str) -> Option<String> {
     (code.len() == PAIRING_CODE_SYMBOLS).then_some(code)
 }
 
+/// The alphabet of user codes (RFC 8628 section 6.1): twenty consonants, no vowels (no words
+/// spelled by accident) and no digits (nothing to mistake for O, I or L).
+const USER_CODE_ALPHABET: &[u8; 20] = b"BCDFGHJKLMNPQRSTVWXZ";
+/// Symbols in a user code: 20^8, about 34.5 bits; rate limits and a 10-minute life bound guessing.
+pub const USER_CODE_SYMBOLS: usize = 8;
+/// Anything longer than this is not a user code, however many separators it has.
+const USER_CODE_INPUT_MAX_CHARS: usize = 32;
+
+/// A new user code as shown to a person: `XXXX-XXXX`.
+pub fn new_user_code() -> String {
+    let mut code = String::with_capacity(USER_CODE_SYMBOLS + 1);
+    for i in 0..USER_CODE_SYMBOLS {
+        if i == USER_CODE_SYMBOLS / 2 {
+            code.push('-');
+        }
+        code.push(char::from(USER_CODE_ALPHABET[rand::random_range(0..USER_CODE_ALPHABET.len())]));
+    }
+    code
+}
+
+/// The canonical form of a typed user code (8 symbols, upper case, no dash), or `None` when it
+/// cannot be one: case folded, hyphens and whitespace removed.
+pub fn normalize_user_code(input: &str) -> Option<String> {
+    if input.chars().count() > USER_CODE_INPUT_MAX_CHARS {
+        return None;
+    }
+    let mut code = String::with_capacity(USER_CODE_SYMBOLS);
+    for c in input.chars() {
+        if c == '-' || c.is_whitespace() {
+            continue;
+        }
+        let symbol = c.to_ascii_uppercase();
+        if !symbol.is_ascii() || !USER_CODE_ALPHABET.contains(&(symbol as u8)) {
+            return None;
+        }
+        code.push(symbol);
+    }
+    (code.len() == USER_CODE_SYMBOLS).then_some(code)
+}
+
+/// A normalized user code as shown: `XXXX-XXXX`.
+pub fn display_user_code(normalized: &str) -> String {
+    let (head, tail) = normalized.split_at(normalized.len().min(USER_CODE_SYMBOLS / 2));
+    format!("{head}-{tail}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,5 +208,37 @@ mod tests {
             assert_eq!(normalize_pairing_code(input).as_deref(), want, "{input:?}");
         }
         assert_eq!(normalize_pairing_code(&"-".repeat(100_000)), None);
+    }
+    #[test]
+    fn user_codes_are_two_groups_of_consonants() {
+        for _ in 0..100 {
+            let code = new_user_code();
+            assert_eq!(code.len(), 9, "{code}");
+            assert_eq!(&code[4..5], "-", "{code}");
+            assert!(code.bytes().filter(|b| *b != b'-').all(|b| USER_CODE_ALPHABET.contains(&b)), "{code}");
+            let normalized = normalize_user_code(&code).expect("normalizes");
+            assert_eq!(display_user_code(&normalized), code);
+        }
+    }
+
+    #[test]
+    fn typed_user_codes_are_normalized() {
+        let table = [
+            ("BCDF-GHJK", Some("BCDFGHJK")),
+            ("bcdfghjk", Some("BCDFGHJK")),
+            (" bcdf ghjk ", Some("BCDFGHJK")),
+            ("bCdF-gHjK", Some("BCDFGHJK")),
+            ("BCDF-GHJ", None),
+            ("BCDF-GHJKL", None),
+            ("ABCD-EFGH", None),
+            ("BCDF-GHJ1", None),
+            ("BCDF_GHJK", None),
+            ("", None),
+            ("ÇCDF-GHJK", None),
+        ];
+        for (input, want) in table {
+            assert_eq!(normalize_user_code(input).as_deref(), want, "{input:?}");
+        }
+        assert_eq!(normalize_user_code(&"-".repeat(100_000)), None);
     }
 }

@@ -1,4 +1,5 @@
-//! The admin page door: `GET /ui` (also `/ui/` and `/ui/activate`) serves one page, and
+//! The admin page door: `GET /ui` (also `/ui/` and `/ui/activate`, where a device's enrollment
+//! link lands: the page approves or denies it) serves one page, and
 //! `/ui/assets/{name}` its scripts and styles, all compiled into the binary from
 //! `src/ui/assets/` (plain JavaScript modules, no build step, nothing fetched from elsewhere).
 //!
@@ -44,6 +45,7 @@ pub static ASSETS: &[Asset] = &[
     Asset { name: "sse.js", content_type: JS, body: include_bytes!("assets/sse.js") },
     Asset { name: "form.js", content_type: JS, body: include_bytes!("assets/form.js") },
     Asset { name: "result.js", content_type: JS, body: include_bytes!("assets/result.js") },
+    Asset { name: "activate.js", content_type: JS, body: include_bytes!("assets/activate.js") },
 ];
 
 /// The page's routes (merged into the app's router).

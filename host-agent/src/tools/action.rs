@@ -35,7 +35,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{to_json, Context, Immediate, Tool, ToolError};
+use super::{to_json, Builtin, Context, Immediate, ToolError};
 use crate::scope::{open_regular, ScopedPath};
 
 /// Names the program open_path starts instead of the platform's opener.
@@ -404,7 +404,7 @@ struct Opened {
     opened: String,
 }
 
-impl Tool for OpenPath {
+impl Builtin for OpenPath {
     const NAME: &'static str = "open_path";
     const DESCRIPTION: &'static str = "Open a file or directory on the device with the OS default application. Returns {opened: path}. Programs, scripts, launchers, bundles, web pages and files with an executable bit are refused.";
 }
@@ -431,7 +431,7 @@ struct Revealed {
     revealed: String,
 }
 
-impl Tool for RevealInOs {
+impl Builtin for RevealInOs {
     const NAME: &'static str = "reveal_in_os";
     const DESCRIPTION: &'static str = "Show a file or directory in the device's file manager (Finder, Explorer, or the folder holding it). Returns {revealed: path}. Programs, scripts, launchers, bundles, web pages and files with an executable bit are refused.";
 }

@@ -6,24 +6,26 @@
 //! the same directory, then is renamed over the target, or hard-linked to a name that must still
 //! be free, so readers never see half a file and an absent target is never overwritten.
 //!
-//! Nothing is written in place through a file with more than one hard link (another link may lie
-//! outside the roots): write_file and edit_file replace the name, and append_file appends in
-//! place only when the name, looked up after the open, still names the opened file and that file
-//! has one link; otherwise it rewrites the name through a temporary (when the device reads
-//! multiply-linked files) or refuses.
+//! Nothing is ever written in place, so nothing reaches a file through another of its hard links
+//! (which may lie outside the roots): write_file and edit_file replace the name, and append_file
+//! too: it opens the file read-only, copies the old content (checked against the verified hash as
+//! it goes) and the new text to a temporary, and renames that over the name. A name swapped for
+//! another file between the checks and the rename changes only which file the name holds, never
+//! the content of a file outside.
 //! Does not: create, move, copy or delete trees (`tree`).
 
 use std::ffi::OsStr;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 
 use cap_std::fs::{Dir, OpenOptions, Permissions};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use super::deadline::Watched;
 use super::state::{observe, text_diff, Depth, Observation, Preconditions, State, DIFF_LIMIT};
-use super::{to_json, Change, Context, Mutation, Tool, ToolError};
+use super::{to_json, Builtin, Change, Context, Mutation, ToolError};
 use crate::scope::{open_checked, FileId, ScopedPath};
 
 /// edit_file refuses files larger than this.
@@ -105,6 +107,8 @@ pub fn install_error<'a>(ctx: &'a Context, path: &'a ScopedPath) -> impl Fn(io::
     move |error| {
         if error.kind() == io::ErrorKind::AlreadyExists {
             ToolError::Changed(format!("{} appeared since the proposal", ctx.scope.display(path)))
+        } else if error.get_ref().is_some_and(|inner| inner.is::<ChangedUnderUs>()) {
+            ToolError::Changed(format!("{} {error}", ctx.scope.display(path)))
         } else {
             ctx.io(path)(error)
         }
@@ -112,7 +116,7 @@ pub fn install_error<'a>(ctx: &'a Context, path: &'a ScopedPath) -> impl Fn(io::
 }
 
 /// Writes `bytes` as the new content of `path`, whose verified state is `state`.
-fn write_content(ctx: &Context, path: &ScopedPath, state: &State, bytes: &[u8]) -> Result<u64, ToolError> {
+pub(crate) fn write_content(ctx: &Context, path: &ScopedPath, state: &State, bytes: &[u8]) -> Result<u64, ToolError> {
     let how = match state {
         State::Absent => Install::CreateNew,
         State::File { .. } | State::Hardlinked { .. } => Install::Replace,
@@ -199,7 +203,7 @@ pub struct WriteFile {
     pub content: String,
 }
 
-impl Tool for WriteFile {
+impl Builtin for WriteFile {
     const NAME: &'static str = "write_file";
     const DESCRIPTION: &'static str = "Create or overwrite a text file (missing parent directories are created). Proposes a unified diff; the apply writes atomically and only if the file is still as proposed.";
 }
@@ -257,7 +261,7 @@ pub struct Edit {
     pub replace: String,
 }
 
-impl Tool for EditFile {
+impl Builtin for EditFile {
     const NAME: &'static str = "edit_file";
     const DESCRIPTION: &'static str = "Edit a UTF-8 text file (up to 8 MiB) by exact find/replace pairs, applied in order; each `find` must occur exactly once. Proposes a unified diff; the apply re-checks the file's hash and the finds, then writes atomically.";
 }
@@ -361,7 +365,7 @@ pub struct AppendFile {
     pub content: String,
 }
 
-impl Tool for AppendFile {
+impl Builtin for AppendFile {
     const NAME: &'static str = "append_file";
     const DESCRIPTION: &'static str = "Append text to the end of a file, creating it (and missing parent directories) when absent. Proposes a unified diff; the apply appends only if the file is still as proposed.";
 }
@@ -397,39 +401,76 @@ impl Mutation for AppendFile {
             let bytes = write_content(ctx, &path, observed.state(), self.content.as_bytes())?;
             return applied(ctx, &path, bytes);
         }
+        let State::File { size, sha256 } = observed.state() else {
+            return Err(not_a_file(ctx, &path, observed.state()));
+        };
         let io_error = ctx.io(&path);
         let (dir, name) = ctx.scope.open_parent(&path).map_err(&io_error)?;
-        let mut file =
-            open_checked(&dir, name.as_ref(), OpenOptions::new().read(true).append(true)).map_err(&io_error)?;
-        // What gets written is the file the handle holds: the name, looked up after the open, must
-        // still name it, and have been its only name then.
+        // Read-only: whatever the name holds by now, this handle cannot change it.
+        let mut file = open_checked(&dir, name.as_ref(), OpenOptions::new().read(true)).map_err(&io_error)?;
         let metadata = file.metadata().map_err(&io_error)?;
         let named = dir.symlink_metadata(&name).map_err(&io_error)?;
         match append_way(FileId::of(&metadata), FileId::of(&named), ctx.scope.reads_hardlinked()) {
-            AppendWay::InPlace => {
-                file.write_all(self.content.as_bytes()).map_err(&io_error)?;
-                file.sync_all().map_err(&io_error)?;
-            }
             AppendWay::Rewrite => {
-                // This name alone gets the old content and the new, through a temporary.
-                let mut content = Watched::new(&mut file, ctx.deadline).chain(self.content.as_bytes());
+                // The name alone gets the old content and the new, through a temporary; the old
+                // content must be the one the preconditions verified, byte for byte.
+                let old = Verified::new(Watched::new(&mut file, ctx.deadline), *size, sha256);
+                let mut content = old.chain(self.content.as_bytes());
                 install(&dir, &name, &mut content, Install::Replace, Some(metadata.permissions()))
                     .map_err(install_error(ctx, &path))?;
             }
             AppendWay::Refuse { links } => return Err(linked_content(ctx, &path, links, "appending to it")),
             AppendWay::Swapped => {
-                return Err(ToolError::Refused(format!("{} was replaced while being opened", ctx.scope.display(&path))))
+                return Err(ToolError::Changed(format!("{} was replaced while being opened", ctx.scope.display(&path))))
             }
         }
         applied(ctx, &path, self.content.len() as u64)
     }
 }
 
+/// A reader of a file's old content that fails, at its end, unless the bytes read had the size and
+/// SHA-256 the preconditions verified: a file swapped in after the check is never copied.
+struct Verified<'a, R> {
+    inner: R,
+    hasher: Sha256,
+    read: u64,
+    size: u64,
+    sha256: &'a str,
+}
+
+impl<'a, R> Verified<'a, R> {
+    fn new(inner: R, size: u64, sha256: &'a str) -> Self {
+        Verified { inner, hasher: Sha256::new(), read: 0, size, sha256 }
+    }
+}
+
+impl<R: Read> Read for Verified<'_, R> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        let count = self.inner.read(buffer)?;
+        self.read += count as u64;
+        if self.read > self.size {
+            return Err(changed_under_us());
+        }
+        if count == 0 && hex::encode(std::mem::take(&mut self.hasher).finalize()) != self.sha256 {
+            return Err(changed_under_us());
+        }
+        self.hasher.update(&buffer[..count]);
+        Ok(count)
+    }
+}
+
+/// The error of a file whose content is no longer the verified one.
+#[derive(Debug, thiserror::Error)]
+#[error("changed since its preconditions were verified")]
+struct ChangedUnderUs;
+
+fn changed_under_us() -> io::Error {
+    io::Error::other(ChangedUnderUs)
+}
+
 /// How an append reaches an existing file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum AppendWay {
-    /// Write at the end through the open handle: the file has one name, inside the root.
-    InPlace,
     /// Copy the old content and the new to a temporary renamed over the name.
     Rewrite,
     /// The file has other names and its content is not read on this device.
@@ -439,14 +480,13 @@ enum AppendWay {
 }
 
 /// Decides how to append from the open handle's identity and the name's, looked up after the
-/// open. In place only when the name still names that file and it has no other name.
+/// open: the name must still name that file, and a file with other names is read (to copy it)
+/// only where the device reads such files.
 fn append_way(handle: FileId, name: FileId, reads_hardlinked: bool) -> AppendWay {
     let links = handle.links.max(name.links);
     if !handle.same_file(&name) {
         AppendWay::Swapped
-    } else if links <= 1 {
-        AppendWay::InPlace
-    } else if reads_hardlinked {
+    } else if links <= 1 || reads_hardlinked {
         AppendWay::Rewrite
     } else {
         AppendWay::Refuse { links }
@@ -466,12 +506,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn appends_go_in_place_only_through_a_sole_name() {
+    fn appends_copy_only_a_file_still_named_and_readable() {
         let id = |inode, links| FileId { device: 1, inode, links };
         let cases = [
             // (handle, name looked up after the open, reads of linked files allowed, way)
-            (id(7, 1), id(7, 1), false, AppendWay::InPlace),
-            (id(7, 1), id(7, 1), true, AppendWay::InPlace),
+            (id(7, 1), id(7, 1), false, AppendWay::Rewrite),
+            (id(7, 1), id(7, 1), true, AppendWay::Rewrite),
             (id(7, 2), id(7, 2), false, AppendWay::Refuse { links: 2 }),
             (id(7, 2), id(7, 2), true, AppendWay::Rewrite),
             // A link made or dropped between the two looks: the larger count decides.

@@ -17,7 +17,7 @@ use sha2::Sha256;
 use super::deadline::Watched;
 use super::state::hash_content;
 use super::walk::{self, Flow, Kind, Limits};
-use super::{to_json, Context, Immediate, Tool, ToolError};
+use super::{to_json, Builtin, Context, Immediate, ToolError};
 
 /// list_directory returns at most this many entries.
 pub const LIST_LIMIT: usize = 1000;
@@ -56,7 +56,7 @@ struct ListEntry {
     size: u64,
 }
 
-impl Tool for ListDirectory {
+impl Builtin for ListDirectory {
     const NAME: &'static str = "list_directory";
     const DESCRIPTION: &'static str = "List a directory (optionally recursive). Entries are {path, name, type: file|dir|symlink, size}; at most 1000, with truncated: true when there were more. Symlinks are listed, never followed.";
 }
@@ -123,7 +123,7 @@ struct BinaryContent {
     size: u64,
 }
 
-impl Tool for ReadFile {
+impl Builtin for ReadFile {
     const NAME: &'static str = "read_file";
     const DESCRIPTION: &'static str = "Read a UTF-8 text file, optionally lines startLine..=endLine (1-based). Returns {content, totalLines, truncated}; content is capped at 1 MiB (truncated: true, cut at a line end where possible). A binary file (a NUL byte in its first 8 KiB) returns {binary: true, size} instead.";
 }
@@ -262,7 +262,7 @@ struct StatOutput {
     readonly: bool,
 }
 
-impl Tool for Stat {
+impl Builtin for Stat {
     const NAME: &'static str = "stat";
     const DESCRIPTION: &'static str = "Describe a path: {type: file|dir|symlink, size (bytes; 0 for a directory), modified, created? (RFC 3339, UTC), readonly}. A symlink is described itself, not followed.";
 }
@@ -302,7 +302,7 @@ struct Usage {
     truncated: bool,
 }
 
-impl Tool for DiskUsage {
+impl Builtin for DiskUsage {
     const NAME: &'static str = "disk_usage";
     const DESCRIPTION: &'static str = "Total apparent size of a tree: {bytes, files, dirs, truncated}. dirs counts the directories below the path; symlinks count as files of their own size and are not followed. Stops after 1,000,000 entries with truncated: true.";
 }
@@ -359,7 +359,7 @@ struct HashOutput {
     hash: String,
 }
 
-impl Tool for HashFile {
+impl Builtin for HashFile {
     const NAME: &'static str = "hash_file";
     const DESCRIPTION: &'static str =
         "Hash a file's content: {algorithm, hash} with sha256 (default) or md5, as lowercase hex.";

@@ -1,9 +1,10 @@
-//! The built-in tools: the [`Toolbox`] the runtime holds, the registry of the 16 tools, and the
-//! one entry point that turns a [`HostCall`] into a [`HostResult`].
+//! The tools: the [`Toolbox`] the runtime holds, the registry of the 16 built-in tools, the
+//! [`Tool`] seam through which an app (or a tools file) adds its own beside them, and the one
+//! entry point that turns a [`HostCall`] into a [`HostResult`].
 //!
 //! A tool is a value: a serde input type (`deny_unknown_fields`) whose JSON Schema is derived from
 //! the same type with schemars, so the published schema and the validation cannot drift, plus the
-//! code that runs it. Reads and actions implement [`Immediate`]; mutations implement [`Mutation`]
+//! code that runs it. Reads and actions implement `Immediate`; mutations implement `Mutation`
 //! (observe the targets, plan touching nothing, apply after the preconditions are verified again).
 //!
 //! Layout:
@@ -17,6 +18,10 @@
 //! - `walk`: bounded walks that never follow symlinks.
 //! - `deadline`: the call's deadline, checked as the tools go: long work stops when the caller
 //!   has stopped waiting, answering `deadline exceeded`.
+//! - `tool`: the public [`Tool`] trait, [`Proposal`] and how the toolbox runs an added tool
+//!   (a mutation's preconditions verified again before its apply).
+//! - [`domain`]: tools declared in a tools file (`--tools-file`): named shell-outs with typed,
+//!   scoped arguments, run without a shell in their own process group.
 //!
 //! Does not: resolve or refuse paths (`crate::scope`), talk to the server, dedupe calls or
 //! abandon calls at their deadline (the runtime does; it calls [`Toolbox::run`] on a blocking
@@ -24,10 +29,12 @@
 
 mod action;
 mod deadline;
+pub mod domain;
 mod edit;
 mod inspect;
 mod search;
 mod state;
+mod tool;
 mod tree;
 mod walk;
 
@@ -43,7 +50,8 @@ use serde_json::Value;
 
 pub use action::{Commands, LaunchRules, Launcher, DEFAULT_DENIED, ENV_OPENER, ENV_REVEALER, WINDOWS_DENIED};
 pub use deadline::{Deadline, Expired};
-pub use state::{Condition, Preconditions, State};
+pub use state::{text_diff, Condition, Preconditions, State};
+pub use tool::{parse_input, schema_for, AddError, Proposal, Tool};
 
 use crate::scope::{is_escape, Scope, ScopeError, ScopedPath};
 
@@ -53,7 +61,7 @@ pub enum ToolError {
     #[error("unknown tool `{0}`")]
     UnknownTool(String),
     #[error("invalid input for {tool}: {message}")]
-    InvalidInput { tool: &'static str, message: String },
+    InvalidInput { tool: String, message: String },
     #[error(transparent)]
     Scope(#[from] ScopeError),
     #[error("{path}: {}", describe_io(.source))]
@@ -74,6 +82,10 @@ pub enum ToolError {
     /// The call's deadline passed while the tool was working: it stopped (nobody waits for it).
     #[error("deadline exceeded: the caller stopped waiting, so the work was stopped")]
     DeadlineExceeded,
+    /// A program the tool ran failed: a non-zero exit, a signal, a timeout, or it could not
+    /// start. The text says which, with the end of its stderr.
+    #[error("{0}")]
+    Failed(String),
 }
 
 impl From<Expired> for ToolError {
@@ -102,16 +114,46 @@ fn describe_io(error: &io::Error) -> String {
     }
 }
 
-/// What one call runs with: the scope, the commands the actions start and what they refuse to
-/// hand over, and the call's deadline.
-pub(crate) struct Context<'a> {
-    pub scope: &'a Scope,
-    pub commands: &'a Commands,
-    pub launch: &'a LaunchRules,
-    pub deadline: Deadline,
+/// What one call runs with: the scope every path goes through and the call's deadline (and,
+/// for the built-in actions, the commands they start and what they refuse to hand over).
+pub struct Context<'a> {
+    pub(crate) scope: &'a Scope,
+    pub(crate) commands: &'a Commands,
+    pub(crate) launch: &'a LaunchRules,
+    pub(crate) deadline: Deadline,
 }
 
 impl Context<'_> {
+    /// The allowed roots: resolve paths and open files through it, never around it.
+    pub fn scope(&self) -> &Scope {
+        self.scope
+    }
+
+    /// When the caller stops waiting: check it in long loops ([`Deadline::check`]) and stop
+    /// with [`ToolError::DeadlineExceeded`] once it has passed.
+    pub fn deadline(&self) -> Deadline {
+        self.deadline
+    }
+
+    /// Places a path from the input in the scope (relative to the first root), or refuses it.
+    pub fn resolve(&self, path: &str) -> Result<ScopedPath, ToolError> {
+        Ok(self.scope.resolve(path)?)
+    }
+
+    /// The state of a path as a mutation's precondition: absent, a file's size and content
+    /// hash, a directory's tree digest, a symlink's target hash. Touches nothing.
+    pub fn condition(&self, path: &ScopedPath) -> Result<Condition, ToolError> {
+        Ok(state::observe(self, path, state::Depth::Tree, 0)?.condition)
+    }
+
+    /// Writes `content` as the whole new content of the file `path` (created with its missing
+    /// parent directories, or replaced): through a temporary beside it and a rename, beneath the
+    /// root's handle, so readers never see half a file. Returns the bytes written.
+    pub fn write_file(&self, path: &ScopedPath, content: &[u8]) -> Result<u64, ToolError> {
+        let state = self.condition(path)?.state;
+        edit::write_content(self, path, &state, content)
+    }
+
     /// Maps an I/O error on `path` to a [`ToolError`] that names the path in display form.
     pub fn io(&self, path: &ScopedPath) -> impl Fn(io::Error) -> ToolError + '_ {
         let shown = self.scope.display(path);
@@ -124,14 +166,14 @@ impl Context<'_> {
     }
 }
 
-/// The common part of every tool: its input type names it and describes it.
-pub(crate) trait Tool: DeserializeOwned + JsonSchema {
+/// The common part of every built-in tool: its input type names it and describes it.
+pub(crate) trait Builtin: DeserializeOwned + JsonSchema {
     const NAME: &'static str;
     const DESCRIPTION: &'static str;
 }
 
 /// A read or an action: runs on arrival, whatever the call's mode.
-pub(crate) trait Immediate: Tool {
+pub(crate) trait Immediate: Builtin {
     const CLASS: ToolClass;
     fn run(self, ctx: &Context) -> Result<Value, ToolError>;
 }
@@ -143,7 +185,7 @@ pub(crate) struct Change {
 }
 
 /// A mutation: proposes in `auto` mode, changes the disk only in `apply` mode.
-pub(crate) trait Mutation: Tool {
+pub(crate) trait Mutation: Builtin {
     /// What [`Mutation::observe`] read that planning and applying need (old content…).
     type Snapshot;
     /// Reads the current state of every target, touching nothing. Never fails because a target
@@ -173,7 +215,7 @@ const fn immediate<T: Immediate>() -> Entry {
         name: T::NAME,
         description: T::DESCRIPTION,
         class: T::CLASS,
-        schema: schema_of::<T>,
+        schema: schema_for::<T>,
         run: run_immediate::<T>,
     }
 }
@@ -183,7 +225,7 @@ const fn mutation<T: Mutation>() -> Entry {
         name: T::NAME,
         description: T::DESCRIPTION,
         class: ToolClass::Mutate,
-        schema: schema_of::<T>,
+        schema: schema_for::<T>,
         run: run_mutation::<T>,
     }
 }
@@ -207,31 +249,22 @@ static ENTRIES: [Entry; 16] = [
     immediate::<action::RevealInOs>(),
 ];
 
-/// The input's JSON Schema, derived from the same type serde validates with.
-fn schema_of<T: JsonSchema>() -> Value {
-    let generator = schemars::generate::SchemaSettings::draft2020_12()
-        .with(|settings| {
-            settings.inline_subschemas = true;
-            settings.meta_schema = None;
-        })
-        .into_generator();
-    generator.into_root_schema_for::<T>().to_value()
-}
-
-fn parse_input<T: Tool>(call: &HostCall) -> Result<T, ToolError> {
-    T::deserialize(&call.input).map_err(|error| ToolError::InvalidInput { tool: T::NAME, message: error.to_string() })
+fn parse_builtin<T: Builtin>(call: &HostCall) -> Result<T, ToolError> {
+    parse_input(T::NAME, &call.input)
 }
 
 fn run_immediate<T: Immediate>(ctx: &Context, call: &HostCall) -> Result<Outcome, ToolError> {
-    parse_input::<T>(call)?.run(ctx).map(Outcome::Done)
+    parse_builtin::<T>(call)?.run(ctx).map(Outcome::Done)
 }
 
 fn run_mutation<T: Mutation>(ctx: &Context, call: &HostCall) -> Result<Outcome, ToolError> {
-    let input = parse_input::<T>(call)?;
+    let input = parse_builtin::<T>(call)?;
     if call.is_apply() {
         let expected = call.preconditions.as_ref().ok_or(ToolError::MissingPreconditions)?;
-        let expected = Preconditions::deserialize(expected)
-            .map_err(|error| ToolError::InvalidInput { tool: T::NAME, message: format!("preconditions: {error}") })?;
+        let expected = Preconditions::deserialize(expected).map_err(|error| ToolError::InvalidInput {
+            tool: T::NAME.to_owned(),
+            message: format!("preconditions: {error}"),
+        })?;
         // The proposal observed its targets without error, so a target that cannot be observed
         // now, or a re-check that refuses after the preconditions held, is a change too.
         let (current, snapshot) = input.observe(ctx).map_err(|error| match error {
@@ -261,11 +294,18 @@ pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> Result<Value, ToolError
     serde_json::to_value(value).map_err(|error| ToolError::Refused(format!("cannot encode the result: {error}")))
 }
 
-/// The built-in tools over a set of roots. `Send + Sync`; share it in an `Arc`.
+/// True when `name` is one of the 16 built-in tools.
+pub(crate) fn is_builtin(name: &str) -> bool {
+    ENTRIES.iter().any(|entry| entry.name == name)
+}
+
+/// The built-in tools over a set of roots, and the tools added beside them
+/// ([`Toolbox::with_tool`]). `Send + Sync`; share it in an `Arc`.
 pub struct Toolbox {
     scope: Scope,
     commands: Commands,
     launch: LaunchRules,
+    added: Vec<tool::Added>,
 }
 
 impl std::fmt::Debug for Toolbox {
@@ -278,7 +318,12 @@ impl Toolbox {
     /// Opens each root as a directory handle (`cap_std::fs::Dir`); an error if a root is missing or
     /// not a directory. The actions' commands come from [`Commands::from_env`].
     pub fn new(roots: &[PathBuf]) -> Result<Self, ScopeError> {
-        Ok(Self { scope: Scope::open(roots)?, commands: Commands::from_env(), launch: LaunchRules::default() })
+        Ok(Self {
+            scope: Scope::open(roots)?,
+            commands: Commands::from_env(),
+            launch: LaunchRules::default(),
+            added: Vec::new(),
+        })
     }
 
     /// Allows reading the content of regular files with more than one hard link (refused by
@@ -307,7 +352,70 @@ impl Toolbox {
         &self.scope
     }
 
-    /// The 16 built-in tools, each with the JSON Schema of its input.
+    /// Adds a tool beside the built-ins (the original's `tools: [...builtinTools, convertIfc]`).
+    /// Refused when its name is not `[a-z][a-z0-9_]{0,63}` or is taken by a built-in or an
+    /// added tool. A mutation (class `mutate`) is proposed and applied like the built-ins.
+    ///
+    /// ```
+    /// use host_agent::tools::{Context, Tool, ToolError, Toolbox};
+    /// use protocol::{HostCall, ToolClass, ToolDescriptor};
+    /// use serde_json::{json, Value};
+    ///
+    /// /// Says how many roots the device serves.
+    /// struct RootCount;
+    ///
+    /// impl Tool for RootCount {
+    ///     fn descriptor(&self) -> ToolDescriptor {
+    ///         ToolDescriptor {
+    ///             name: "root_count".into(),
+    ///             description: "How many roots this device serves".into(),
+    ///             input_schema: json!({"type": "object", "additionalProperties": false}),
+    ///             class: ToolClass::Read,
+    ///         }
+    ///     }
+    ///
+    ///     fn run(&self, ctx: &Context, _input: &Value) -> Result<Value, ToolError> {
+    ///         Ok(json!({"roots": ctx.scope().roots_display().len()}))
+    ///     }
+    /// }
+    ///
+    /// let root = tempfile::tempdir()?;
+    /// let toolbox = Toolbox::new(&[root.path().to_path_buf()])?.with_tool(RootCount)?;
+    /// assert_eq!(toolbox.descriptors().len(), 17);
+    /// let call = HostCall {
+    ///     call_id: "c1".into(),
+    ///     tool: "root_count".into(),
+    ///     input: json!({}),
+    ///     mode: None,
+    ///     preconditions: None,
+    ///     deadline: None,
+    ///     traceparent: None,
+    /// };
+    /// assert_eq!(toolbox.run(&call).result, Some(json!({"roots": 1})));
+    /// // A second tool of the same name is refused.
+    /// assert!(toolbox.with_tool(RootCount).is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_tool(mut self, tool: impl Tool) -> Result<Self, AddError> {
+        let added = tool::Added::new(std::sync::Arc::new(tool))?;
+        let name = &added.descriptor.name;
+        if self.class_of(name).is_some() {
+            return Err(AddError::NameTaken(name.clone()));
+        }
+        self.added.push(added);
+        Ok(self)
+    }
+
+    /// Adds every tool a tools file declares ([`domain`]); an error names the file, the tool
+    /// and the problem.
+    pub fn with_tools_file(self, path: &std::path::Path) -> Result<Self, domain::FileError> {
+        domain::load(path)?.into_iter().try_fold(self, |toolbox, tool| {
+            let name = tool.name().to_owned();
+            toolbox.with_tool(tool).map_err(|error| domain::FileError::at(path, &name, error.to_string()))
+        })
+    }
+
+    /// Every tool, the 16 built-ins first, each with the JSON Schema of its input.
     pub fn descriptors(&self) -> Vec<ToolDescriptor> {
         ENTRIES
             .iter()
@@ -317,12 +425,15 @@ impl Toolbox {
                 input_schema: (entry.schema)(),
                 class: entry.class,
             })
+            .chain(self.added.iter().map(|added| added.descriptor.clone()))
             .collect()
     }
 
-    /// The class of a built-in tool, or `None` for an unknown name.
+    /// The class of a tool, or `None` for an unknown name.
     pub fn class_of(&self, tool: &str) -> Option<ToolClass> {
-        ENTRIES.iter().find(|entry| entry.name == tool).map(|entry| entry.class)
+        ENTRIES.iter().find(|entry| entry.name == tool).map(|entry| entry.class).or_else(|| {
+            self.added.iter().find(|added| added.descriptor.name == tool).map(|added| added.descriptor.class)
+        })
     }
 
     /// The roots in display form.
@@ -349,18 +460,23 @@ impl Toolbox {
     }
 
     fn dispatch(&self, call: &HostCall) -> Result<Outcome, ToolError> {
-        let entry = ENTRIES
-            .iter()
-            .find(|entry| entry.name == call.tool)
-            .ok_or_else(|| ToolError::UnknownTool(call.tool.clone()))?;
         let ctx = Context {
             scope: &self.scope,
             commands: &self.commands,
             launch: &self.launch,
             deadline: Deadline::of(call.deadline),
         };
+        if let Some(entry) = ENTRIES.iter().find(|entry| entry.name == call.tool) {
+            ctx.deadline.check()?;
+            return (entry.run)(&ctx, call);
+        }
+        let added = self
+            .added
+            .iter()
+            .find(|added| added.descriptor.name == call.tool)
+            .ok_or_else(|| ToolError::UnknownTool(call.tool.clone()))?;
         ctx.deadline.check()?;
-        (entry.run)(&ctx, call)
+        added.run(&ctx, call)
     }
 }
 

@@ -21,7 +21,7 @@ use serde_json::Value;
 
 use super::deadline::{is_expired, Deadline, Watched};
 use super::walk::{self, Flow, Kind, Limits};
-use super::{to_json, Context, Immediate, Tool, ToolError};
+use super::{to_json, Builtin, Context, Immediate, ToolError};
 use crate::scope::{multiply_linked, ScopedPath};
 
 /// glob returns at most this many paths.
@@ -57,7 +57,7 @@ struct GlobOutput {
     truncated: bool,
 }
 
-impl Tool for Glob {
+impl Builtin for Glob {
     const NAME: &'static str = "glob";
     const DESCRIPTION: &'static str = "Find files and directories whose path relative to `path` (default: the first root) matches a glob such as `**/*.rs` or `src/*.{ts,tsx}`. Returns absolute paths, at most 1000, with truncated: true when there were more. Symlinks are matched, never followed.";
 }
@@ -159,7 +159,7 @@ struct Match {
     truncated: bool,
 }
 
-impl Tool for Grep {
+impl Builtin for Grep {
     const NAME: &'static str = "grep";
     const DESCRIPTION: &'static str = "Search file contents under `path` (a file or directory; default: the first root) for a regex or, with literal: true, a plain string. Returns {matches: [{path, line, text, before?, after?}], truncated}: at most 200 matches, each line cut to 1 KiB (the match then has truncated: true). Binary files are skipped; symlinks are not followed; `glob` filters the files searched. Files with several hard links are not read unless the device allows it (skippedHardlinked counts those skipped).";
 }

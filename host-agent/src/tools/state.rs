@@ -77,7 +77,7 @@ pub enum State {
 }
 
 impl State {
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             State::Absent => "absent".to_owned(),
             State::File { size, sha256 } => format!("a file of {size} bytes (sha256 {})", short(sha256)),
@@ -279,7 +279,7 @@ fn tree_digest(ctx: &Context, path: &ScopedPath) -> Result<(u64, String), ToolEr
 }
 
 /// A unified diff between two versions of a file (`None` for an absent side), or `None` when
-/// either side is not text or is over [`DIFF_LIMIT`]. The diff itself is cut at that size.
+/// either side is not text or is over `DIFF_LIMIT` (1 MiB). The diff itself is cut at that size.
 pub fn text_diff(path: &str, old: Option<&[u8]>, new: Option<&[u8]>) -> Option<String> {
     fn as_text(bytes: Option<&[u8]>) -> Option<&str> {
         match bytes {

@@ -23,7 +23,7 @@ use super::state::{
     observe, temporary_name, text_diff, Depth, Observation, Preconditions, State, DIFF_LIMIT, TREE_LIMIT,
 };
 use super::walk::{self, Flow, Kind, Limits};
-use super::{to_json, Change, Context, Mutation, Tool, ToolError};
+use super::{to_json, Builtin, Change, Context, Mutation, ToolError};
 use crate::scope::{multiply_linked, ScopedPath};
 
 /// Create a directory and any missing parents.
@@ -41,7 +41,7 @@ struct Created {
     created: bool,
 }
 
-impl Tool for CreateDirectory {
+impl Builtin for CreateDirectory {
     const NAME: &'static str = "create_directory";
     const DESCRIPTION: &'static str =
         "Create a directory with any missing parents (like mkdir -p). Nothing to do when it already exists.";
@@ -149,7 +149,7 @@ pub struct Move {
     pub to: String,
 }
 
-impl Tool for Move {
+impl Builtin for Move {
     const NAME: &'static str = "move";
     const DESCRIPTION: &'static str = "Move or rename a file, directory or symlink to a new path that must not exist yet (missing parent directories are created). The apply verifies the source's hash (a directory's tree listing) and the destination's absence first.";
 }
@@ -218,7 +218,7 @@ struct Copied {
     skipped: u64,
 }
 
-impl Tool for Copy {
+impl Builtin for Copy {
     const NAME: &'static str = "copy";
     const DESCRIPTION: &'static str = "Copy a file, or a directory tree, to a new path that must not exist yet (missing parent directories are created). Symlinks inside a tree (and files with several hard links, unless the device reads them) are skipped and counted, not copied. The apply verifies the source's hash (a tree's listing) and the destination's absence first.";
 }
@@ -374,7 +374,7 @@ struct Deleted {
     path: String,
 }
 
-impl Tool for Delete {
+impl Builtin for Delete {
     const NAME: &'static str = "delete";
     const DESCRIPTION: &'static str = "Delete a file or symlink, an empty directory, or with recursive: true a whole tree (symlinks inside are removed, never followed). The apply verifies the file's hash (a tree's listing) first.";
 }

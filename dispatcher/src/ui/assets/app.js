@@ -1,10 +1,12 @@
 // The admin page: sign-in with an api token (this tab's session storage only), the user's
-// devices and proposals kept live from /api/events, pairing, a tool form per device, approve,
-// reject and revoke. Plain DOM, no framework; server data only ever through textContent.
+// devices and proposals kept live from /api/events, pairing, a device connecting by link
+// (activate.js), a tool form per device, approve, reject and revoke. Plain DOM, no framework;
+// server data only ever through textContent.
 
 import { followEvents } from './sse.js';
 import { buildForm, FormError } from './form.js';
 import { describeError, renderPlan, renderResult } from './result.js';
+import { setupActivation } from './activate.js';
 
 const TOKEN_KEY = 'pulsn.apiToken';
 const $ = (id) => document.getElementById(id);
@@ -20,6 +22,8 @@ const state = {
   toolDevice: null,
   toolForm: null,
   tools: [],
+  /** the panel that approves a device connecting by link */
+  activation: null,
 };
 
 function el(tag, className, text) {
@@ -95,6 +99,7 @@ function signIn(token) {
     },
     onUnauthorized: () => signOut('That token was refused. Check it and sign in again.'),
   });
+  state.activation?.start();
 }
 
 function signOut(message) {
@@ -108,6 +113,7 @@ function signOut(message) {
   $('proposals').replaceChildren();
   closeTools();
   $('pair-result').hidden = true;
+  state.activation?.reset();
   $('live-status').textContent = 'Signed out';
   showSignedIn(false);
   $('sign-in-error').textContent = message ?? '';
@@ -471,6 +477,7 @@ async function decide(id, verb) {
 // ---- start ----
 
 function start() {
+  state.activation = setupActivation({ api, announce });
   $('sign-in-form').addEventListener('submit', (event) => {
     event.preventDefault();
     const token = $('token').value.trim();
