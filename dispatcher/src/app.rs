@@ -18,9 +18,8 @@ use protocol::REPLICA_HEADER;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
-use tower_http::trace::TraceLayer;
 
-use crate::http::{calls, control, device, events, grant, openapi, ops, proxy, ApiError, AppState};
+use crate::http::{access, calls, control, device, events, grant, openapi, ops, proxy, ApiError, AppState};
 use crate::mcp;
 
 /// Longest a request may take to be answered: the longest dispatch plus a margin. Streams
@@ -113,7 +112,7 @@ pub fn bounded(router: Router, state: &AppState) -> Router {
         .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT))
         .layer(middleware::from_fn(json_errors))
-        .layer(TraceLayer::new_for_http().make_span_with(proxy::request_span))
+        .layer(middleware::from_fn_with_state(state.clone(), access::log_and_count))
         .layer(middleware::from_fn_with_state(state.clone(), proxy::resolve_client))
         .layer(middleware::map_response(proxy::unbuffered_event_streams))
         .layer(SetResponseHeaderLayer::overriding(header::HeaderName::from_static(REPLICA_HEADER), replica))

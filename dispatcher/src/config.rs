@@ -152,7 +152,62 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub storage: StorageArgs,
     #[command(flatten)]
+    pub capacity: CapacityArgs,
+    #[command(flatten)]
     pub grant: GrantArgs,
+}
+
+/// How much one replica takes on: its database pool, its device streams, and how it sheds
+/// streams to the rest of the cluster when it holds far more than its share.
+#[derive(Debug, Clone, Args)]
+pub struct CapacityArgs {
+    /// Connections of this replica's database pool [default: 10 for PostgreSQL, 8 for SQLite].
+    #[arg(long, env = "DISPATCHER_DB_POOL_SIZE")]
+    pub db_pool_size: Option<u32>,
+    /// Device streams this replica holds at most; a new stream beyond is answered 503 with
+    /// `Retry-After`, and the device tries again (through the load balancer, elsewhere)
+    /// [default: no cap].
+    #[arg(long, env = "DISPATCHER_MAX_STREAMS")]
+    pub max_streams: Option<usize>,
+    /// Rebalancing starts when this replica holds more than the cluster's average streams by
+    /// this percentage (and by at least 2 streams); 0 turns rebalancing off.
+    #[arg(long, env = "DISPATCHER_REBALANCE_THRESHOLD_PERCENT", default_value_t = 25)]
+    pub rebalance_threshold_percent: u32,
+    /// Devices asked to reconnect elsewhere at most per second while rebalancing.
+    #[arg(long, env = "DISPATCHER_REBALANCE_RATE", default_value_t = 5)]
+    pub rebalance_rate: u32,
+}
+
+/// Validated [`CapacityArgs`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Capacity {
+    pub db_pool_size: Option<u32>,
+    pub max_streams: Option<usize>,
+    /// `None`: rebalancing is off.
+    pub rebalance: Option<crate::rebalance::Policy>,
+}
+
+impl CapacityArgs {
+    pub fn capacity(&self) -> Result<Capacity, String> {
+        if self.db_pool_size.is_some_and(|n| !(1..=1000).contains(&n)) {
+            return Err("--db-pool-size: between 1 and 1000".into());
+        }
+        if self.max_streams == Some(0) {
+            return Err("--max-streams: at least 1".into());
+        }
+        if self.rebalance_threshold_percent > 1000 {
+            return Err("--rebalance-threshold-percent: between 0 (off) and 1000".into());
+        }
+        if !(1..=1000).contains(&self.rebalance_rate) {
+            return Err("--rebalance-rate: between 1 and 1000".into());
+        }
+        let rebalance = (self.rebalance_threshold_percent > 0).then(|| crate::rebalance::Policy {
+            threshold_percent: self.rebalance_threshold_percent,
+            per_second: self.rebalance_rate,
+            ..crate::rebalance::Policy::default()
+        });
+        Ok(Capacity { db_pool_size: self.db_pool_size, max_streams: self.max_streams, rebalance })
+    }
 }
 
 /// What the registry stores and for how long: size caps, per-user quotas, pages, expiry, and
@@ -357,6 +412,7 @@ pub struct Settings {
     /// `Some`: the listener serves HTTPS.
     pub tls: Option<TlsFiles>,
     pub trusted_proxies: crate::http::proxy::TrustedProxies,
+    pub capacity: Capacity,
     pub grant: Grant,
 }
 
@@ -421,6 +477,7 @@ impl ServeArgs {
             }
         }
         let storage = self.storage.storage()?;
+        let capacity = self.capacity.capacity()?;
         if !(1..=protocol::CALL_TIMEOUT_MAX_MS).contains(&self.mcp_call_timeout_ms) {
             return Err(format!("--mcp-call-timeout-ms: between 1 and {}", protocol::CALL_TIMEOUT_MAX_MS));
         }
@@ -453,6 +510,7 @@ impl ServeArgs {
             nats_auth,
             tls,
             trusted_proxies,
+            capacity,
             grant: self.grant.grant()?,
         })
     }
@@ -505,6 +563,7 @@ impl Settings {
             nats_auth: Default::default(),
             tls: None,
             trusted_proxies: Default::default(),
+            capacity: Capacity::default(),
             grant: Grant::default(),
         }
     }
@@ -641,6 +700,19 @@ mod tests {
     }
 
     #[test]
+    fn capacity_flags() {
+        let settings = parse(&[]).expect("defaults");
+        assert_eq!((settings.capacity.db_pool_size, settings.capacity.max_streams), (None, None));
+        let policy = settings.capacity.rebalance.expect("rebalancing is on by default");
+        assert_eq!((policy.threshold_percent, policy.per_second), (25, 5));
+        let settings = parse(&["--db-pool-size", "25", "--max-streams", "5000", "--rebalance-threshold-percent", "0"])
+            .expect("valid");
+        assert_eq!(settings.capacity.db_pool_size, Some(25));
+        assert_eq!(settings.capacity.max_streams, Some(5000));
+        assert!(settings.capacity.rebalance.is_none(), "0 turns it off");
+    }
+
+    #[test]
     fn invalid_values_are_refused() {
         let cases: &[&[&str]] = &[
             &["--listen", "nowhere"],
@@ -679,6 +751,10 @@ mod tests {
             &["--nats-token", "t", "--nats-user", "u", "--nats-password", "p"],
             &["--nats-creds-file", "/a.creds", "--nats-nkey-seed-file", "/seed"],
             &["--nats-tls-cert-file", "/c.pem"],
+            &["--db-pool-size", "0"],
+            &["--max-streams", "0"],
+            &["--rebalance-rate", "0"],
+            &["--rebalance-threshold-percent", "5000"],
             &["--public-url", "ftp://x"],
             &["--public-url", "https://x/?a=1"],
             &["--public-url", "not a url"],

@@ -22,6 +22,8 @@
 //! - [`cli`]: the operator CLI (`dispatcher pair | devices | call | …`), a client of the
 //!   control API.
 //! - [`telemetry`]: logging, tracing and Prometheus metrics.
+//! - [`rebalance`]: after a scale-out, a replica far above the cluster's average streams asks
+//!   a few devices at a time to reconnect elsewhere.
 //! - [`revocation`]: the watch that evicts api tokens revoked in the database from the cache.
 //! - [`server`]: `run(config, listener, shutdown)`: builds the state, serves, drains.
 //! - [`readiness`]: the rule of `/readyz` and the watch that times dependency outages.
@@ -41,6 +43,7 @@ pub mod janitor;
 pub mod listener;
 pub mod mcp;
 pub mod readiness;
+pub mod rebalance;
 pub mod registry;
 pub mod revocation;
 pub mod server;

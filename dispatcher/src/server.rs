@@ -51,7 +51,9 @@ pub enum ServeError {
 /// Builds a replica's state: connects the registry (running migrations) and the bus.
 /// Background tasks stop when `cancel` fires.
 pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Result<AppState, ServeError> {
-    let registry = Registry::connect(&settings.database_url).await?.with_limits(settings.storage.limits);
+    let registry = Registry::connect_with_pool(&settings.database_url, settings.capacity.db_pool_size)
+        .await?
+        .with_limits(settings.storage.limits);
     let hub = Hub::with_stream_queue_bytes(settings.replica_id.clone(), rand::random(), settings.stream_queue_bytes);
     let bus: Arc<dyn Bus> = match &settings.nats_url {
         Some(urls) => {
@@ -79,6 +81,19 @@ pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Resul
         crate::calllog::CallLog::start(registry.clone(), &settings.replica_id, call_log_counters, cancel.child_token());
     let events = crate::events::EventHub::start(&bus, cancel.child_token());
     tokio::spawn(crate::revocation::watch(registry.clone(), hub.clone(), cancel.child_token()));
+    let metrics = Arc::new(metrics);
+    let draining = Arc::new(AtomicBool::new(false));
+    if let Some(policy) = settings.capacity.rebalance {
+        tokio::spawn(crate::rebalance::run(
+            policy,
+            hub.clone(),
+            bus.clone(),
+            settings.capacity.max_streams,
+            draining.clone(),
+            metrics.rebalance.clone(),
+            cancel.child_token(),
+        ));
+    }
     tracing::info!(
         replica = %settings.replica_id,
         bus = bus.kind(),
@@ -97,8 +112,8 @@ pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Resul
         dispatcher,
         registry,
         settings: Arc::new(settings),
-        metrics: Arc::new(metrics),
-        draining: Arc::new(AtomicBool::new(false)),
+        metrics,
+        draining,
         enroll_limiter: Arc::new(RateLimiter::new(ENROLL_BURST, ENROLL_REFILL)),
         grant_limits: Arc::default(),
         events,

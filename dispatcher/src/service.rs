@@ -151,6 +151,7 @@ pub async fn call_device(
                 preconditions,
             })
             .await?;
+        state.metrics.proposal("proposed");
         crate::events::proposal_changed(state, user_id, &stored).await;
         state.call_log.proposed(&result.call_id, &device_id, user_id, &stored.id);
         proposal_id = Some(stored.id);
@@ -196,6 +197,7 @@ pub async fn approve_proposal(
         let now = now.unwrap_or(protocol::Proposal { status: ProposalStatus::Applying, ..proposal });
         return Ok(ApproveOutcome::NotPending { status: now.status, proposal: now });
     }
+    state.metrics.proposal("approved");
     crate::events::proposal_reloaded(state, user_id, &proposal.id).await;
     let mut dispatch = DispatchRequest::new(proposal.tool.clone(), proposal.input.clone(), timeout);
     dispatch.mode = Some(CallMode::Apply);
@@ -207,8 +209,11 @@ pub async fn approve_proposal(
     // Offline: nothing was pushed, pending again. Timed out: failed, never pushed a second
     // time (the device may have applied it; its late result may still say so). Otherwise the
     // device's answer. A late result or the sweep may have recorded it first: theirs stands.
-    if state.registry.finish_apply(&proposal.id, &call_id, &result).await?.is_none() {
-        tracing::info!(proposal_id = %proposal.id, %call_id, "apply already recorded elsewhere");
+    match state.registry.finish_apply(&proposal.id, &call_id, &result).await? {
+        None => tracing::info!(proposal_id = %proposal.id, %call_id, "apply already recorded elsewhere"),
+        // Not pushed (device offline): pending again.
+        Some(ProposalStatus::Pending) => state.metrics.proposal("unpushed"),
+        Some(status) => state.metrics.proposal(status.as_str()),
     }
     crate::events::proposal_reloaded(state, user_id, &proposal.id).await;
     Ok(ApproveOutcome::Applied { result, proposal })

@@ -11,19 +11,22 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::AtomicI64;
-use std::time::Instant;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry::KeyValue;
+use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use protocol::HostResult;
@@ -91,29 +94,108 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// How spans are sent, from `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` or
+/// `OTEL_EXPORTER_OTLP_PROTOCOL` (default `http/protobuf`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    HttpProtobuf,
+    Grpc,
+}
+
+/// Reads the protocol variables; an unknown value is an error naming the ones supported.
+pub fn otlp_protocol(traces: Option<&str>, general: Option<&str>) -> Result<OtlpProtocol, String> {
+    match traces.or(general).map(str::trim) {
+        None | Some("") | Some("http/protobuf") => Ok(OtlpProtocol::HttpProtobuf),
+        Some("grpc") => Ok(OtlpProtocol::Grpc),
+        Some(other) => {
+            Err(format!("OTEL_EXPORTER_OTLP_PROTOCOL={other:?} is not supported; use \"http/protobuf\" or \"grpc\""))
+        }
+    }
+}
+
 fn otlp_provider(replica_id: &str) -> Option<Result<SdkTracerProvider, String>> {
     if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_none()
         && std::env::var_os("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_none()
     {
         return None;
     }
-    let exporter = match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
-        Ok(exporter) => exporter,
-        Err(error) => return Some(Err(error.to_string())),
+    let protocol = match otlp_protocol(
+        std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").ok().as_deref(),
+        std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").ok().as_deref(),
+    ) {
+        Ok(protocol) => protocol,
+        Err(error) => return Some(Err(error)),
     };
-    let resource = Resource::builder()
-        .with_service_name("dispatcher")
+    let exporter = match protocol {
+        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .build()
+            .map_err(|error| error.to_string()),
+        OtlpProtocol::Grpc => grpc_exporter(),
+    };
+    let exporter = match exporter {
+        Ok(exporter) => exporter,
+        Err(error) => return Some(Err(error)),
+    };
+    // `OTEL_SERVICE_NAME` (or `service.name` in `OTEL_RESOURCE_ATTRIBUTES`) names the service;
+    // `dispatcher` otherwise.
+    let named = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|name| !name.trim().is_empty())
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|attributes| attributes.contains("service.name="));
+    let mut resource = Resource::builder();
+    if !named {
+        resource = resource.with_service_name("dispatcher");
+    }
+    let resource = resource
         .with_attribute(KeyValue::new("service.instance.id", replica_id.to_owned()))
+        .with_attribute(KeyValue::new("service.version", VERSION))
         .build();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     Some(Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build()))
 }
 
-/// Makes `span` a child of the trace context in `traceparent` (when spans are exported).
+/// The OTLP/gRPC exporter (tonic). Its channel needs a Tokio runtime for its connection task,
+/// and spans are exported from the batch processor's own thread: the channel lives on a small
+/// runtime of its own (one worker thread), kept for the life of the process.
+#[cfg(feature = "otlp-grpc")]
+fn grpc_exporter() -> Result<opentelemetry_otlp::SpanExporter, String> {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    let runtime = match RUNTIME.get() {
+        Some(runtime) => runtime,
+        None => {
+            let built = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("otlp-grpc")
+                .enable_all()
+                .build()
+                .map_err(|error| format!("cannot start the OTLP/gRPC runtime: {error}"))?;
+            RUNTIME.get_or_init(|| built)
+        }
+    };
+    let _entered = runtime.enter();
+    opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_protocol(opentelemetry_otlp::Protocol::Grpc)
+        .build()
+        .map_err(|error| error.to_string())
+}
+
+#[cfg(not(feature = "otlp-grpc"))]
+fn grpc_exporter() -> Result<opentelemetry_otlp::SpanExporter, String> {
+    Err("OTEL_EXPORTER_OTLP_PROTOCOL=grpc: this binary was built without the `otlp-grpc` feature; \
+         use http/protobuf (port 4318) or rebuild with --features otlp-grpc"
+        .into())
+}
+
+/// Makes `span` a child of the trace context in `traceparent` (when spans are exported),
+/// unless it already sits in a trace (inside a request's span, which took the caller's context).
 pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>) {
     let Some(traceparent) = traceparent.filter(|t| is_traceparent(t)) else {
         return;
     };
+    if tracing::Span::current().context().span().span_context().is_valid() {
+        return;
+    }
     let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
     let parent = TraceContextPropagator::new().extract(&carrier);
     let _ = span.set_parent(parent);
@@ -129,6 +211,14 @@ pub fn traceparent_of(span: &tracing::Span, fallback: Option<&str>) -> String {
         return format!("00-{}-{}-{:02x}", own.trace_id(), own.span_id(), own.trace_flags().to_u8());
     }
     fallback.filter(|t| is_traceparent(t)).map_or_else(new_traceparent, str::to_owned)
+}
+
+/// The trace id of `span`, as 32 hex digits, when spans are exported.
+pub fn trace_id_of(span: &tracing::Span) -> Option<String> {
+    let context = span.context();
+    let span_ref = context.span();
+    let own = span_ref.span_context();
+    own.is_valid().then(|| own.trace_id().to_string())
 }
 
 /// True for a well-formed W3C `traceparent` (version 00): `00-<32 hex>-<16 hex>-<2 hex>`, with
@@ -162,11 +252,75 @@ struct Reason {
     reason: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Fate {
+    fate: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Transition {
+    transition: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolState {
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Build {
+    version: &'static str,
+    commit: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpRoute {
+    method: String,
+    route: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpRequest {
+    method: String,
+    route: String,
+    status: u16,
+}
+
+/// Upper bounds of the dispatch latency buckets, in seconds.
+const DISPATCH_BUCKETS: [f64; 15] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+/// Upper bounds of the HTTP latency buckets (time to the response head), in seconds.
+const HTTP_BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+fn dispatch_histogram() -> Histogram {
+    Histogram::new(DISPATCH_BUCKETS)
+}
+
+fn http_histogram() -> Histogram {
+    Histogram::new(HTTP_BUCKETS)
+}
+
+/// This build's version and git commit (`build.rs` reads `git rev-parse`; `unknown` without).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const COMMIT: &str = env!("DISPATCHER_GIT_COMMIT");
+
+/// Figures read from other parts of the replica just before rendering (gauges and counters
+/// kept elsewhere).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Snapshot {
+    pub streams: usize,
+    pub pending: usize,
+    pub broker_up: bool,
+    pub draining: bool,
+    pub bus: crate::bus::BusStats,
+    pub pool: crate::registry::PoolStats,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     dispatches: Family<Outcome, Counter>,
-    latency: Histogram,
+    latency: Family<Outcome, Histogram, fn() -> Histogram>,
     streams: Gauge<i64, AtomicI64>,
     pending: Gauge<i64, AtomicI64>,
     broker_up: Gauge<i64, AtomicI64>,
@@ -176,6 +330,24 @@ pub struct Metrics {
     accept_errors: Counter,
     stream_queue_bytes: Gauge<i64, AtomicI64>,
     stuck_streams: Counter,
+    http_requests: Family<HttpRequest, Counter>,
+    http_duration: Family<HttpRoute, Histogram, fn() -> Histogram>,
+    deliveries: Family<Fate, Counter>,
+    stream_opens: Counter,
+    stream_refusals: Family<Reason, Counter>,
+    stream_closes: Family<Reason, Counter>,
+    enrollments: Family<Outcome, Counter>,
+    proposals: Family<Transition, Counter>,
+    nats_reconnects: Counter,
+    nats_publish_failures: Counter,
+    db_pool: Family<PoolState, Gauge<i64, AtomicI64>>,
+    db_pool_max: Gauge<i64, AtomicI64>,
+    db_errors: Counter,
+    draining: Gauge<i64, AtomicI64>,
+    rebalance_shed: Counter,
+    cluster_average: Gauge<f64, AtomicU64>,
+    /// What the rebalancer counts (shared with its task).
+    pub rebalance: Arc<crate::rebalance::Stats>,
 }
 
 impl Default for Metrics {
@@ -186,12 +358,20 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("dispatcher");
+        let mut root = Registry::default();
+        root.register_collector(Box::new(ProcessCollector));
+        let registry = root.sub_registry_with_prefix("dispatcher");
+        let build = Family::<Build, Gauge<i64, AtomicI64>>::default();
+        build.get_or_create(&Build { version: VERSION, commit: COMMIT }).set(1);
+        registry.register("build_info", "This build: version and git commit (always 1)", build);
         let dispatches = Family::<Outcome, Counter>::default();
         registry.register("dispatches", "Dispatches by outcome", dispatches.clone());
-        let buckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
-        let latency = Histogram::new(buckets);
-        registry.register("dispatch_duration_seconds", "Time from dispatch to its answer", latency.clone());
+        let latency = Family::<Outcome, Histogram, fn() -> Histogram>::new_with_constructor(dispatch_histogram as _);
+        registry.register(
+            "dispatch_duration_seconds",
+            "Time from dispatch to its answer, by outcome (ok, error, proposal, offline, timed_out)",
+            latency.clone(),
+        );
         let streams = Gauge::<i64, AtomicI64>::default();
         registry.register("device_streams", "Device streams held by this replica", streams.clone());
         let pending = Gauge::<i64, AtomicI64>::default();
@@ -226,8 +406,95 @@ impl Metrics {
         );
         let stuck_streams = Counter::default();
         registry.register("stuck_streams", "Device streams dropped because they did not drain", stuck_streams.clone());
+        let http_requests = Family::<HttpRequest, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by method, route (the matched path template) and status",
+            http_requests.clone(),
+        );
+        let http_duration =
+            Family::<HttpRoute, Histogram, fn() -> Histogram>::new_with_constructor(http_histogram as _);
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from a request to its response head, by method and route (a stream counts until it opens)",
+            http_duration.clone(),
+        );
+        let deliveries = Family::<Fate, Counter>::default();
+        registry.register(
+            "result_deliveries",
+            "Result POSTs by fate: delivered, late_apply (recorded on its proposal), unknown (404), forbidden (403)",
+            deliveries.clone(),
+        );
+        let stream_opens = Counter::default();
+        registry.register("stream_opens", "Device streams opened here", stream_opens.clone());
+        let stream_refusals = Family::<Reason, Counter>::default();
+        registry.register(
+            "stream_refusals",
+            "Device streams refused with 503, by reason: max_streams, draining, stalled",
+            stream_refusals.clone(),
+        );
+        let stream_closes = Family::<Reason, Counter>::default();
+        registry.register(
+            "stream_closes",
+            "Device streams ended, by reason: superseded, revoked, shutdown, broker_lost, stalled, rebalance \
+             (a closing frame sent), stuck (dropped, not draining), disconnected (the device went away)",
+            stream_closes.clone(),
+        );
+        let enrollments = Family::<Outcome, Counter>::default();
+        registry.register(
+            "enrollments",
+            "Enrollments by outcome: enrolled, refused (bad code), rate_limited, over_quota, invalid",
+            enrollments.clone(),
+        );
+        let proposals = Family::<Transition, Counter>::default();
+        registry.register(
+            "proposals",
+            "Proposal transitions made here: proposed, approved (pending to applying), rejected, applied, failed, \
+             unpushed (back to pending: the device was offline)",
+            proposals.clone(),
+        );
+        let nats_reconnects = Counter::default();
+        registry.register(
+            "nats_reconnects",
+            "Times the NATS connection came back after it was lost",
+            nats_reconnects.clone(),
+        );
+        let nats_publish_failures = Counter::default();
+        registry.register(
+            "nats_publish_failures",
+            "NATS publishes and requests that failed or timed out before the client took them",
+            nats_publish_failures.clone(),
+        );
+        let db_pool = Family::<PoolState, Gauge<i64, AtomicI64>>::default();
+        registry.register("db_pool_connections", "Database pool connections by state: idle, in_use", db_pool.clone());
+        let db_pool_max = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "db_pool_max_connections",
+            "Size limit of the database pool (--db-pool-size)",
+            db_pool_max.clone(),
+        );
+        let db_errors = Counter::default();
+        registry.register(
+            "db_errors",
+            "Database errors (failed queries, connections, pool timeouts) in this process",
+            db_errors.clone(),
+        );
+        let draining = Gauge::<i64, AtomicI64>::default();
+        registry.register("draining", "1 once a graceful shutdown began", draining.clone());
+        let rebalance_shed = Counter::default();
+        registry.register(
+            "rebalance_reconnects",
+            "Devices asked to reconnect elsewhere because this replica held far more than the average",
+            rebalance_shed.clone(),
+        );
+        let cluster_average = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "cluster_streams_average",
+            "The cluster's average device streams per replica, as this replica last heard it",
+            cluster_average.clone(),
+        );
         Self {
-            registry,
+            registry: root,
             dispatches,
             latency,
             streams,
@@ -239,6 +506,23 @@ impl Metrics {
             accept_errors,
             stream_queue_bytes,
             stuck_streams,
+            http_requests,
+            http_duration,
+            deliveries,
+            stream_opens,
+            stream_refusals,
+            stream_closes,
+            enrollments,
+            proposals,
+            nats_reconnects,
+            nats_publish_failures,
+            db_pool,
+            db_pool_max,
+            db_errors,
+            draining,
+            rebalance_shed,
+            cluster_average,
+            rebalance: Arc::default(),
         }
     }
 
@@ -264,23 +548,51 @@ impl Metrics {
         self.accept_errors.inc();
     }
 
+    /// An HTTP request answered: `route` is the matched path template (`unmatched` for none).
+    pub fn http_request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
+        let (method, route) = (method.to_owned(), route.to_owned());
+        self.http_duration
+            .get_or_create(&HttpRoute { method: method.clone(), route: route.clone() })
+            .observe(elapsed.as_secs_f64());
+        self.http_requests.get_or_create(&HttpRequest { method, route, status }).inc();
+    }
+
+    /// A result POST's fate: `delivered`, `late_apply`, `unknown` or `forbidden`.
+    pub fn result_delivery(&self, fate: &'static str) {
+        self.deliveries.get_or_create(&Fate { fate }).inc();
+    }
+
+    pub fn stream_opened(&self) {
+        self.stream_opens.inc();
+    }
+
+    /// A stream refused with 503: `max_streams`, `draining` or `stalled`.
+    pub fn stream_refused(&self, reason: &'static str) {
+        self.stream_refusals.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// A stream ended, and why.
+    pub fn stream_closed(&self, reason: &'static str) {
+        self.stream_closes.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// An enrollment's outcome: `enrolled`, `refused`, `rate_limited`, `over_quota`, `invalid`.
+    pub fn enrollment(&self, outcome: &'static str) {
+        self.enrollments.get_or_create(&Outcome { outcome }).inc();
+    }
+
+    /// A proposal moved: `proposed`, `approved`, `rejected`, `applied`, `failed`.
+    pub fn proposal(&self, transition: &'static str) {
+        self.proposals.get_or_create(&Transition { transition }).inc();
+    }
+
     /// Runs a dispatch and records its outcome and latency.
     pub async fn observe_dispatch(&self, dispatch: impl Future<Output = HostResult>) -> HostResult {
         let started = Instant::now();
         let result = dispatch.await;
-        let outcome = if result.is_offline() {
-            "offline"
-        } else if result.is_timed_out() {
-            "timed_out"
-        } else if result.is_proposal() {
-            "proposal"
-        } else if result.ok {
-            "ok"
-        } else {
-            "error"
-        };
+        let outcome = dispatch_outcome(&result);
         self.dispatches.get_or_create(&Outcome { outcome }).inc();
-        self.latency.observe(started.elapsed().as_secs_f64());
+        self.latency.get_or_create(&Outcome { outcome }).observe(started.elapsed().as_secs_f64());
         result
     }
 
@@ -288,14 +600,14 @@ impl Metrics {
     /// bytes queued now, and the streams dropped for not draining so far.
     pub fn set_stream_queues(&self, queued_bytes: usize, stuck_streams: u64) {
         self.stream_queue_bytes.set(i64::try_from(queued_bytes).unwrap_or(i64::MAX));
-        let counted = self.stuck_streams.get();
-        self.stuck_streams.inc_by(stuck_streams.saturating_sub(counted));
+        catch_up(&self.stuck_streams, stuck_streams);
     }
 
     /// Registers the call log writer's counters: records written, and dropped by reason.
     pub fn register_call_log(&mut self, counters: &crate::calllog::Counters) {
-        self.registry.register("call_log_written", "Call log records stored", counters.written.clone());
-        self.registry.register(
+        let registry = self.registry.sub_registry_with_prefix("dispatcher");
+        registry.register("call_log_written", "Call log records stored", counters.written.clone());
+        registry.register(
             "call_log_dropped",
             "Call log records lost: queue_full (the writer fell behind), database (the database refused them)",
             counters.dropped.clone(),
@@ -303,19 +615,193 @@ impl Metrics {
     }
 
     /// The text exposition, with the gauges read now.
-    pub fn render(&self, streams: usize, pending: usize, broker_up: bool) -> Result<String, std::fmt::Error> {
-        self.streams.set(i64::try_from(streams).unwrap_or(i64::MAX));
-        self.pending.set(i64::try_from(pending).unwrap_or(i64::MAX));
-        self.broker_up.set(i64::from(broker_up));
+    pub fn render(&self, now: Snapshot) -> Result<String, std::fmt::Error> {
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.streams.set(gauge(now.streams));
+        self.pending.set(gauge(now.pending));
+        self.broker_up.set(i64::from(now.broker_up));
+        self.draining.set(i64::from(now.draining));
+        catch_up(&self.nats_reconnects, now.bus.reconnects);
+        catch_up(&self.nats_publish_failures, now.bus.publish_failures);
+        self.db_pool.get_or_create(&PoolState { state: "idle" }).set(gauge(now.pool.idle));
+        self.db_pool
+            .get_or_create(&PoolState { state: "in_use" })
+            .set(gauge(now.pool.size.saturating_sub(now.pool.idle)));
+        self.db_pool_max.set(gauge(now.pool.max));
+        catch_up(&self.db_errors, crate::registry::database_errors());
+        catch_up(&self.rebalance_shed, self.rebalance.shed.load(Ordering::Relaxed));
+        self.cluster_average.set(self.rebalance.average_x100.load(Ordering::Relaxed) as f64 / 100.0);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
         Ok(text)
     }
 }
 
+/// The `outcome` label of a dispatch's answer.
+pub fn dispatch_outcome(result: &HostResult) -> &'static str {
+    if result.is_offline() {
+        "offline"
+    } else if result.is_timed_out() {
+        "timed_out"
+    } else if result.is_proposal() {
+        "proposal"
+    } else if result.ok {
+        "ok"
+    } else {
+        "error"
+    }
+}
+
+/// Brings a counter up to a total counted elsewhere.
+fn catch_up(counter: &Counter, total: u64) {
+    let counted = counter.get();
+    counter.inc_by(total.saturating_sub(counted));
+}
+
+/// The standard `process_*` metrics, read from `/proc` at each scrape (Linux; nothing
+/// elsewhere): CPU seconds, resident and virtual memory, open and maximum descriptors, start
+/// time.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(process) = process::read() else {
+            return Ok(());
+        };
+        let counter = ConstCounter::new(process.cpu_seconds);
+        counter.encode(encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "User and system CPU time spent, in seconds",
+            None,
+            counter.metric_type(),
+        )?)?;
+        let gauges: [(&str, &str, f64); 5] = [
+            ("process_resident_memory_bytes", "Resident memory size in bytes", process.resident_bytes as f64),
+            ("process_virtual_memory_bytes", "Virtual memory size in bytes", process.virtual_bytes as f64),
+            ("process_open_fds", "Open file descriptors", process.open_fds as f64),
+            ("process_max_fds", "Limit of open file descriptors", process.max_fds as f64),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch, in seconds",
+                process.start_time_seconds,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reading this process's figures from `/proc/self`.
+mod process {
+    /// One reading.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    pub struct Process {
+        pub cpu_seconds: f64,
+        pub resident_bytes: u64,
+        pub virtual_bytes: u64,
+        pub open_fds: u64,
+        pub max_fds: u64,
+        pub start_time_seconds: f64,
+    }
+
+    /// Reads `/proc/self/stat`, `/proc/self/status`, `/proc/self/fd` and `/proc/stat`; `None`
+    /// where there is no `/proc`.
+    pub fn read() -> Option<Process> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let boot = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields = parse_stat(&stat)?;
+        let ticks = ticks_per_second();
+        let boot_time: f64 = boot.lines().find_map(|line| line.strip_prefix("btime "))?.trim().parse().ok()?;
+        let resident_kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        let open_fds = std::fs::read_dir("/proc/self/fd").map(|dir| dir.count() as u64).unwrap_or(0);
+        Some(Process {
+            cpu_seconds: (fields.utime + fields.stime) as f64 / ticks,
+            resident_bytes: resident_kib * 1024,
+            virtual_bytes: fields.vsize,
+            open_fds,
+            max_fds: max_fds(),
+            start_time_seconds: boot_time + fields.starttime as f64 / ticks,
+        })
+    }
+
+    /// The fields of `/proc/self/stat` used here.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Stat {
+        pub utime: u64,
+        pub stime: u64,
+        pub starttime: u64,
+        pub vsize: u64,
+    }
+
+    /// Parses `/proc/<pid>/stat`. The command name (field 2) is in parentheses and may hold
+    /// spaces and parentheses itself: fields are counted from its last `)`.
+    pub fn parse_stat(text: &str) -> Option<Stat> {
+        let rest = &text[text.rfind(')')? + 1..];
+        // `rest` starts at field 3 (state).
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |n: usize| -> Option<u64> { fields.get(n - 3)?.parse().ok() };
+        Some(Stat { utime: field(14)?, stime: field(15)?, starttime: field(22)?, vsize: field(23)? })
+    }
+
+    #[cfg(unix)]
+    fn ticks_per_second() -> f64 {
+        rustix::param::clock_ticks_per_second() as f64
+    }
+
+    #[cfg(not(unix))]
+    fn ticks_per_second() -> f64 {
+        100.0
+    }
+
+    #[cfg(unix)]
+    fn max_fds() -> u64 {
+        rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX)
+    }
+
+    #[cfg(not(unix))]
+    fn max_fds() -> u64 {
+        0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proc_stat_is_parsed_past_odd_command_names() {
+        let line =
+            "4242 (disp (a) b) S 1 4242 4242 0 -1 4194560 1000 0 0 0 250 75 0 0 20 0 12 0 123456 987654321 2000 \
+                    18446744073709551615 1 1 0 0 0 0 0 4096 17664 0 0 0 17 1 0 0 0 0 0";
+        let stat = process::parse_stat(line).expect("parses");
+        assert_eq!(stat, process::Stat { utime: 250, stime: 75, starttime: 123456, vsize: 987654321 });
+        assert!(process::parse_stat("garbage").is_none());
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn process_metrics_are_rendered() {
+        let text = Metrics::new().render(Snapshot::default()).expect("encodes");
+        for name in [
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_max_fds ",
+            "process_start_time_seconds ",
+        ] {
+            assert!(text.contains(name), "{name} missing: {text}");
+        }
+    }
 
     #[test]
     fn trace_contexts() {
@@ -342,8 +828,12 @@ mod tests {
         let metrics = Metrics::new();
         metrics.observe_dispatch(async { HostResult::offline("c") }).await;
         metrics.observe_dispatch(async { HostResult::success("c", serde_json::json!(1)) }).await;
-        let text = metrics.render(3, 1, true).expect("encodes");
+        let snapshot = Snapshot { streams: 3, pending: 1, broker_up: true, ..Snapshot::default() };
+        let text = metrics.render(snapshot).expect("encodes");
         assert!(text.contains("dispatcher_dispatches_total{outcome=\"offline\"} 1"), "{text}");
+        assert!(text.contains("dispatcher_dispatch_duration_seconds_count{outcome=\"ok\"} 1"), "{text}");
+        assert!(text.contains("dispatcher_build_info{version=\""), "{text}");
+        assert!(text.contains("dispatcher_draining 0"), "{text}");
         assert!(text.contains("dispatcher_dispatches_total{outcome=\"ok\"} 1"), "{text}");
         assert!(text.contains("dispatcher_device_streams 3"), "{text}");
         assert!(text.contains("dispatcher_pending_calls 1"), "{text}");

@@ -75,12 +75,13 @@ async fn post_form<T: DeserializeOwned>(client: &Client, base: &Url, path: &str,
                 url: url.to_string(),
                 status: StatusCode::BAD_GATEWAY,
                 message: format!("unreadable answer: {err}"),
+                retry_after: None,
             }),
         };
     }
     if status.is_server_error() {
         let message = body.trim().chars().take(200).collect();
-        return Answer::Failed(TransportError::Status { url: url.to_string(), status, message });
+        return Answer::Failed(TransportError::Status { url: url.to_string(), status, message, retry_after: None });
     }
     match serde_json::from_str::<OAuthError>(&body) {
         Ok(error) => Answer::Refused {
@@ -138,6 +139,7 @@ pub(crate) async fn enroll_by_link(
                 url: server.to_owned(),
                 status: StatusCode::TOO_MANY_REQUESTS,
                 message: "too many enrollment requests from this address".into(),
+                retry_after: None,
             },
             Answer::Refused { description, .. } => {
                 return Ok(Enrollment::Refused(format!(

@@ -40,6 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use protocol::sse::ReconnectReason;
 use protocol::{EnrollRequest, EnrollResponse, HostCall, HostResult, Manifest, ToolDescriptor};
 use reqwest::{Client, StatusCode, Url};
 use tokio::time::Instant;
@@ -471,8 +472,11 @@ pub(crate) async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationTo
 /// How one stream ended.
 #[derive(Debug)]
 enum SessionEnd {
-    /// A `reconnect` frame: go now.
-    Reconnect,
+    /// A `reconnect` frame: go now. `paced`: the server already spaces these out (a
+    /// rebalance), so no jitter is added.
+    Reconnect {
+        paced: bool,
+    },
     Superseded,
     /// A `revoked` frame, or 401 on connect.
     Revoked,
@@ -481,6 +485,12 @@ enum SessionEnd {
         reason: String,
         was_up: bool,
         untrusted: bool,
+    },
+    /// The server refused the stream for now (503, a replica full or going away) and said
+    /// when to try again (`Retry-After`).
+    Refused {
+        reason: String,
+        retry_after: Duration,
     },
 }
 
@@ -508,11 +518,16 @@ async fn hold_stream(
         let delay = match end {
             SessionEnd::Superseded => return Outcome::Superseded,
             SessionEnd::Revoked => return Outcome::Revoked,
-            SessionEnd::Reconnect => {
+            SessionEnd::Reconnect { paced } => {
                 backoff.reset();
-                let pause = backoff.jitter_only();
+                let pause = if paced { Duration::ZERO } else { backoff.jitter_only() };
                 info!("{server} asked this device to reconnect; reconnecting in {} ms", pause.as_millis());
                 pause
+            }
+            SessionEnd::Refused { reason, retry_after } => {
+                let delay = after_refusal(&mut backoff, retry_after);
+                warn!("{server} refused the stream: {reason}; trying again in {} ms", delay.as_millis());
+                delay
             }
             SessionEnd::Lost { reason, was_up, untrusted } => {
                 if was_up && started.elapsed() >= backoff.stable_after() {
@@ -533,6 +548,17 @@ async fn hold_stream(
             return Outcome::Shutdown;
         }
     }
+}
+
+/// Longest `Retry-After` honoured: a server asking for more is waited for this long.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// The wait after a 503 with `Retry-After`: at least what the server asked (capped at
+/// [`MAX_RETRY_AFTER`]) plus a jitter of up to the backoff's base, so the devices a full replica
+/// refuses together do not come back together; longer when the backoff has grown longer.
+fn after_refusal(backoff: &mut Backoff, retry_after: Duration) -> Duration {
+    let asked = retry_after.min(MAX_RETRY_AFTER) + backoff.jitter_only();
+    backoff.next_delay().max(asked)
 }
 
 /// One stream: open it, read frames until it ends, dispatching calls as they come.
@@ -557,6 +583,10 @@ async fn session(shared: &Arc<Shared>, server_index: usize, silence: Duration, t
                  deleting the cached credentials"
             );
             return SessionEnd::Revoked;
+        }
+        Err(err) if err.status() == Some(StatusCode::SERVICE_UNAVAILABLE) && err.retry_after().is_some() => {
+            let retry_after = err.retry_after().unwrap_or_default();
+            return SessionEnd::Refused { reason: err.to_string(), retry_after };
         }
         Err(err) => {
             let untrusted = matches!(err, TransportError::UntrustedCertificate(_));
@@ -606,7 +636,7 @@ async fn session(shared: &Arc<Shared>, server_index: usize, silence: Duration, t
                     "{server} is going away ({})",
                     reason.map(|r| format!("{r:?}")).unwrap_or_else(|| "no reason".into())
                 );
-                return SessionEnd::Reconnect;
+                return SessionEnd::Reconnect { paced: reason == Some(ReconnectReason::Rebalance) };
             }
             Frame::Superseded => return SessionEnd::Superseded,
             Frame::Revoked => {

@@ -44,9 +44,10 @@ pub enum TransportError {
     /// No HTTP answer: DNS, TCP, TLS, timeout, a dropped connection.
     #[error("{0}")]
     Connection(String),
-    /// An HTTP answer other than the expected success.
+    /// An HTTP answer other than the expected success; `retry_after` is its `Retry-After`
+    /// in seconds, when it gave one.
     #[error("{url} answered {status}: {message}")]
-    Status { url: String, status: StatusCode, message: String },
+    Status { url: String, status: StatusCode, message: String, retry_after: Option<Duration> },
 }
 
 impl TransportError {
@@ -54,6 +55,14 @@ impl TransportError {
     pub fn status(&self) -> Option<StatusCode> {
         match self {
             Self::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// How long the server asked to wait (`Retry-After` in seconds), when it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Status { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -139,6 +148,7 @@ pub async fn enroll(client: &Client, base: &Url, request: &EnrollRequest) -> Res
         url: url.to_string(),
         status: StatusCode::BAD_GATEWAY,
         message: format!("unreadable enrollment answer: {}", error_chain(&e)),
+        retry_after: None,
     })
 }
 
@@ -208,13 +218,21 @@ async fn expect_success(url: &Url, response: reqwest::Response) -> Result<reqwes
     if status.is_success() {
         return Ok(response);
     }
+    let retry_after =
+        response.headers().get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
     let body = response.text().await.unwrap_or_default();
     let message = match serde_json::from_str::<ErrorBody>(&body) {
         Ok(parsed) => parsed.error,
         Err(_) if body.trim().is_empty() => status.canonical_reason().unwrap_or("no reason given").to_owned(),
         Err(_) => body.trim().chars().take(200).collect(),
     };
-    Err(TransportError::Status { url: url.to_string(), status, message })
+    Err(TransportError::Status { url: url.to_string(), status, message, retry_after })
+}
+
+/// A `Retry-After` given in seconds (the HTTP-date form is not used by the dispatcher and is
+/// ignored).
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
 /// Every error in `err`'s chain, outermost first, joined with `": "`, with repeats dropped.

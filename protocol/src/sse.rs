@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 pub const EVENT_READY: &str = "ready";
 /// A tool call to run.
 pub const EVENT_CALL: &str = "call";
-/// The replica is going away: reconnect at once, to any replica.
+/// The replica is going away, or sheds load: reconnect at once, to any replica.
 pub const EVENT_RECONNECT: &str = "reconnect";
 /// A newer stream for this device opened elsewhere.
 pub const EVENT_SUPERSEDED: &str = "superseded";
@@ -47,4 +47,7 @@ pub enum ReconnectReason {
     /// The replica found it had been frozen (paused process, stalled VM): its streams may
     /// have moved meanwhile, so it gives them all up.
     Stalled,
+    /// The replica holds far more streams than the cluster's average (after a scale-out) and
+    /// asks a few of its devices at a time to reconnect, so the load balancer spreads them.
+    Rebalance,
 }

@@ -11,6 +11,7 @@
 //! | `{p}.revoked` | every replica | [`Revoked`]: close the stream, fail the device's pending calls, evict cached tokens. |
 //! | `{p}.api-tokens.revoked` | every replica | [`ApiTokensRevoked`]: evict those api tokens from the credential cache. Published by `dispatcher token revoke`; replicas also poll the database for it, so a missed message costs at most that poll. |
 //! | `{p}.presence.all` | every replica | request (scatter-gather): each replica answers its [`HeldDevices`]. |
+//! | `{p}.load` | every replica | [`ReplicaLoad`], published by each replica every few seconds: how many device streams it holds and its `--max-streams`. Each replica averages the recent ones to decide whether to shed streams to the others (the rebalancing rule is in the dispatcher's `rebalance` module). |
 //! | `{p}.events.{user}` | every replica, once, as `{p}.events.*` | [`crate::events::UserEvent`]: one user's device or proposal change, for that user's listeners on every replica. `{user}` is [`crate::events::user_token`] (user ids are not safe tokens). Core NATS, best effort: a listener that reconnects gets a fresh snapshot. |
 //!
 //! Two departures from a per-call result subject, each saving messages on the hot path:
@@ -86,6 +87,10 @@ impl Subjects {
 
     pub fn presence_all(&self) -> String {
         format!("{}.presence.all", self.prefix)
+    }
+
+    pub fn load(&self) -> String {
+        format!("{}.load", self.prefix)
     }
 }
 
@@ -195,6 +200,21 @@ pub struct Revoked {
 #[serde(rename_all = "camelCase")]
 pub struct ApiTokensRevoked {
     pub token_hashes: Vec<String>,
+}
+
+/// Body of `{p}.load`: one replica's device streams, as it counts them now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaLoad {
+    pub replica: String,
+    pub streams: u64,
+    /// Its `--max-streams`, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_streams: Option<u64>,
+    /// Sent once when the replica starts draining: forget it now rather than when its last
+    /// report grows stale.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leaving: bool,
 }
 
 /// One replica's answer to `{p}.presence.all`.

@@ -3,7 +3,7 @@
 
 use chrono::{TimeZone, Utc};
 use protocol::sse::{Ready, Reconnect, ReconnectReason};
-use protocol::subject::{ApiTokensRevoked, CallAck, Control, DeliverAck, Holder};
+use protocol::subject::{ApiTokensRevoked, CallAck, Control, DeliverAck, Holder, ReplicaLoad};
 use protocol::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -178,6 +178,7 @@ fn sse_payloads() {
     pin(&Ready { device_id: "d".into(), replica: "r".into() }, json!({"deviceId": "d", "replica": "r"}));
     pin(&Reconnect { reason: ReconnectReason::Shutdown }, json!({"reason": "shutdown"}));
     pin(&Reconnect { reason: ReconnectReason::BrokerLost }, json!({"reason": "broker-lost"}));
+    pin(&Reconnect { reason: ReconnectReason::Rebalance }, json!({"reason": "rebalance"}));
 }
 
 #[test]
@@ -189,6 +190,14 @@ fn nats_bodies() {
     pin(&Control::Presence, json!({"kind": "presence"}));
     pin(&Holder { replica: "b".into(), epoch: 7 }, json!({"replica": "b", "epoch": 7}));
     pin(&ApiTokensRevoked { token_hashes: vec!["ab01".into()] }, json!({"tokenHashes": ["ab01"]}));
+    pin(
+        &ReplicaLoad { replica: "a".into(), streams: 60, max_streams: None, leaving: false },
+        json!({"replica": "a", "streams": 60}),
+    );
+    pin(
+        &ReplicaLoad { replica: "a".into(), streams: 0, max_streams: Some(100), leaving: true },
+        json!({"replica": "a", "streams": 0, "maxStreams": 100, "leaving": true}),
+    );
 }
 
 #[test]

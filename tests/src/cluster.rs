@@ -40,7 +40,7 @@ pub fn replica_id(index: usize) -> String {
 }
 
 /// How to start a [`LocalCluster`]. Defaults: three replicas, one NATS server, keepalive 2 s,
-/// broker grace 2 s, a fresh PostgreSQL database, user `user-a`.
+/// broker grace 2 s, a fresh PostgreSQL database, user `user-a`, no rebalancing.
 #[derive(Clone)]
 pub struct ClusterBuilder {
     replicas: usize,
@@ -53,6 +53,7 @@ pub struct ClusterBuilder {
     configure: Option<ConfigureReplica>,
     ready_timeout: Duration,
     nats_options: NatsOptions,
+    rebalance: bool,
 }
 
 impl Default for ClusterBuilder {
@@ -68,6 +69,7 @@ impl Default for ClusterBuilder {
             configure: None,
             ready_timeout: Duration::from_secs(60),
             nats_options: NatsOptions::default(),
+            rebalance: false,
         }
     }
 }
@@ -143,6 +145,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// Let replicas rebalance streams among themselves (off by default: suites place devices
+    /// on given replicas and expect them to stay there).
+    pub fn rebalance(mut self, on: bool) -> Self {
+        self.rebalance = on;
+        self
+    }
+
     /// How long to wait for every replica to be ready (default 60 s).
     pub fn ready_timeout(mut self, timeout: Duration) -> Self {
         self.ready_timeout = timeout;
@@ -160,6 +169,9 @@ impl ClusterBuilder {
             .ready_timeout(self.ready_timeout);
         if let Some(filter) = &self.rust_log {
             builder = builder.rust_log(filter.clone());
+        }
+        if !self.rebalance {
+            builder = builder.flag("--rebalance-threshold-percent", 0);
         }
         if let Some(configure) = &self.configure {
             builder = configure(index, builder);

@@ -15,8 +15,10 @@
 //!   ([`Swarm::double_executions`]).
 //! - A stream that ends is reopened the way `host-agent` does it (host-agent/src/backoff.rs):
 //!   full jitter in `[0, min(cap, base·2^n)]` after a loss, at most `min(base, 1 s)` after a
-//!   `reconnect` frame, the count reset after a stream stayed up for `max(cap, 10 s)`. The time
-//!   of every `ready` is recorded, so recovery after a kill can be measured.
+//!   `reconnect` frame (none after a `rebalance` one, which the server paces), at least the
+//!   `Retry-After` of a 503 plus that jitter, the count reset after a stream stayed up for
+//!   `max(cap, 10 s)`. The time of every `ready` is recorded, so recovery after a kill can be
+//!   measured.
 //!
 //! Not here: load (see [`crate::load`]), processes (see [`crate::process`]). Traffic goes only
 //! to 127.0.0.0/8.
@@ -206,7 +208,9 @@ struct Counters {
     refused: AtomicU64,
     losses: AtomicU64,
     silences: AtomicU64,
+    unavailable: AtomicU64,
     reconnect_frames: AtomicU64,
+    rebalance_frames: AtomicU64,
     superseded: AtomicU64,
     revoked: AtomicU64,
     calls: AtomicU64,
@@ -230,7 +234,11 @@ pub struct SwarmStats {
     pub losses: u64,
     /// Streams given up after the silence limit.
     pub silences: u64,
+    /// Stream opens answered 503 (a replica full, draining or stalled).
+    pub unavailable: u64,
     pub reconnect_frames: u64,
+    /// Of the `reconnect` frames, those with reason `rebalance`.
+    pub rebalance_frames: u64,
     pub superseded: u64,
     pub revoked: u64,
     /// `call` frames received (each executed).
@@ -496,7 +504,9 @@ impl Swarm {
             refused: get(&c.refused),
             losses: get(&c.losses),
             silences: get(&c.silences),
+            unavailable: get(&c.unavailable),
             reconnect_frames: get(&c.reconnect_frames),
+            rebalance_frames: get(&c.rebalance_frames),
             superseded: get(&c.superseded),
             revoked: get(&c.revoked),
             calls: get(&c.calls),
@@ -543,7 +553,8 @@ impl Drop for Swarm {
 enum OpenError {
     Refused,
     Unauthorized,
-    Status(u16),
+    /// A status other than 200 and 401, with its `Retry-After` (seconds) when it had one.
+    Status(u16, Option<Duration>),
     Other(String),
 }
 
@@ -552,7 +563,7 @@ impl std::fmt::Display for OpenError {
         match self {
             Self::Refused => write!(f, "connection refused"),
             Self::Unauthorized => write!(f, "401"),
-            Self::Status(status) => write!(f, "status {status}"),
+            Self::Status(status, _) => write!(f, "status {status}"),
             Self::Other(reason) => write!(f, "{reason}"),
         }
     }
@@ -563,7 +574,10 @@ impl std::fmt::Display for OpenError {
 enum StreamEnd {
     Lost,
     Silent,
-    Reconnect,
+    /// A `reconnect` frame; `paced` for reason `rebalance`.
+    Reconnect {
+        paced: bool,
+    },
     Superseded,
     Revoked,
     Cancelled,
@@ -637,7 +651,13 @@ impl RawStream {
         match status {
             200 => {}
             401 => return Err(OpenError::Unauthorized),
-            other => return Err(OpenError::Status(other)),
+            other => {
+                let retry_after = head.lines().find_map(|line| {
+                    let (name, value) = line.split_once(':')?;
+                    name.trim().eq_ignore_ascii_case("retry-after").then(|| value.trim().parse().ok())?
+                });
+                return Err(OpenError::Status(other, retry_after.map(Duration::from_secs)));
+            }
         }
         let chunked = head.lines().any(|line| {
             let lower = line.to_ascii_lowercase();
@@ -793,6 +813,7 @@ async fn run_device(shared: Arc<Shared>, index: usize, device: TestDevice, local
             _ = cancel.cancelled() => break,
             opened = driving(opening, &mut posts) => opened,
         };
+        let mut retry_after = None;
         let (end, was_up, up_for) = match opened {
             Ok(mut stream) => {
                 opened_before = true;
@@ -819,7 +840,11 @@ async fn run_device(shared: Arc<Shared>, index: usize, device: TestDevice, local
                         counters.revoked.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
-                    OpenError::Status(_) | OpenError::Other(_) => {}
+                    OpenError::Status(503, asked) => {
+                        counters.unavailable.fetch_add(1, Ordering::Relaxed);
+                        retry_after = asked;
+                    }
+                    OpenError::Status(..) | OpenError::Other(_) => {}
                 }
                 (StreamEnd::Lost, false, Duration::ZERO)
             }
@@ -830,10 +855,15 @@ async fn run_device(shared: Arc<Shared>, index: usize, device: TestDevice, local
                 counters.revoked.fetch_add(1, Ordering::Relaxed);
                 break;
             }
-            StreamEnd::Reconnect => {
+            StreamEnd::Reconnect { paced } => {
                 counters.reconnect_frames.fetch_add(1, Ordering::Relaxed);
                 backoff.attempt = 0;
-                backoff.jitter_only()
+                if paced {
+                    counters.rebalance_frames.fetch_add(1, Ordering::Relaxed);
+                    Duration::ZERO
+                } else {
+                    backoff.jitter_only()
+                }
             }
             StreamEnd::Superseded | StreamEnd::Lost | StreamEnd::Silent => {
                 match end {
@@ -845,7 +875,11 @@ async fn run_device(shared: Arc<Shared>, index: usize, device: TestDevice, local
                 if was_up && up_for >= backoff.stable_after() {
                     backoff.attempt = 0;
                 }
-                backoff.next_delay()
+                let delay = backoff.next_delay();
+                match retry_after {
+                    Some(asked) => delay.max(asked + backoff.jitter_only()),
+                    None => delay,
+                }
             }
         };
         tokio::select! {
@@ -889,7 +923,10 @@ async fn read_stream(
                 *shared.executed.lock().entry(call_id.clone().into_boxed_str()).or_default() += 1;
                 posts.push(Box::pin(post_result(shared.clone(), token.clone(), call_id, replica)));
             }
-            protocol::sse::EVENT_RECONNECT => return StreamEnd::Reconnect,
+            protocol::sse::EVENT_RECONNECT => {
+                let paced = frame.data.contains("\"rebalance\"");
+                return StreamEnd::Reconnect { paced };
+            }
             protocol::sse::EVENT_SUPERSEDED => return StreamEnd::Superseded,
             protocol::sse::EVENT_REVOKED => return StreamEnd::Revoked,
             _ => {}

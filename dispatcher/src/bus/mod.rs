@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use protocol::events::UserEvent;
-use protocol::subject::{DeliverAck, Holder};
+use protocol::subject::{DeliverAck, Holder, ReplicaLoad};
 use protocol::{HostCall, HostResult};
 
 pub mod memory;
@@ -64,6 +64,15 @@ pub enum BusError {
     Refused(String),
 }
 
+/// What a bus counted since it started (for `/metrics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BusStats {
+    /// Times the broker connection came back after it was lost.
+    pub reconnects: u64,
+    /// Publishes (requests included) that failed or timed out before the broker took them.
+    pub publish_failures: u64,
+}
+
 /// The cluster's transport, as the dispatcher core uses it.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
@@ -101,6 +110,22 @@ pub trait Bus: Send + Sync + 'static {
     fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<Arc<UserEvent>>;
 
     fn health(&self) -> Health;
+
+    /// Tells the other replicas how many streams this one holds (best effort; nothing to tell
+    /// on a single replica).
+    async fn publish_load(&self, _load: &ReplicaLoad) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    /// The latest load each other replica published, with how long ago it was heard.
+    fn peer_loads(&self) -> Vec<(ReplicaLoad, Duration)> {
+        Vec::new()
+    }
+
+    /// Counters of the broker link.
+    fn stats(&self) -> BusStats {
+        BusStats::default()
+    }
 
     /// The largest message the bus carries, when it has a limit (NATS `max_payload`). A call
     /// that cannot fit is refused before it is dispatched.

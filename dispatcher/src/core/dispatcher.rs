@@ -86,10 +86,18 @@ impl Drop for StreamGuard {
         self.hub.release(&self.device_id, self.conn_id);
         // Also when the hub already forgot the stream (takeover, revocation, shutdown): the bus
         // releases only what it holds for this epoch, so a newer stream here is untouched.
+        // A device the rebalancer moved keeps its subscriptions a moment, so calls routed
+        // before its new stream is up elsewhere are retried rather than answered offline.
+        let linger = self.hub.moving_for(&self.device_id);
         let bus = self.bus.clone();
         let (device_id, epoch) = (std::mem::take(&mut self.device_id), self.epoch);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { bus.release(&device_id, epoch).await });
+            runtime.spawn(async move {
+                if let Some(linger) = linger {
+                    tokio::time::sleep(linger).await;
+                }
+                bus.release(&device_id, epoch).await
+            });
         }
     }
 }

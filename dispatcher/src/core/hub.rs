@@ -115,6 +115,27 @@ pub struct Hub {
     queued_bytes: Arc<AtomicUsize>,
     /// Streams dropped because they did not drain.
     stuck_streams: AtomicU64,
+    /// Streams being opened under a [`StreamSlot`].
+    opening: AtomicUsize,
+    /// Devices asked to reconnect elsewhere (rebalance), and when: their bus subscriptions
+    /// linger for [`MOVE_LINGER`] so calls meanwhile are retried, not answered offline.
+    moving: Mutex<HashMap<String, Instant>>,
+}
+
+/// How long a device shed by the rebalancer keeps its subscriptions here, answering calls
+/// "not held" (the dispatcher tries again) instead of leaving no responder (offline) until its
+/// new stream is up elsewhere. A takeover from its new replica ends it early.
+pub const MOVE_LINGER: Duration = Duration::from_secs(2);
+
+/// A place for one more stream under a cap, held while the stream opens
+/// ([`Hub::reserve_stream`]); dropping it gives the place back.
+#[derive(Debug)]
+pub struct StreamSlot(Arc<Hub>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.opening.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// How long the id of a call without a deadline is remembered after its push (the longest
@@ -188,7 +209,33 @@ impl Hub {
             queue_limits: QueueLimits { frames: STREAM_QUEUE, bytes: queue_bytes },
             queued_bytes: Arc::default(),
             stuck_streams: AtomicU64::new(0),
+            opening: AtomicUsize::new(0),
+            moving: Mutex::default(),
         })
+    }
+
+    /// How much longer the bus should keep answering for `device_id`, shed here a moment ago;
+    /// `None` when it is not moving.
+    pub fn moving_for(&self, device_id: &str) -> Option<Duration> {
+        let mut moving = self.moving.lock();
+        let since = *moving.get(device_id)?;
+        match MOVE_LINGER.checked_sub(since.elapsed()) {
+            Some(left) if !left.is_zero() => Some(left),
+            _ => {
+                moving.remove(device_id);
+                None
+            }
+        }
+    }
+
+    /// A place for one more stream when the streams here, with those being opened, stay within
+    /// `max`; `None` when full. Concurrent openers count each other, so the cap is never passed
+    /// (a stream that registered before its opener dropped the slot counts twice for a moment:
+    /// near the cap, a refusal may come one stream early).
+    pub fn reserve_stream(self: &Arc<Self>, max: usize) -> Option<StreamSlot> {
+        let opening = self.opening.fetch_add(1, Ordering::AcqRel) + 1;
+        let slot = StreamSlot(self.clone());
+        (self.connected() + opening <= max).then_some(slot)
     }
 
     pub fn replica_id(&self) -> &str {
@@ -295,6 +342,8 @@ impl Hub {
     /// Another replica opened a stream of the device with `epoch`. Returns the epoch to
     /// re-announce when the local stream is the newer one.
     pub fn takeover(&self, device_id: &str, epoch: u64) -> Option<u64> {
+        // A device that moved away is up elsewhere: nothing to linger for.
+        self.moving.lock().remove(device_id);
         let mut conns = self.conns.lock();
         match conns.takeover(device_id, epoch) {
             Takeover::Close(conn_id) => {
@@ -323,6 +372,34 @@ impl Hub {
             conn.queue.close(close);
         }
         drained.len()
+    }
+
+    /// Asks up to `count` devices to reconnect elsewhere (`reconnect`, `rebalance`): the
+    /// streams with nothing queued, idlest first. A call already written to a device is not
+    /// affected (the device posts its result to any replica); calls routed here meanwhile find
+    /// no stream and the dispatcher tries again. Returns the devices asked.
+    pub fn shed_streams(&self, count: usize) -> Vec<String> {
+        if count == 0 {
+            return Vec::new();
+        }
+        let mut conns = self.conns.lock();
+        let mut idle: Vec<(Instant, String, u64)> = conns
+            .iter()
+            .filter_map(|(device_id, conn)| Some((conn.queue.idle_since()?, device_id.clone(), conn.conn_id)))
+            .collect();
+        idle.sort();
+        let now = Instant::now();
+        let mut moving = self.moving.lock();
+        moving.retain(|_, since| now.duration_since(*since) < MOVE_LINGER);
+        idle.into_iter()
+            .take(count)
+            .filter_map(|(_, device_id, conn_id)| {
+                let conn = conns.remove_conn(&device_id, conn_id)?;
+                conn.queue.close(Close::Reconnect(ReconnectReason::Rebalance));
+                moving.insert(device_id.clone(), now);
+                Some(device_id)
+            })
+            .collect()
     }
 
     /// Drops the streams here that have not drained for longer than `limit` (a frame waiting,
@@ -736,6 +813,49 @@ mod tests {
         assert!(hub.holder("stuck").is_none());
         assert_eq!(hub.push("stuck", &call("c")), CallAck::NotHeld);
         assert!(hub.drop_stuck_streams(Duration::from_millis(20)).is_empty(), "the reading one stays");
+    }
+
+    #[test]
+    fn stream_slots_never_pass_the_cap() {
+        let hub = Hub::new("r", 1);
+        let first = hub.reserve_stream(2).expect("room");
+        let second = hub.reserve_stream(2).expect("room");
+        assert!(hub.reserve_stream(2).is_none(), "two opening fill a cap of two");
+        let _a = hub.open("a", 1);
+        drop(first);
+        assert!(hub.reserve_stream(2).is_none(), "one open, one opening");
+        drop(second);
+        let third = hub.reserve_stream(2).expect("room again");
+        drop(third);
+        let _b = hub.open("b", 1);
+        assert!(hub.reserve_stream(2).is_none());
+    }
+
+    #[test]
+    fn shedding_takes_the_idlest_streams_with_nothing_queued() {
+        let hub = Hub::new("r", 1);
+        hub.tick();
+        let oldest = hub.open("oldest", 1);
+        std::thread::sleep(Duration::from_millis(5));
+        let busy = hub.open("busy", 1);
+        std::thread::sleep(Duration::from_millis(5));
+        let recent = hub.open("recent", 1);
+        // A call waits on `busy`: it is never shed.
+        assert_eq!(hub.push("busy", &call("c")), CallAck::Accepted);
+        assert_eq!(hub.shed_streams(1), vec!["oldest".to_owned()]);
+        assert!(matches!(oldest.queue.try_recv(), Some(Frame::Close(Close::Reconnect(ReconnectReason::Rebalance)))));
+        assert!(hub.holder("oldest").is_none(), "a shed stream takes no more calls");
+        assert_eq!(hub.shed_streams(5), vec!["recent".to_owned()]);
+        assert!(matches!(recent.queue.try_recv(), Some(Frame::Close(_))));
+        assert!(matches!(busy.queue.try_recv(), Some(Frame::Call(_))), "the busy stream keeps its call");
+        assert_eq!(hub.connected(), 1);
+        assert!(hub.shed_streams(0).is_empty());
+        // Both linger until their new stream announces itself.
+        assert!(hub.moving_for("oldest").is_some_and(|left| left <= MOVE_LINGER));
+        assert_eq!(hub.takeover("oldest", 9), None);
+        assert!(hub.moving_for("oldest").is_none());
+        assert!(hub.moving_for("recent").is_some());
+        assert!(hub.moving_for("busy").is_none());
     }
 
     #[test]

@@ -75,6 +75,8 @@ struct State {
     abandoned: bool,
     writer: Writer,
     abort: Option<CancellationToken>,
+    /// When the last call was queued (or the stream opened, before any).
+    last_call: Instant,
 }
 
 /// One stream's queue, shared by the hub (pushing) and the stream's writer (pulling).
@@ -96,6 +98,7 @@ impl StreamQueue {
             abandoned: false,
             writer: Writer::Busy { since: Instant::now() },
             abort: None,
+            last_call: Instant::now(),
         };
         Self { state: Mutex::new(state), notify: Notify::new(), limits, total }
     }
@@ -108,8 +111,10 @@ impl StreamQueue {
         }
         let admitted = admit(self.limits, state.frames.len(), state.bytes, bytes);
         if admitted == Admit::Accepted {
-            state.frames.push_back(Queued { frame, bytes, at: Instant::now() });
+            let now = Instant::now();
+            state.frames.push_back(Queued { frame, bytes, at: now });
             state.bytes += bytes;
+            state.last_call = now;
             self.total.fetch_add(bytes, Ordering::Relaxed);
             drop(state);
             self.notify.notify_one();
@@ -147,6 +152,13 @@ impl StreamQueue {
         }
         self.notify.notify_one();
         dropped
+    }
+
+    /// Since when the stream has had nothing to write and no new call: `None` while a frame
+    /// waits or once it is ending. The rebalancer moves the idlest streams first.
+    pub fn idle_since(&self) -> Option<Instant> {
+        let state = self.state.lock();
+        (!state.closed && state.frames.is_empty()).then_some(state.last_call)
     }
 
     /// Attaches the token that closes the stream's connection, cancelled if the queue is

@@ -424,6 +424,7 @@ pub async fn reject(
         let now = owned_proposal(&state, &caller, &decision.proposal_id).await?;
         return Err(not_pending(now.proposal.status));
     }
+    state.metrics.proposal("rejected");
     let rejected = owned_proposal(&state, &caller, &decision.proposal_id).await?.proposal;
     events::proposal_changed(&state, &caller.user_id, &rejected).await;
     Ok(Json(rejected))

@@ -18,7 +18,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::Stream;
-use protocol::sse::{self, Ready, Reconnect};
+use protocol::sse::{self, Ready, Reconnect, ReconnectReason};
 use protocol::subject::DeliverAck;
 use protocol::{Delivered, EnrollRequest, EnrollResponse, ErrorBody, HostResult, Manifest};
 use tokio_util::sync::CancellationToken;
@@ -31,6 +31,8 @@ use crate::events;
 use crate::registry::{EnrollOutcome, LateApply, RegistryError};
 
 const MAX_NAME_LEN: usize = 200;
+/// `Retry-After` (seconds) of a stream refused because the replica holds `--max-streams`.
+const STREAMS_FULL_RETRY_AFTER: u32 = 2;
 
 /// `POST /api/host/enroll`: a pairing code for a device id and token.
 #[utoipa::path(
@@ -50,13 +52,26 @@ const MAX_NAME_LEN: usize = 200;
     ),
 )]
 pub async fn enroll(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let outcome = enroll_device(&state, request).await;
+    state.metrics.enrollment(match &outcome {
+        Ok(_) => "enrolled",
+        Err(ApiError::Unauthorized) => "refused",
+        Err(ApiError::TooManyRequests { .. }) => "rate_limited",
+        Err(ApiError::OverQuota(_)) => "over_quota",
+        Err(error) if error.status().is_client_error() => "invalid",
+        Err(_) => "error",
+    });
+    outcome
+}
+
+async fn enroll_device(state: &AppState, request: Request) -> Result<Response, ApiError> {
     let client = super::proxy::client_ip(&request);
     if let Err(retry_after) = state.enroll_limiter.acquire(client, Instant::now()) {
         tracing::info!(%client, "enrollment refused: too many attempts from this address");
         return Err(ApiError::TooManyRequests { retry_after });
     }
     let JsonBody(body) =
-        <JsonBody<EnrollRequest> as axum::extract::FromRequest<AppState>>::from_request(request, &state).await?;
+        <JsonBody<EnrollRequest> as axum::extract::FromRequest<AppState>>::from_request(request, state).await?;
     let EnrollRequest { code, name, platform } = body;
     let name = name.trim();
     if !(1..=MAX_NAME_LEN).contains(&name.chars().count()) {
@@ -71,7 +86,7 @@ pub async fn enroll(State(state): State<AppState>, request: Request) -> Result<R
     match state.registry.enroll(&code, name, platform.as_deref()).await? {
         EnrollOutcome::Enrolled(enrolled) => {
             tracing::info!(device_id = %enrolled.device_id, %client, "device enrolled");
-            events::device_enrolled(&state, &enrolled.token);
+            events::device_enrolled(state, &enrolled.token);
             Ok((StatusCode::CREATED, Json(enrolled)).into_response())
         }
         EnrollOutcome::Refused => Err(ApiError::Unauthorized),
@@ -104,11 +119,32 @@ pub async fn stream(
     caller: DeviceCaller,
 ) -> Result<Response, ApiError> {
     if state.draining.load(Ordering::Acquire) {
+        state.metrics.stream_refused("draining");
         return Err(ApiError::Unavailable("replica is shutting down; reconnect to another".into()));
     }
     if !state.dispatcher.hub().accepts_streams() {
+        state.metrics.stream_refused("stalled");
         return Err(ApiError::Unavailable("replica is recovering from a stall; reconnect to another".into()));
     }
+    // Under a cap, a place is held from here until the stream is registered; a full replica
+    // refuses before any database work. A device whose stream is here already (reconnecting)
+    // may replace it.
+    let hub = state.dispatcher.hub();
+    let _slot = match state.settings.capacity.max_streams {
+        Some(max) if hub.holder(&caller.device_id).is_none() => match hub.reserve_stream(max) {
+            Some(slot) => Some(slot),
+            None => {
+                state.metrics.stream_refused("max_streams");
+                let error = ApiError::Unavailable(format!(
+                    "replica holds its maximum of {max} device streams (--max-streams); reconnect to another"
+                ));
+                let mut response = error.into_response();
+                response.headers_mut().insert(axum::http::header::RETRY_AFTER, STREAMS_FULL_RETRY_AFTER.into());
+                return Ok(response);
+            }
+        },
+        _ => None,
+    };
     // Revoked since its token was cached: the registry knows no live device by that id.
     let epoch = match state.registry.next_stream_epoch(&caller.device_id).await {
         Err(RegistryError::NotFound) => return Err(ApiError::Unauthorized),
@@ -119,19 +155,26 @@ pub async fn stream(
         stream.frames.set_abort(abort);
     }
     tracing::info!(device_id = %caller.device_id, epoch, "stream opened");
+    state.metrics.stream_opened();
     events::device_changed(&state, &caller.owner, &caller.device_id);
     let ready = Ready { device_id: caller.device_id.clone(), replica: state.settings.replica_id.clone() };
-    let events =
-        frames(ready, stream, StreamEnd { state: state.clone(), device_id: caller.device_id, owner: caller.owner });
+    let events = frames(
+        ready,
+        stream,
+        StreamEnd { state: state.clone(), device_id: caller.device_id, owner: caller.owner, reason: None },
+    );
     let keepalive = KeepAlive::new().interval(state.settings.keepalive).text(sse::KEEPALIVE_COMMENT);
     Ok(Sse::new(events).keep_alive(keepalive).into_response())
 }
 
-/// Records the end of a stream (last seen) when the response body is dropped.
+/// Records the end of a stream (last seen, the metric of why) when the response body is
+/// dropped.
 struct StreamEnd {
     state: AppState,
     device_id: String,
     owner: String,
+    /// Why it ended, when the server ended it; `disconnected` otherwise.
+    reason: Option<&'static str>,
 }
 
 impl Drop for StreamEnd {
@@ -140,7 +183,9 @@ impl Drop for StreamEnd {
         let registry = self.state.registry.clone();
         let device_id = std::mem::take(&mut self.device_id);
         let owner = std::mem::take(&mut self.owner);
-        tracing::info!(%device_id, "stream closed");
+        let reason = self.reason.unwrap_or("disconnected");
+        self.state.metrics.stream_closed(reason);
+        tracing::info!(%device_id, reason, "stream closed");
         // A draining replica closes every stream at once, and its devices reconnect elsewhere
         // (which records them as seen): no burst of writes on the way out.
         if self.state.draining.load(Ordering::Acquire) {
@@ -174,8 +219,13 @@ fn frames(ready: Ready, stream: DeviceStream, end: StreamEnd) -> impl Stream<Ite
         if let Some(event) = first {
             return Some((Ok(event), (None, rest)));
         }
-        let (stream, end) = rest?;
-        match stream.frames.recv().await? {
+        let (stream, mut end) = rest?;
+        let Some(frame) = stream.frames.recv().await else {
+            // Abandoned by the hub: the device stopped reading.
+            end.reason = Some("stuck");
+            return None;
+        };
+        match frame {
             Frame::Call(call) => {
                 end.state.call_log.pushed(&call.call_id, &end.device_id, &end.owner);
                 // Encoded when it was queued: one line of JSON.
@@ -183,6 +233,7 @@ fn frames(ready: Ready, stream: DeviceStream, end: StreamEnd) -> impl Stream<Ite
                 Some((Ok(event), (None, Some((stream, end)))))
             }
             Frame::Close(close) => {
+                end.reason = Some(close_reason(close));
                 let event = match close {
                     Close::Superseded => json_event(sse::EVENT_SUPERSEDED, None, &serde_json::json!({})),
                     Close::Revoked => json_event(sse::EVENT_REVOKED, None, &serde_json::json!({})),
@@ -194,6 +245,18 @@ fn frames(ready: Ready, stream: DeviceStream, end: StreamEnd) -> impl Stream<Ite
             }
         }
     })
+}
+
+/// The `reason` label of a stream the server closed with a frame.
+fn close_reason(close: Close) -> &'static str {
+    match close {
+        Close::Superseded => "superseded",
+        Close::Revoked => "revoked",
+        Close::Reconnect(ReconnectReason::Shutdown) => "shutdown",
+        Close::Reconnect(ReconnectReason::BrokerLost) => "broker_lost",
+        Close::Reconnect(ReconnectReason::Stalled) => "stalled",
+        Close::Reconnect(ReconnectReason::Rebalance) => "rebalance",
+    }
 }
 
 /// `POST /api/host/result`: a device's answer to a call.
@@ -222,6 +285,24 @@ pub async fn result(
     // The agent posts under the call's trace context: the hand-over joins the dispatch's trace.
     let span = tracing::info_span!("api.result", device_id = %caller.device_id, call_id = %result.call_id);
     crate::telemetry::set_parent(&span, headers.get("traceparent").and_then(|v| v.to_str().ok()));
+    let outcome = deliver(&state, &caller, result, bytes, span).await;
+    state.metrics.result_delivery(match &outcome {
+        Ok((fate, _)) => fate,
+        Err(ApiError::Forbidden(_)) => "forbidden",
+        Err(_) => "error",
+    });
+    outcome.map(|(_, response)| response)
+}
+
+/// Hands a result over (and completes its call log record); the fate (`delivered`,
+/// `late_apply`, `unknown`, `forbidden`) and the response.
+async fn deliver(
+    state: &AppState,
+    caller: &DeviceCaller,
+    result: HostResult,
+    bytes: usize,
+    span: tracing::Span,
+) -> Result<(&'static str, Response), ApiError> {
     // The call log's part, taken before the result moves on: its outcome and size only.
     let logged = HostResult {
         call_id: result.call_id.clone(),
@@ -234,10 +315,10 @@ pub async fn result(
     match state.dispatcher.deliver_or_keep(&caller.device_id, result).instrument(span.clone()).await {
         Delivery::Answered(DeliverAck::Delivered) => {
             log();
-            Ok(delivered(true))
+            Ok(("delivered", delivered(true)))
         }
         Delivery::Answered(DeliverAck::Forbidden) => Err(forbidden()),
-        Delivery::Answered(DeliverAck::Unknown) => Ok(delivered(false)),
+        Delivery::Answered(DeliverAck::Unknown) => Ok(("unknown", delivered(false))),
         // Nobody waits for it: it may be the apply of a proposal whose replica died or gave up.
         // Whatever the call was, the result completes its record (the registry keeps it only
         // when the call was sent to this device).
@@ -251,11 +332,12 @@ pub async fn result(
                     span.in_scope(
                         || tracing::info!(%proposal_id, status = status.as_str(), "late apply result recorded"),
                     );
-                    events::proposal_reloaded(&state, &caller.owner, &proposal_id).await;
-                    Ok(delivered(true))
+                    state.metrics.proposal(status.as_str());
+                    events::proposal_reloaded(state, &caller.owner, &proposal_id).await;
+                    Ok(("late_apply", delivered(true)))
                 }
                 LateApply::OtherDevice => Err(forbidden()),
-                LateApply::Unknown => Ok(delivered(false)),
+                LateApply::Unknown => Ok(("unknown", delivered(false))),
             }
         }
     }

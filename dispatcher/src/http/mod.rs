@@ -12,6 +12,7 @@ use crate::core::Dispatcher;
 use crate::registry::Registry;
 use crate::telemetry::Metrics;
 
+pub mod access;
 pub mod auth;
 pub mod calls;
 pub mod control;

@@ -74,7 +74,15 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     let hub = state.dispatcher.hub();
     let up = state.dispatcher.bus().health() == Health::Up;
     state.metrics.set_stream_queues(hub.queued_bytes(), hub.stuck_streams());
-    match state.metrics.render(hub.connected(), hub.pending_calls(), up) {
+    let snapshot = crate::telemetry::Snapshot {
+        streams: hub.connected(),
+        pending: hub.pending_calls(),
+        broker_up: up,
+        draining: state.draining.load(Ordering::Acquire),
+        bus: state.dispatcher.bus().stats(),
+        pool: state.registry.pool_stats(),
+    };
+    match state.metrics.render(snapshot) {
         Ok(text) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
             .into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),

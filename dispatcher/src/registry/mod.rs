@@ -163,8 +163,9 @@ pub struct Expired {
 /// What can go wrong in the registry, by kind.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
+    /// Counted in [`database_errors`].
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// The URL names no supported engine; the text never repeats the URL (it may hold a password).
@@ -185,6 +186,29 @@ pub enum RegistryError {
     /// A stored value could not be read back (bad JSON, an unknown status, a time out of range).
     #[error("stored data could not be read: {0}")]
     Corrupt(String),
+}
+
+/// Database errors in this process so far (every `sqlx` error that became a
+/// [`RegistryError`]), for `/metrics`.
+static DATABASE_ERRORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn database_errors() -> u64 {
+    DATABASE_ERRORS.load(Ordering::Relaxed)
+}
+
+impl From<sqlx::Error> for RegistryError {
+    fn from(error: sqlx::Error) -> Self {
+        DATABASE_ERRORS.fetch_add(1, Ordering::Relaxed);
+        Self::Database(error)
+    }
+}
+
+/// The pool's connections now: open, of which idle, and its limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub size: usize,
+    pub idle: usize,
+    pub max: usize,
 }
 
 /// Who a device token belongs to.
@@ -302,6 +326,12 @@ impl Registry {
     /// up to date. Replicas starting at once against one PostgreSQL take turns: the migrator holds
     /// an advisory lock while it works.
     pub async fn connect(url: &str) -> Result<Self, RegistryError> {
+        Self::connect_with_pool(url, None).await
+    }
+
+    /// [`Registry::connect`] with a pool of `pool_size` connections (`None`: the engine's
+    /// default; an in-memory SQLite database always has one).
+    pub async fn connect_with_pool(url: &str, pool_size: Option<u32>) -> Result<Self, RegistryError> {
         let engine = Engine::of_url(url)?;
         sqlx::any::install_default_drivers();
         let in_memory = engine == Engine::Sqlite && is_sqlite_in_memory(url);
@@ -312,8 +342,8 @@ impl Registry {
             Engine::Sqlite if in_memory => {
                 options.max_connections(1).min_connections(1).idle_timeout(None).max_lifetime(None)
             }
-            Engine::Sqlite => options.max_connections(SQLITE_MAX_CONNECTIONS),
-            Engine::Postgres => options.max_connections(POSTGRES_MAX_CONNECTIONS),
+            Engine::Sqlite => options.max_connections(pool_size.unwrap_or(SQLITE_MAX_CONNECTIONS)),
+            Engine::Postgres => options.max_connections(pool_size.unwrap_or(POSTGRES_MAX_CONNECTIONS)),
         };
         let pool = options.connect(url).await?;
         if engine == Engine::Sqlite && !in_memory {
@@ -347,6 +377,15 @@ impl Registry {
     pub async fn ping(&self) -> Result<(), RegistryError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    /// The pool's connections now.
+    pub fn pool_stats(&self) -> PoolStats {
+        PoolStats {
+            size: self.pool.size() as usize,
+            idle: self.pool.num_idle(),
+            max: self.pool.options().get_max_connections() as usize,
+        }
     }
 
     /// `"sqlite"` or `"postgres"`.

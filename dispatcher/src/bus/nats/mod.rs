@@ -7,6 +7,7 @@
 //! - `{p}.api-tokens.revoked`: api tokens revoked by `dispatcher token revoke`
 //!   ([`Hub::revoke_api_tokens`]; [`publish_api_token_revocation`] is the sending side);
 //! - `{p}.presence.all`: the scatter-gather of online devices ([`Hub::held_devices`]);
+//! - `{p}.load`: the other replicas' stream counts, kept for [`Bus::peer_loads`];
 //! - `{p}.events.*`: every user's events, handed to this replica's listeners through
 //!   [`Bus::subscribe_events`];
 //! - its own reply inbox (`inbox`), which answers every request this bus makes;
@@ -37,8 +38,8 @@ use futures::StreamExt;
 use parking_lot::Mutex;
 use protocol::events::UserEvent;
 use protocol::subject::{
-    is_uuid, route_tag, ApiTokensRevoked, CallAck, Control, DeliverAck, HeldDevices, Holder, Revoked, Subjects,
-    HEADER_DEVICE_ID, HEADER_TRACEPARENT, HOLDERS_QUEUE,
+    is_uuid, route_tag, ApiTokensRevoked, CallAck, Control, DeliverAck, HeldDevices, Holder, ReplicaLoad, Revoked,
+    Subjects, HEADER_DEVICE_ID, HEADER_TRACEPARENT, HOLDERS_QUEUE,
 };
 use protocol::{HostCall, HostResult};
 use serde::Serialize;
@@ -49,12 +50,14 @@ use tracing::Instrument;
 
 pub use self::auth::{NatsAuth, NatsCredentials, NatsTls};
 use self::inbox::Inbox;
-use super::{Bus, BusError, Health, Hub, Routed, EVENTS_CAPACITY};
+use super::{Bus, BusError, BusStats, Health, Hub, Routed, EVENTS_CAPACITY};
 use crate::core::cache::parse_token_hash;
 
 /// Longest a fire-and-forget publish (a reply, a takeover, a revocation) may wait for room in
 /// the client's command queue, which fills while the broker is unreachable.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
+/// A replica whose load report is older than this is forgotten.
+const LOAD_FORGET_AFTER: Duration = Duration::from_secs(60);
 /// Replies a scatter-gather accepts; more are dropped.
 const GATHER_CAPACITY: usize = 1024;
 /// How often a wait for the connection looks at the client's state.
@@ -120,6 +123,9 @@ struct Shared {
     cancel: CancellationToken,
     /// Users' events from `{p}.events.*`, for this replica's listeners.
     events: broadcast::Sender<Arc<UserEvent>>,
+    /// The latest `{p}.load` of every other replica, and when it came.
+    loads: Mutex<HashMap<String, (ReplicaLoad, Instant)>>,
+    publish_failures: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -188,6 +194,8 @@ impl NatsBus {
             options,
             cancel: cancel.clone(),
             events: broadcast::channel(EVENTS_CAPACITY).0,
+            loads: Mutex::default(),
+            publish_failures: std::sync::atomic::AtomicU64::new(0),
         });
 
         let route = route_tag(shared.hub.route_tag());
@@ -197,6 +205,7 @@ impl NatsBus {
         let presence = shared.subscribe(shared.subjects.presence_all()).await?;
         let events = shared.subscribe(shared.subjects.all_user_events()).await?;
         let api_tokens = shared.subscribe(shared.subjects.api_tokens_revoked()).await?;
+        let loads = shared.subscribe(shared.subjects.load()).await?;
         tokio::spawn(serve(shared.clone(), inbox, cancel.clone(), |shared, message| async move {
             shared.inbox.route(message);
         }));
@@ -205,6 +214,7 @@ impl NatsBus {
         tokio::spawn(serve(shared.clone(), presence, cancel.clone(), Shared::on_presence_all));
         tokio::spawn(serve(shared.clone(), events, cancel.clone(), Shared::on_user_event));
         tokio::spawn(serve(shared.clone(), api_tokens, cancel.clone(), Shared::on_api_tokens_revoked));
+        tokio::spawn(serve(shared.clone(), loads, cancel.clone(), Shared::on_load));
         tokio::spawn(link::watch(shared.clone(), events_rx, shared.options.broker_grace, cancel.clone()));
         // Server URLs may carry credentials: log how many, not what.
         tracing::info!(
@@ -249,6 +259,8 @@ impl Bus for NatsBus {
     async fn send_call(&self, device_id: &str, call: &HostCall, ack_timeout: Duration) -> Routed {
         let span = tracing::info_span!(
             "nats.send_call",
+            otel.kind = "producer",
+            messaging.system = "nats",
             device_id = %device_id,
             call_id = %call.call_id,
             traceparent = call.traceparent.as_deref(),
@@ -262,6 +274,8 @@ impl Bus for NatsBus {
     async fn send_result(&self, route: &str, device_id: &str, result: &HostResult) -> DeliverAck {
         let span = tracing::info_span!(
             "nats.send_result",
+            otel.kind = "producer",
+            messaging.system = "nats",
             device_id = %device_id,
             call_id = %result.call_id,
             route = %route,
@@ -320,6 +334,28 @@ impl Bus for NatsBus {
             Health::Up
         } else {
             Health::Down
+        }
+    }
+
+    async fn publish_load(&self, load: &ReplicaLoad) -> Result<(), BusError> {
+        let payload = encode(load).map_err(|error| BusError::Malformed(error.to_string()))?;
+        self.shared
+            .publish(self.shared.subjects.load(), payload)
+            .await
+            .map_err(|failure| BusError::Unavailable(format!("load: {failure}")))
+    }
+
+    fn peer_loads(&self) -> Vec<(ReplicaLoad, Duration)> {
+        let now = Instant::now();
+        self.shared.loads.lock().values().map(|(load, at)| (load.clone(), now.saturating_duration_since(*at))).collect()
+    }
+
+    fn stats(&self) -> BusStats {
+        // The client counts every connection it made; the first is not a reconnect.
+        let connects = self.shared.client.statistics().connects.load(std::sync::atomic::Ordering::Relaxed);
+        BusStats {
+            reconnects: connects.saturating_sub(1),
+            publish_failures: self.shared.publish_failures.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -483,7 +519,11 @@ impl Shared {
     /// Releases the device's subscriptions of `epoch` when the hub has no stream of it any
     /// more (closed by a takeover, a revocation, a stall or a broker outage).
     fn release_if_gone(&self, device_id: &str, epoch: u64) {
-        if self.hub.holder(device_id).is_none() && self.release(device_id, epoch) {
+        // A device the rebalancer moved lingers until its new stream is up (or a moment passed).
+        if self.hub.holder(device_id).is_none()
+            && self.hub.moving_for(device_id).is_none()
+            && self.release(device_id, epoch)
+        {
             tracing::debug!(device_id, epoch, "released the subscriptions of a stream that is gone");
         }
     }
@@ -624,7 +664,10 @@ impl Shared {
             } else {
                 self.client.publish_with_reply_and_headers(subject, reply_to, headers, payload).await
             };
-            published.map_err(|error| RequestFailure::Publish(error.to_string()))?;
+            published.map_err(|error| {
+                self.publish_failed();
+                RequestFailure::Publish(error.to_string())
+            })?;
             waiter.recv().await.ok_or(RequestFailure::Closed)
         };
         match tokio::time::timeout(timeout, exchange).await {
@@ -655,10 +698,18 @@ impl Shared {
 
     async fn publish(&self, subject: impl Into<Subject>, payload: Bytes) -> Result<(), RequestFailure> {
         let subject: Subject = subject.into();
-        match tokio::time::timeout(PUBLISH_TIMEOUT, self.client.publish(subject, payload)).await {
+        let result = match tokio::time::timeout(PUBLISH_TIMEOUT, self.client.publish(subject, payload)).await {
             Err(_) => Err(RequestFailure::TimedOut),
             Ok(result) => result.map_err(|error| RequestFailure::Publish(error.to_string())),
+        };
+        if result.is_err() {
+            self.publish_failed();
         }
+        result
+    }
+
+    fn publish_failed(&self) {
+        self.publish_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Answers a request, if it asked for an answer.
@@ -685,7 +736,7 @@ impl Shared {
         let device_id = message.headers.as_ref().and_then(|headers| headers.get(HEADER_DEVICE_ID)).map(|v| v.as_str());
         let ack = match (device_id, serde_json::from_slice::<HostResult>(&message.payload)) {
             (Some(device_id), Ok(result)) => {
-                let span = tracing::info_span!("nats.on_result", device_id = %device_id, call_id = %result.call_id);
+                let span = tracing::info_span!("nats.on_result", otel.kind = "consumer", device_id = %device_id, call_id = %result.call_id);
                 let _entered = span.enter();
                 let ack = self.hub.resolve(device_id, result);
                 tracing::debug!(?ack, "result handed in");
@@ -715,6 +766,23 @@ impl Shared {
                 }
             }
             Err(error) => tracing::warn!(%error, "malformed revocation"),
+        }
+    }
+
+    /// `{p}.load`: another replica's stream count (our own is not kept).
+    async fn on_load(self: Arc<Self>, message: Message) {
+        match serde_json::from_slice::<ReplicaLoad>(&message.payload) {
+            Ok(load) if load.replica == self.replica => {}
+            Ok(load) if load.leaving => {
+                self.loads.lock().remove(&load.replica);
+            }
+            Ok(load) => {
+                let mut loads = self.loads.lock();
+                // Replicas come and go (a new pod name each restart): forget the long silent.
+                loads.retain(|_, (_, at)| at.elapsed() < LOAD_FORGET_AFTER);
+                loads.insert(load.replica.clone(), (load, Instant::now()));
+            }
+            Err(error) => tracing::warn!(%error, "malformed load report"),
         }
     }
 
@@ -757,6 +825,8 @@ impl Shared {
         let traceparent = message.headers.as_ref().and_then(|headers| headers.get(HEADER_TRACEPARENT));
         let span = tracing::info_span!(
             "nats.on_call",
+            otel.kind = "consumer",
+            messaging.system = "nats",
             device_id = %device_id,
             call_id = %call.call_id,
             traceparent = traceparent.map(|value| value.as_str()),
