@@ -28,7 +28,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the HTTP API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run the database migrations and exit (for a Kubernetes Job before a rollout; `serve`
     /// also runs them at start).
     Migrate(DatabaseArgs),
