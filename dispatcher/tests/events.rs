@@ -405,7 +405,7 @@ async fn the_page_and_its_assets_are_served_locked_down() {
         seen.push(name);
     }
     seen.sort();
-    assert_eq!(seen, ["app.js", "form.js", "result.js", "sse.js", "style.css"]);
+    assert_eq!(seen, ["activate.js", "app.js", "form.js", "result.js", "sse.js", "style.css"]);
     for needle in ["http://", "https://"] {
         assert!(!page.contains(needle), "the page contains {needle:?}");
     }
