@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use parking_lot::Mutex;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// Descriptors kept out of the default overall cap: standard streams, the listener, the
@@ -172,6 +173,8 @@ struct Entry {
     idle_key: Option<u64>,
     evicted: bool,
     evict: CancellationToken,
+    /// Woken when its last request in flight ends, so its idle timer starts then.
+    idle: Arc<Notify>,
 }
 
 /// The connections of one client address.
@@ -256,6 +259,7 @@ pub struct Admitted {
     table: Arc<ConnectionTable>,
     id: u64,
     evict: CancellationToken,
+    idle: Arc<Notify>,
 }
 
 impl Admitted {
@@ -270,6 +274,12 @@ impl Admitted {
 
     pub fn table(&self) -> &Arc<ConnectionTable> {
         &self.table
+    }
+
+    /// Notified when the connection's last request in flight ends (a permit is kept when no one
+    /// waits): its task then times the idle period from that moment, not from its last look.
+    pub fn became_idle(&self) -> &Arc<Notify> {
+        &self.idle
     }
 }
 
@@ -306,11 +316,14 @@ impl ConnectionTable {
         let id = inner.next_id;
         inner.next_id += 1;
         let evict = CancellationToken::new();
+        let idle = Arc::new(Notify::new());
         let activity = Activity { accepted: now, requests: 0, in_flight: 0, idle_since: now };
-        inner.entries.insert(id, Entry { address, activity, idle_key: None, evicted: false, evict: evict.clone() });
+        let entry =
+            Entry { address, activity, idle_key: None, evicted: false, evict: evict.clone(), idle: idle.clone() };
+        inner.entries.insert(id, entry);
         inner.addresses.entry(address).or_default().open += 1;
         inner.mark_idle(id);
-        Ok(Admitted { table: self.clone(), id, evict })
+        Ok(Admitted { table: self.clone(), id, evict, idle })
     }
 
     /// A request began on connection `id`: it cannot be evicted until none is in flight.
@@ -330,6 +343,7 @@ impl ConnectionTable {
         entry.activity.in_flight = entry.activity.in_flight.saturating_sub(1);
         entry.activity.idle_since = now;
         if entry.activity.in_flight == 0 {
+            entry.idle.notify_one();
             inner.mark_idle(id);
         }
     }

@@ -270,11 +270,15 @@ where
     let connection = shared.builder.serve_connection_with_upgrades(io, service).into_owned();
     tokio::pin!(connection);
     let evicted = admitted.evicted().clone();
+    let became_idle = admitted.became_idle().clone();
     let mut check_at = Instant::now();
     let mut stopping = false;
     loop {
         tokio::select! {
             _ = connection.as_mut() => return,
+            // The last request ended: time the idle period from now (a look taken while the
+            // first request was still arriving would otherwise wait out the first-request timeout).
+            () = became_idle.notified() => check_at = Instant::now(),
             // A device stream that does not drain: its writes are blocked for good.
             () = abort.0.cancelled() => return,
             () = evicted.cancelled() => {
