@@ -273,6 +273,8 @@ say "cargo fmt --all --check"
 cargo fmt --all --check
 say "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
+say "cargo doc --workspace --no-deps (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
 say "cargo build --workspace --all-targets"
 cargo build --workspace --all-targets

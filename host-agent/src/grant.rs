@@ -8,8 +8,8 @@
 //!    good; a server that cannot be reached is retried at the same pace, moving across the
 //!    servers (the device code is valid on every replica).
 //! 4. Approved: the credentials are cached and confirmed exactly like a pairing-code
-//!    enrollment ([`crate::runtime::remember_enrollment`]). `access_denied`, `expired_token`
-//!    or any other refusal ends the run as [`Enrollment::Refused`] (exit code 3).
+//!    enrollment (`runtime::remember_enrollment`). `access_denied`, `expired_token`
+//!    or any other refusal ends the run as `Enrollment::Refused` (exit code 3).
 //!
 //! Not here: the credential store, the stream that follows, TLS (the client is built once by
 //! the runtime; an untrusted certificate is described by [`crate::transport`], naming
