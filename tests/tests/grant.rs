@@ -243,7 +243,7 @@ async fn the_oauth_endpoints_speak_rfc_8628() {
     assert_eq!(json.json::<Value>().await.unwrap()["error"], "invalid_request");
     let bad: &[BadForm] = &[
         (&[("name", "x")], StatusCode::BAD_REQUEST, "invalid_request"),
-        (&[("client_id", "other"), ("name", "x")], StatusCode::UNAUTHORIZED, "invalid_client"),
+        (&[("client_id", "other"), ("name", "x")], StatusCode::BAD_REQUEST, "invalid_client"),
         (&[("client_id", "host-agent")], StatusCode::BAD_REQUEST, "invalid_request"),
         (&[("client_id", "host-agent"), ("name", "x"), ("roots", "/home")], StatusCode::BAD_REQUEST, "invalid_request"),
         (
@@ -277,7 +277,7 @@ async fn the_oauth_endpoints_speak_rfc_8628() {
         (&[("grant_type", GRANT_TYPE), ("client_id", "host-agent")], StatusCode::BAD_REQUEST, "invalid_request"),
         (
             &[("grant_type", GRANT_TYPE), ("device_code", device_code), ("client_id", "web")],
-            StatusCode::UNAUTHORIZED,
+            StatusCode::BAD_REQUEST,
             "invalid_client",
         ),
     ];

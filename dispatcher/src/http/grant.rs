@@ -134,8 +134,10 @@ fn check_client(client_id: Option<&str>) -> Result<(), OAuthFailure> {
     match client_id {
         None | Some("") => Err(OAuthFailure::invalid_request("client_id is required")),
         Some(HOST_AGENT_CLIENT_ID) => Ok(()),
+        // 400, as the contract's table says; RFC 6749 (5.2) requires 401 only of a client that
+        // authenticated with an Authorization header, which this public client never does.
         Some(_) => Err(OAuthFailure::new(
-            StatusCode::UNAUTHORIZED,
+            StatusCode::BAD_REQUEST,
             oauth_error::INVALID_CLIENT,
             format!("unknown client_id: the one client is {HOST_AGENT_CLIENT_ID}"),
         )),
@@ -195,8 +197,8 @@ pub fn public_base(public_url: Option<&str>, headers: &HeaderMap, uri: &Uri) -> 
         description = "`client_id=host-agent`, `name`, and optionally `platform` and `roots` (a JSON array of strings)"),
     responses(
         (status = 200, description = "The codes and the link to show", body = DeviceAuthorizationResponse),
-        (status = 400, description = "`invalid_request`: not a form, a missing or bad field, or no host to make the link from", body = OAuthError),
-        (status = 401, description = "`invalid_client`: a client_id other than host-agent", body = OAuthError),
+        (status = 400, description = "`invalid_request`: not a form, a missing or bad field, or no host to make the link \
+            from; `invalid_client`: a client_id other than host-agent", body = OAuthError),
         (status = 408, description = "The body did not arrive in time", body = ErrorBody),
         (status = 413, description = "Body over the limit", body = ErrorBody),
         (status = 429, description = "`slow_down`: too many requests from this address", body = OAuthError),
@@ -270,8 +272,8 @@ async fn authorize(
     responses(
         (status = 200, description = "Approved: the device's id and token (once; the device code is used up)", body = TokenResponse),
         (status = 400, description = "`authorization_pending`, `slow_down` (the interval grows by 5 s), `access_denied`, \
-            `expired_token`, `invalid_grant` (unknown or used device code), `unsupported_grant_type` or `invalid_request`", body = OAuthError),
-        (status = 401, description = "`invalid_client`: a client_id other than host-agent", body = OAuthError),
+            `expired_token`, `invalid_grant` (unknown or used device code), `unsupported_grant_type`, `invalid_request`, \
+            or `invalid_client` (a client_id other than host-agent)", body = OAuthError),
         (status = 408, description = "The body did not arrive in time", body = ErrorBody),
         (status = 413, description = "Body over the limit", body = ErrorBody),
         (status = 429, description = "`slow_down`: too many wrong device codes from this address", body = OAuthError),
@@ -542,6 +544,6 @@ mod tests {
         assert_eq!(check_client(None).unwrap_err().body.error, "invalid_request");
         assert_eq!(check_client(Some("")).unwrap_err().body.error, "invalid_request");
         let other = check_client(Some("other")).unwrap_err();
-        assert_eq!((other.status, other.body.error.as_str()), (StatusCode::UNAUTHORIZED, "invalid_client"));
+        assert_eq!((other.status, other.body.error.as_str()), (StatusCode::BAD_REQUEST, "invalid_client"));
     }
 }
