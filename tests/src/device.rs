@@ -562,4 +562,20 @@ impl Control {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+
+    /// Polls `GET /api/devices` until one of this user's devices is online, while `agent` runs;
+    /// returns its id. Panics (with the agent's log) when the agent exits or `timeout` passes.
+    pub async fn first_online_device(&self, agent: &mut crate::process::Agent, timeout: Duration) -> String {
+        let started = Instant::now();
+        loop {
+            let (status, list) = self.devices().await.expect("list devices");
+            assert_eq!(status, StatusCode::OK);
+            if let Some(device) = list["devices"].as_array().and_then(|d| d.iter().find(|d| d["online"] == true)) {
+                return device["id"].as_str().expect("id").to_owned();
+            }
+            assert!(agent.is_running(), "the agent exited before coming online\n{}", agent.log_tail(60));
+            assert!(started.elapsed() < timeout, "no device online after {timeout:?}: {list}\n{}", agent.log_tail(60));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

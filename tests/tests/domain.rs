@@ -157,17 +157,7 @@ impl Env {
     }
 
     async fn online_device(&self, agent: &mut Agent) -> String {
-        let started = Instant::now();
-        loop {
-            let (status, list) = self.control.devices().await.unwrap();
-            assert_eq!(status, StatusCode::OK);
-            if let Some(device) = list["devices"].as_array().and_then(|d| d.iter().find(|d| d["online"] == true)) {
-                return device["id"].as_str().expect("id").to_owned();
-            }
-            assert!(agent.is_running(), "the agent exited before coming online\n{}", agent.log_tail(60));
-            assert!(started.elapsed() < 30 * SECOND, "no device online after 30 s\n{}", agent.log_tail(60));
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.control.first_online_device(agent, 30 * SECOND).await
     }
 
     async fn call(&self, id: &str, tool: &str, input: Value) -> Value {
