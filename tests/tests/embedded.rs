@@ -631,6 +631,7 @@ async fn hostile_input_gets_4xx() {
         (Method::GET, "/api/devices/%00".into(), api, None),
         (Method::POST, "/api/pairing-codes".into(), api, b("{\"ttlSeconds\": 1e99}")),
         (Method::POST, "/api/pairing-codes".into(), api, b("[1,2]")),
+        (Method::POST, "/api/pairing-codes".into(), api, b("\n")),
         (Method::POST, "/api/host/approve".into(), api, b("{}")),
         (Method::POST, "/api/host/approve".into(), api, b("{\"proposalId\": 5}")),
         (Method::POST, "/api/host/approve".into(), api, b("{\"proposalId\": \"not-a-uuid\"}")),

@@ -51,8 +51,9 @@ pub async fn create_pairing_code(
     caller: UserCaller,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    // No body, and a JSON `null`, take the defaults; otherwise an object.
-    let request: PairingCodeRequest = if body.iter().all(u8::is_ascii_whitespace) {
+    // No body at all, and a JSON `null`, take the defaults; otherwise an object. A body of
+    // whitespace alone is not JSON, so it is malformed, not absent.
+    let request: PairingCodeRequest = if body.is_empty() {
         PairingCodeRequest::default()
     } else if !super::is_json_object(&body) && body.trim_ascii() != b"null" {
         return Err(ApiError::BadRequest("expected a JSON object {ttlSeconds?}, or no body".into()));
