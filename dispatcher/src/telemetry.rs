@@ -343,6 +343,8 @@ pub struct Metrics {
     db_pool: Family<PoolState, Gauge<i64, AtomicI64>>,
     db_pool_max: Gauge<i64, AtomicI64>,
     db_errors: Counter,
+    db_pings: Counter,
+    db_stream_open_statements: Counter,
     draining: Gauge<i64, AtomicI64>,
     rebalance_shed: Counter,
     cluster_average: Gauge<f64, AtomicU64>,
@@ -479,6 +481,19 @@ impl Metrics {
             "Database errors (failed queries, connections, pool timeouts) in this process",
             db_errors.clone(),
         );
+        let db_pings = Counter::default();
+        registry.register(
+            "db_pings",
+            "Pings of pooled database connections idle for a second or more, before handing them out",
+            db_pings.clone(),
+        );
+        let db_stream_open_statements = Counter::default();
+        registry.register(
+            "db_stream_open_statements",
+            "Statements that opened device streams (each verifies the tokens and issues the epochs of one or \
+             more opens; compare with stream_opens)",
+            db_stream_open_statements.clone(),
+        );
         let draining = Gauge::<i64, AtomicI64>::default();
         registry.register("draining", "1 once a graceful shutdown began", draining.clone());
         let rebalance_shed = Counter::default();
@@ -519,6 +534,8 @@ impl Metrics {
             db_pool,
             db_pool_max,
             db_errors,
+            db_pings,
+            db_stream_open_statements,
             draining,
             rebalance_shed,
             cluster_average,
@@ -629,6 +646,8 @@ impl Metrics {
             .set(gauge(now.pool.size.saturating_sub(now.pool.idle)));
         self.db_pool_max.set(gauge(now.pool.max));
         catch_up(&self.db_errors, crate::registry::database_errors());
+        catch_up(&self.db_pings, crate::registry::database_pings());
+        catch_up(&self.db_stream_open_statements, crate::registry::stream_open_statements());
         catch_up(&self.rebalance_shed, self.rebalance.shed.load(Ordering::Relaxed));
         self.cluster_average.set(self.rebalance.average_x100.load(Ordering::Relaxed) as f64 / 100.0);
         let mut text = String::new();

@@ -650,6 +650,75 @@ async fn stream_epochs_only_increase_and_never_repeat() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_open_verifies_the_token_and_issues_the_next_epoch() {
+    on_every_engine(|registry| async move {
+        let (device, token) = enroll_device(&registry, "alice", "laptop").await;
+        let before = registry.next_stream_epoch(&device).await.expect("epoch");
+        let opened = registry.open_stream(&token).await.expect("open").expect("a live device's token opens");
+        assert!(opened.epoch > before, "{before} then {}", opened.epoch);
+        assert_eq!(opened.device.id, device);
+        assert_eq!(opened.device.owner, "alice");
+        assert_eq!(opened.device.name, "laptop");
+        assert!(opened.device.last_seen_at.is_some(), "the open marks the device as seen");
+        assert!(!opened.device.revoked);
+        // The two ways of issuing epochs share one counter.
+        assert!(registry.next_stream_epoch(&device).await.expect("epoch") > opened.epoch);
+
+        // Not a device token, or no device's: no stream, and nothing is looked up for the odd ones.
+        let pat = registry.create_api_token("alice", None).await.expect("api token");
+        let unknown = format!("dev_{}", "A".repeat(token.len() - 4));
+        for bad in ["", "dev_", "nonsense", pat.as_str(), unknown.as_str()] {
+            assert!(registry.open_stream(bad).await.expect("open").is_none(), "{bad:?}");
+        }
+        assert!(registry.revoke_device("alice", &device).await.expect("revoke"));
+        assert!(registry.open_stream(&token).await.expect("open").is_none(), "a revoked device gets no stream");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_stream_opens_share_statements_but_never_an_epoch() {
+    on_every_engine(|registry| async move {
+        let mut devices = Vec::new();
+        for n in 0..12 {
+            devices.push(enroll_device(&registry, "alice", &format!("device {n}")).await);
+        }
+        let (revoked, revoked_token) = enroll_device(&registry, "alice", "gone").await;
+        assert!(registry.revoke_device("alice", &revoked).await.expect("revoke"));
+        // Many opens at once, several per device (so batches meet the same token twice), and
+        // some of a revoked device, mixed.
+        let mut opens = Vec::new();
+        for round in 0..5 {
+            for (device, token) in &devices {
+                let (registry, token, device) = (registry.clone(), token.clone(), device.clone());
+                opens.push(tokio::spawn(async move { (Some(device), registry.open_stream(&token).await) }));
+            }
+            if round % 2 == 0 {
+                let (registry, token) = (registry.clone(), revoked_token.clone());
+                opens.push(tokio::spawn(async move { (None, registry.open_stream(&token).await) }));
+            }
+        }
+        let mut epochs: std::collections::HashMap<String, Vec<u64>> = Default::default();
+        for open in opens {
+            match open.await.expect("task") {
+                (Some(device), answer) => {
+                    let opened = answer.expect("open").expect("a live device opens");
+                    assert_eq!(opened.device.id, device, "each open gets its own device's row");
+                    epochs.entry(device).or_default().push(opened.epoch);
+                }
+                (None, answer) => assert!(answer.expect("open").is_none(), "a revoked device gets no stream"),
+            }
+        }
+        for (device, mut issued) in epochs {
+            issued.sort_unstable();
+            issued.dedup();
+            assert_eq!(issued.len(), 5, "{device}: every open of a device gets an epoch of its own: {issued:?}");
+        }
+    })
+    .await;
+}
+
 // ---- applies that outlive their replica -------------------------------------------------------
 
 /// A pending proposal of a fresh device of alice's: (registry's proposal id, device id).

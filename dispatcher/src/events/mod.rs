@@ -1,7 +1,7 @@
 //! The live events of the control API (`GET /api/events`): what is published when a device or
 //! a proposal changes, and how this replica's listeners hear it.
 //!
-//! - One small function per kind of change ([`device_changed`], [`device_enrolled`],
+//! - One small function per kind of change ([`device_changed`], [`device_row_changed`], [`device_enrolled`],
 //!   [`device_revoked`], [`proposal_changed`], [`proposal_reloaded`]) loads the view the control
 //!   API would show and publishes it on the bus, so the handlers that change things stay thin.
 //!   Device changes are published from a task of their own (presence may take a moment);
@@ -146,14 +146,24 @@ pub fn device_changed(state: &AppState, owner: &str, device_id: &str) {
     let (state, owner, device_id) = (state.clone(), owner.to_owned(), device_id.to_owned());
     tokio::spawn(async move {
         match state.registry.device(&owner, &device_id).await {
-            Ok(Some(record)) => {
-                let device = device_view(&state, record).await;
-                publish(&state, &owner, Change::Device(DeviceChange { device, revoked: false })).await;
-            }
+            Ok(Some(record)) => publish_device(&state, record).await,
             Ok(None) => {}
             Err(error) => tracing::warn!(%device_id, %error, "device event not published"),
         }
     });
+}
+
+/// [`device_changed`] for a device whose stored row is at hand (a stream just opened: the
+/// statement that opened it returned the row), so it is not read again.
+pub fn device_row_changed(state: &AppState, record: DeviceRecord) {
+    let state = state.clone();
+    tokio::spawn(async move { publish_device(&state, record).await });
+}
+
+async fn publish_device(state: &AppState, record: DeviceRecord) {
+    let owner = record.owner.clone();
+    let device = device_view(state, record).await;
+    publish(state, &owner, Change::Device(DeviceChange { device, revoked: false })).await;
 }
 
 /// A device enrolled with `token`: announced to the owner of the pairing code it used.

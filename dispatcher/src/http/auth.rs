@@ -21,6 +21,16 @@ pub struct DeviceCaller {
     pub owner: String,
 }
 
+/// A device's bearer token, not yet verified: the stream route verifies it in the statement
+/// that issues its stream's epoch (`Registry::open_stream`), so a reconnecting device costs the
+/// database one shared statement rather than a lookup and an update of its own.
+#[derive(Debug, Clone)]
+pub struct DeviceToken {
+    pub token: String,
+    /// SHA-256 of the token: the key of the hub's credential cache.
+    pub hash: [u8; 32],
+}
+
 /// An authenticated app backend acting for a user.
 #[derive(Debug, Clone)]
 pub struct UserCaller {
@@ -61,6 +71,15 @@ impl FromRequestParts<AppState> for DeviceCaller {
         let auth = state.registry.device_for_token(token).await?.ok_or(ApiError::Unauthorized)?;
         hub.cache_device(hash, CachedDevice { device_id: auth.device_id.clone(), owner: auth.owner.clone() });
         Ok(Self { device_id: auth.device_id, owner: auth.owner })
+    }
+}
+
+impl FromRequestParts<AppState> for DeviceToken {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &AppState) -> Result<Self, Self::Rejection> {
+        let token = bearer_token(parts).ok_or(ApiError::Unauthorized)?;
+        Ok(Self { hash: token_hash(token), token: token.to_owned() })
     }
 }
 

@@ -24,11 +24,11 @@ use protocol::{Delivered, EnrollRequest, EnrollResponse, ErrorBody, HostResult, 
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::auth::DeviceCaller;
+use super::auth::{DeviceCaller, DeviceToken};
 use super::{ApiError, AppState, JsonBody, SizedJsonBody};
-use crate::core::{Close, Delivery, DeviceStream, Frame};
+use crate::core::{CachedDevice, Close, Delivery, DeviceStream, Frame};
 use crate::events;
-use crate::registry::{EnrollOutcome, LateApply, RegistryError};
+use crate::registry::{EnrollOutcome, LateApply, OpenedStream, RegistryError};
 
 const MAX_NAME_LEN: usize = 200;
 /// `Retry-After` (seconds) of a stream refused because the replica holds `--max-streams`.
@@ -116,7 +116,7 @@ pub struct ConnectionAbort(pub CancellationToken);
 pub async fn stream(
     State(state): State<AppState>,
     abort: Option<axum::Extension<ConnectionAbort>>,
-    caller: DeviceCaller,
+    token: DeviceToken,
 ) -> Result<Response, ApiError> {
     if state.draining.load(Ordering::Acquire) {
         state.metrics.stream_refused("draining");
@@ -131,8 +131,10 @@ pub async fn stream(
     // may replace it.
     let hub = state.dispatcher.hub();
     let _slot = match state.settings.capacity.max_streams {
-        Some(max) if hub.holder(&caller.device_id).is_none() => match hub.reserve_stream(max) {
+        Some(max) if !cached_holder_here(&state, &token) => match hub.reserve_stream(max) {
             Some(slot) => Some(slot),
+            // Not cached here (the cache is short-lived), yet maybe here all the same.
+            None if holds_stream_here(&state, &token).await? => None,
             None => {
                 state.metrics.stream_refused("max_streams");
                 let error = ApiError::Unavailable(format!(
@@ -145,26 +147,46 @@ pub async fn stream(
         },
         _ => None,
     };
-    // Revoked since its token was cached: the registry knows no live device by that id.
-    let epoch = match state.registry.next_stream_epoch(&caller.device_id).await {
-        Err(RegistryError::NotFound) => return Err(ApiError::Unauthorized),
-        other => other?,
+    // The token is checked where the epoch is issued: unknown or revoked (even if cached here,
+    // since a revocation this replica has not heard of yet), no stream.
+    let Some(opened) = state.registry.open_stream(&token.token).await? else {
+        return Err(ApiError::Unauthorized);
     };
-    let stream = state.dispatcher.connect(&caller.device_id, epoch).await?;
+    let OpenedStream { epoch, device } = opened;
+    let (device_id, owner) = (device.id.clone(), device.owner.clone());
+    // The device's result POSTs find its token cached.
+    hub.cache_device(token.hash, CachedDevice { device_id: device_id.clone(), owner: owner.clone() });
+    let stream = state.dispatcher.connect(&device_id, epoch).await?;
     if let Some(axum::Extension(ConnectionAbort(abort))) = abort {
         stream.frames.set_abort(abort);
     }
-    tracing::info!(device_id = %caller.device_id, epoch, "stream opened");
+    tracing::info!(%device_id, epoch, "stream opened");
     state.metrics.stream_opened();
-    events::device_changed(&state, &caller.owner, &caller.device_id);
-    let ready = Ready { device_id: caller.device_id.clone(), replica: state.settings.replica_id.clone() };
-    let events = frames(
-        ready,
-        stream,
-        StreamEnd { state: state.clone(), device_id: caller.device_id, owner: caller.owner, reason: None },
-    );
+    events::device_row_changed(&state, device);
+    let ready = Ready { device_id: device_id.clone(), replica: state.settings.replica_id.clone() };
+    let events = frames(ready, stream, StreamEnd { state: state.clone(), device_id, owner, reason: None });
     let keepalive = KeepAlive::new().interval(state.settings.keepalive).text(sse::KEEPALIVE_COMMENT);
     Ok(Sse::new(events).keep_alive(keepalive).into_response())
+}
+
+/// True when `token` is cached here and its device holds a stream here.
+fn cached_holder_here(state: &AppState, token: &DeviceToken) -> bool {
+    let hub = state.dispatcher.hub();
+    hub.cached_device(&token.hash).is_some_and(|cached| hub.holder(&cached.device_id).is_some())
+}
+
+/// True when the device of `token` holds a stream on this replica (so it may replace it on a
+/// full replica). Asked only of a full replica, so a token not cached here may cost a lookup.
+async fn holds_stream_here(state: &AppState, token: &DeviceToken) -> Result<bool, ApiError> {
+    let hub = state.dispatcher.hub();
+    let device_id = match hub.cached_device(&token.hash) {
+        Some(cached) => cached.device_id,
+        None => match state.registry.device_for_token(&token.token).await? {
+            Some(auth) => auth.device_id,
+            None => return Err(ApiError::Unauthorized),
+        },
+    };
+    Ok(hub.holder(&device_id).is_some())
 }
 
 /// Records the end of a stream (last seen, the metric of why) when the response body is

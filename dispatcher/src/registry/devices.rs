@@ -46,7 +46,7 @@ fn device_columns(manifest: &str) -> String {
     DEVICE_COLUMNS.replace("{manifest}", manifest)
 }
 
-fn device_of_row(row: DeviceRow) -> Result<DeviceRecord, RegistryError> {
+pub(super) fn device_of_row(row: DeviceRow) -> Result<DeviceRecord, RegistryError> {
     let (id, owner, name, platform, created_at, last_seen_at, manifest, revoked_at, roots, tool_count) = row;
     let manifest = manifest.as_deref().map(|text| from_json_text::<Manifest>(text, "device manifest")).transpose()?;
     let roots = match roots {

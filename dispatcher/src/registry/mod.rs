@@ -16,6 +16,8 @@
 //! - `secret.rs`: minting, normalizing, hashing and comparing tokens and pairing codes (pure).
 //! - `tokens.rs`: api tokens.
 //! - `devices.rs`: pairing codes, enrollment, devices.
+//! - `streams.rs`: stream opens: a device token verified and its stream's epoch issued in one
+//!   statement, concurrent opens grouped into one statement.
 //! - `grants.rs`: device authorizations (RFC 8628): their codes, approval, polls, the device
 //!   they make.
 //! - `proposals.rs`: proposals, their one-way status transitions, and the life of an apply
@@ -36,6 +38,7 @@ mod grants;
 pub mod page;
 mod proposals;
 mod secret;
+mod streams;
 mod tokens;
 
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -56,6 +59,7 @@ pub use grants::{
 pub use page::{Cursor, Page, PageError, PageRequest};
 pub use proposals::{ApplyOutcome, LateApply};
 pub use secret::{API_TOKEN_PREFIX, DEVICE_TOKEN_PREFIX};
+pub use streams::{stream_open_statements, OpenedStream};
 
 /// The schema. `migrate!` embeds the files; a new file is picked up on the next rebuild of this
 /// crate (touch this file if cargo does not notice it).
@@ -74,6 +78,9 @@ const SQLITE_MAX_CONNECTIONS: u32 = 8;
 const SQLITE_MIGRATE_ATTEMPTS: u32 = 5;
 /// How long a query waits for a free connection before it fails.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A pooled connection idle at least this long is pinged before it is handed out; one used
+/// more recently is handed out as it is (see [`ping_if_idle`]).
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// The registry's handle: cheap to clone (the pool and the clock are shared).
 #[derive(Debug, Clone)]
@@ -82,6 +89,8 @@ pub struct Registry {
     engine: Engine,
     clock: Arc<Clock>,
     limits: Limits,
+    /// Stream opens waiting for their statement (shared by the clones).
+    opens: Arc<streams::OpenQueue>,
 }
 
 /// What the registry agrees to store: size caps and per-user quotas. Every replica sharing a
@@ -186,6 +195,11 @@ pub enum RegistryError {
     /// A stored value could not be read back (bad JSON, an unknown status, a time out of range).
     #[error("stored data could not be read: {0}")]
     Corrupt(String),
+    /// A statement that served several callers at once (a batch of stream opens) failed, or
+    /// was abandoned; each caller gets the text of the one error (counted once, in
+    /// [`database_errors`]).
+    #[error("database error: {0}")]
+    Batch(String),
 }
 
 /// Database errors in this process so far (every `sqlx` error that became a
@@ -335,7 +349,10 @@ impl Registry {
         let engine = Engine::of_url(url)?;
         sqlx::any::install_default_drivers();
         let in_memory = engine == Engine::Sqlite && is_sqlite_in_memory(url);
-        let options = AnyPoolOptions::new().acquire_timeout(ACQUIRE_TIMEOUT);
+        let options = AnyPoolOptions::new()
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .test_before_acquire(false)
+            .before_acquire(ping_if_idle);
         let options = match engine {
             // Each connection to `:memory:` would be a database of its own: keep exactly one,
             // forever.
@@ -360,7 +377,7 @@ impl Registry {
             }
         }
         migrate(&pool, engine).await?;
-        Ok(Self { pool, engine, clock: Arc::new(Clock::default()), limits: Limits::default() })
+        Ok(Self { pool, engine, clock: Arc::new(Clock::default()), limits: Limits::default(), opens: Arc::default() })
     }
 
     /// The same registry (sharing the pool) storing within `limits` instead of the defaults.
@@ -413,6 +430,33 @@ impl Registry {
             pairing_codes: self.delete_done_pairing_codes(&expiry).await?,
         })
     }
+}
+
+/// Pings made by [`ping_if_idle`] in this process, for `/metrics`.
+static PINGS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn database_pings() -> u64 {
+    PINGS.load(Ordering::Relaxed)
+}
+
+/// The pool's check of a connection it is about to hand out. sqlx's default
+/// (`test_before_acquire`) pings every connection on every acquire: a round trip to the
+/// database before each query, which doubled the round trips of a reconnecting herd. A
+/// connection that answered a moment ago ([`PING_IF_IDLE_FOR`]) is trusted; one that sat idle
+/// longer, and may have been dropped by the server, a proxy or the network meanwhile, is
+/// pinged, and discarded (a new one is opened) if it does not answer.
+fn ping_if_idle(
+    connection: &mut sqlx::AnyConnection,
+    meta: sqlx::pool::PoolConnectionMetadata,
+) -> futures::future::BoxFuture<'_, Result<bool, sqlx::Error>> {
+    Box::pin(async move {
+        if meta.idle_for < PING_IF_IDLE_FOR {
+            return Ok(true);
+        }
+        PINGS.fetch_add(1, Ordering::Relaxed);
+        sqlx::Connection::ping(connection).await?;
+        Ok(true)
+    })
 }
 
 /// Runs the embedded migrations.
