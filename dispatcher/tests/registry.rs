@@ -8,6 +8,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use chrono::Utc;
+use dispatcher::bus::StreamRoute;
 use dispatcher::registry::{
     Cursor, EnrollOutcome, Expired, Expiry, LateApply, Limit, Limits, NewProposal, PageRequest, Registry, RegistryError,
 };
@@ -620,31 +621,47 @@ async fn stream_epochs_only_increase_and_never_repeat() {
     on_every_engine(|registry| async move {
         let (device, _) = enroll_device(&registry, "alice", "laptop").await;
         let (other, _) = enroll_device(&registry, "alice", "desktop").await;
-        let first = registry.next_stream_epoch(&device).await.expect("epoch");
-        let second = registry.next_stream_epoch(&device).await.expect("epoch");
+        assert_eq!(registry.last_stream(&device).await.expect("read"), None, "no stream opened yet");
+        let first = registry.next_stream_epoch(&device, 7).await.expect("epoch");
+        assert_eq!(registry.last_stream(&device).await.expect("read"), Some(StreamRoute { route: 7, epoch: first }));
+        let second = registry.next_stream_epoch(&device, u32::MAX).await.expect("epoch");
         assert!(second > first, "{first} then {second}");
+        assert_eq!(
+            registry.last_stream(&device).await.expect("read"),
+            Some(StreamRoute { route: u32::MAX, epoch: second }),
+            "the route of the newest epoch, the whole u32 range"
+        );
 
-        let draws: Vec<_> = (0..20)
-            .map(|_| {
+        let draws: Vec<_> = (0..20u32)
+            .map(|route| {
                 let registry = registry.clone();
                 let device = device.clone();
-                tokio::spawn(async move { registry.next_stream_epoch(&device).await })
+                tokio::spawn(async move { (route, registry.next_stream_epoch(&device, route).await) })
             })
             .collect();
         let mut epochs = Vec::new();
         for draw in draws {
-            epochs.push(draw.await.expect("task").expect("epoch"));
+            let (route, epoch) = draw.await.expect("task");
+            epochs.push((epoch.expect("epoch"), route));
         }
         epochs.sort_unstable();
-        epochs.dedup();
+        let newest = *epochs.last().expect("twenty");
+        epochs.dedup_by_key(|(epoch, _)| *epoch);
         assert_eq!(epochs.len(), 20, "every concurrent stream gets its own epoch");
-        assert!(epochs[0] > second);
+        assert!(epochs[0].0 > second);
+        // Whichever draw came last, the stored route is the one issued with the largest epoch.
+        assert_eq!(
+            registry.last_stream(&device).await.expect("read"),
+            Some(StreamRoute { route: newest.1, epoch: newest.0 })
+        );
         // Another device's counter is its own business.
-        assert!(registry.next_stream_epoch(&other).await.expect("epoch") >= 1);
+        assert!(registry.next_stream_epoch(&other, 1).await.expect("epoch") >= 1);
 
         assert!(registry.revoke_device("alice", &device).await.expect("revoke"));
+        assert_eq!(registry.last_stream(&device).await.expect("read"), None, "a revoked device is nowhere");
         for gone in [device.as_str(), "", "not-a-uuid", "00000000-0000-4000-8000-000000000000"] {
-            assert!(matches!(registry.next_stream_epoch(gone).await, Err(RegistryError::NotFound)), "{gone:?}");
+            assert!(matches!(registry.next_stream_epoch(gone, 1).await, Err(RegistryError::NotFound)), "{gone:?}");
+            assert_eq!(registry.last_stream(gone).await.expect("read"), None, "{gone:?}");
         }
     })
     .await;

@@ -146,7 +146,7 @@ pub async fn stream(
         _ => None,
     };
     // Revoked since its token was cached: the registry knows no live device by that id.
-    let epoch = match state.registry.next_stream_epoch(&caller.device_id).await {
+    let epoch = match state.registry.next_stream_epoch(&caller.device_id, hub.route_tag()).await {
         Err(RegistryError::NotFound) => return Err(ApiError::Unauthorized),
         other => other?,
     };
