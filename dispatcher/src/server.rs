@@ -62,8 +62,8 @@ pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Resul
                 auth: settings.nats_auth.clone(),
                 ..NatsOptions::default()
             };
-            NatsBus::connect(urls, Subjects::new(settings.subject_prefix.clone()), hub.clone(), options, cancel.clone())
-                .await?
+            let subjects = Subjects::new(settings.subject_prefix.clone());
+            NatsBus::connect(urls, subjects, hub.clone(), Arc::new(registry.clone()), options, cancel.clone()).await?
         }
         None => {
             tracing::warn!(

@@ -5,25 +5,57 @@
 //! Devices are played by the tests: they read `Frame::Call` from a [`DeviceStream`] and post
 //! results through any replica's `deliver`. No mocks.
 //!
+//! The registry's part in cluster mode, the record of where each device's newest stream opened
+//! (a column the same UPDATE that issues the epoch writes), is played by [`Directory`], one per
+//! test process: what `Registry::next_stream_epoch` and `Registry::last_stream` do against a
+//! database, as a map. The registry's own suite tests those two against SQLite and PostgreSQL.
+//!
 //! Not here: HTTP, the registry, the host agent (end-to-end suites in `tests/`).
 
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use dispatcher::bus::nats::{NatsBus, NatsOptions};
-use dispatcher::bus::{Bus, BusError, Health, Routed};
+use dispatcher::bus::{Bus, BusError, Health, Routed, StreamDirectory, StreamRoute};
 use dispatcher::core::{Close, DeviceStream, DispatchRequest, Dispatcher, Frame, Hub};
 use futures::StreamExt;
 use parking_lot::Mutex;
 use protocol::sse::ReconnectReason;
-use protocol::subject::{new_call_id, route_tag, DeliverAck, Subjects, HOLDERS_QUEUE};
+use protocol::subject::{new_call_id, route_tag, DeliverAck, Subjects};
 use protocol::{HostCall, HostResult};
 use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+// ---- the record of stream opens ----
+
+/// Where each device's newest stream opened, as the registry's `devices` table keeps it.
+#[derive(Default)]
+struct Directory(Mutex<HashMap<String, StreamRoute>>);
+
+impl Directory {
+    /// A stream of `device` opened with `epoch` on the replica of `route`. The registry's
+    /// counter makes the newest epoch the last written; here the largest epoch is kept.
+    fn opened(&self, device: &str, route: u32, epoch: u64) {
+        let mut streams = self.0.lock();
+        let entry = streams.entry(device.to_owned()).or_insert(StreamRoute { route, epoch });
+        if entry.epoch <= epoch {
+            *entry = StreamRoute { route, epoch };
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl StreamDirectory for Directory {
+    async fn last_stream(&self, device_id: &str) -> Result<Option<StreamRoute>, BusError> {
+        Ok(self.0.lock().get(device_id).copied())
+    }
+}
+
+static DIRECTORY: LazyLock<Arc<Directory>> = LazyLock::new(Arc::default);
 
 // ---- nats-server processes ----
 
@@ -174,7 +206,8 @@ impl Replica {
         let name = format!("{name}-{:04x}", rand::random::<u16>());
         let hub = Hub::new(name.clone(), rand::random());
         hub.clone().spawn_stall_watch(Duration::from_secs(60), cancel.child_token()).expect("stall watch");
-        let bus = NatsBus::connect(urls, Subjects::default(), hub.clone(), options, cancel.child_token())
+        let directory = DIRECTORY.clone();
+        let bus = NatsBus::connect(urls, Subjects::default(), hub.clone(), directory, options, cancel.child_token())
             .await
             .expect("NATS bus");
         assert!(bus.wait_connected(Duration::from_secs(10)).await, "{name} did not connect");
@@ -182,7 +215,9 @@ impl Replica {
         Self { name, hub, bus, dispatcher, cancel }
     }
 
+    /// A stream of `device` opens here with `epoch`, recorded first as the stream handler does.
     async fn connect(&self, device: &str, epoch: u64) -> DeviceStream {
+        DIRECTORY.opened(device, self.hub.route_tag(), epoch);
         self.dispatcher.connect(device, epoch).await.expect("stream registered")
     }
 
@@ -699,11 +734,11 @@ async fn five_thousand_unanswered_requests_leave_no_state_behind() {
     let a = Replica::start("a", &server.url(), NatsOptions::default()).await;
     // A holder that never answers: every call to it times out.
     let silent_device = device_id();
+    let silent_route = rand::random::<u32>() | 1;
+    DIRECTORY.opened(&silent_device, silent_route, 1);
     let raw = async_nats::connect(server.url()).await.expect("raw client");
-    let _silent = raw
-        .queue_subscribe(Subjects::default().device_call(&silent_device), HOLDERS_QUEUE.to_owned())
-        .await
-        .expect("silent holder");
+    let _silent =
+        raw.subscribe(Subjects::default().holder_requests(&route_tag(silent_route))).await.expect("silent holder");
     raw.flush().await.expect("flush");
     let call = || HostCall {
         call_id: new_call_id(a.hub.route_tag(), rand::random()),
@@ -790,8 +825,16 @@ async fn unusable_settings_are_refused() {
     for (urls, prefix) in
         [("", "pulsn.host"), (" , ", "pulsn.host"), ("nats://127.0.0.1:4222", "a.*"), ("nats://[::1", "p")]
     {
-        let bus =
-            NatsBus::connect(urls, Subjects::new(prefix), hub.clone(), NatsOptions::default(), cancel.clone()).await;
+        let directory = DIRECTORY.clone();
+        let bus = NatsBus::connect(
+            urls,
+            Subjects::new(prefix),
+            hub.clone(),
+            directory,
+            NatsOptions::default(),
+            cancel.clone(),
+        )
+        .await;
         assert!(matches!(bus, Err(BusError::Unavailable(_))), "{urls:?} {prefix:?}");
     }
 }

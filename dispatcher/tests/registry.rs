@@ -8,6 +8,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use chrono::Utc;
+use dispatcher::bus::StreamRoute;
 use dispatcher::registry::{
     Cursor, EnrollOutcome, Expired, Expiry, LateApply, Limit, Limits, NewProposal, PageRequest, Registry, RegistryError,
 };
@@ -620,31 +621,47 @@ async fn stream_epochs_only_increase_and_never_repeat() {
     on_every_engine(|registry| async move {
         let (device, _) = enroll_device(&registry, "alice", "laptop").await;
         let (other, _) = enroll_device(&registry, "alice", "desktop").await;
-        let first = registry.next_stream_epoch(&device).await.expect("epoch");
-        let second = registry.next_stream_epoch(&device).await.expect("epoch");
+        assert_eq!(registry.last_stream(&device).await.expect("read"), None, "no stream opened yet");
+        let first = registry.next_stream_epoch(&device, 7).await.expect("epoch");
+        assert_eq!(registry.last_stream(&device).await.expect("read"), Some(StreamRoute { route: 7, epoch: first }));
+        let second = registry.next_stream_epoch(&device, u32::MAX).await.expect("epoch");
         assert!(second > first, "{first} then {second}");
+        assert_eq!(
+            registry.last_stream(&device).await.expect("read"),
+            Some(StreamRoute { route: u32::MAX, epoch: second }),
+            "the route of the newest epoch, the whole u32 range"
+        );
 
-        let draws: Vec<_> = (0..20)
-            .map(|_| {
+        let draws: Vec<_> = (0..20u32)
+            .map(|route| {
                 let registry = registry.clone();
                 let device = device.clone();
-                tokio::spawn(async move { registry.next_stream_epoch(&device).await })
+                tokio::spawn(async move { (route, registry.next_stream_epoch(&device, route).await) })
             })
             .collect();
         let mut epochs = Vec::new();
         for draw in draws {
-            epochs.push(draw.await.expect("task").expect("epoch"));
+            let (route, epoch) = draw.await.expect("task");
+            epochs.push((epoch.expect("epoch"), route));
         }
         epochs.sort_unstable();
-        epochs.dedup();
+        let newest = *epochs.last().expect("twenty");
+        epochs.dedup_by_key(|(epoch, _)| *epoch);
         assert_eq!(epochs.len(), 20, "every concurrent stream gets its own epoch");
-        assert!(epochs[0] > second);
+        assert!(epochs[0].0 > second);
+        // Whichever draw came last, the stored route is the one issued with the largest epoch.
+        assert_eq!(
+            registry.last_stream(&device).await.expect("read"),
+            Some(StreamRoute { route: newest.1, epoch: newest.0 })
+        );
         // Another device's counter is its own business.
-        assert!(registry.next_stream_epoch(&other).await.expect("epoch") >= 1);
+        assert!(registry.next_stream_epoch(&other, 1).await.expect("epoch") >= 1);
 
         assert!(registry.revoke_device("alice", &device).await.expect("revoke"));
+        assert_eq!(registry.last_stream(&device).await.expect("read"), None, "a revoked device is nowhere");
         for gone in [device.as_str(), "", "not-a-uuid", "00000000-0000-4000-8000-000000000000"] {
-            assert!(matches!(registry.next_stream_epoch(gone).await, Err(RegistryError::NotFound)), "{gone:?}");
+            assert!(matches!(registry.next_stream_epoch(gone, 1).await, Err(RegistryError::NotFound)), "{gone:?}");
+            assert_eq!(registry.last_stream(gone).await.expect("read"), None, "{gone:?}");
         }
     })
     .await;
@@ -654,25 +671,30 @@ async fn stream_epochs_only_increase_and_never_repeat() {
 async fn a_stream_open_verifies_the_token_and_issues_the_next_epoch() {
     on_every_engine(|registry| async move {
         let (device, token) = enroll_device(&registry, "alice", "laptop").await;
-        let before = registry.next_stream_epoch(&device).await.expect("epoch");
-        let opened = registry.open_stream(&token).await.expect("open").expect("a live device's token opens");
+        let before = registry.next_stream_epoch(&device, 1).await.expect("epoch");
+        let opened = registry.open_stream(&token, u32::MAX).await.expect("open").expect("a live device's token opens");
         assert!(opened.epoch > before, "{before} then {}", opened.epoch);
+        assert_eq!(
+            registry.last_stream(&device).await.expect("read"),
+            Some(StreamRoute { route: u32::MAX, epoch: opened.epoch }),
+            "the open records its replica's route beside its epoch"
+        );
         assert_eq!(opened.device.id, device);
         assert_eq!(opened.device.owner, "alice");
         assert_eq!(opened.device.name, "laptop");
         assert!(opened.device.last_seen_at.is_some(), "the open marks the device as seen");
         assert!(!opened.device.revoked);
         // The two ways of issuing epochs share one counter.
-        assert!(registry.next_stream_epoch(&device).await.expect("epoch") > opened.epoch);
+        assert!(registry.next_stream_epoch(&device, 1).await.expect("epoch") > opened.epoch);
 
         // Not a device token, or no device's: no stream, and nothing is looked up for the odd ones.
         let pat = registry.create_api_token("alice", None).await.expect("api token");
         let unknown = format!("dev_{}", "A".repeat(token.len() - 4));
         for bad in ["", "dev_", "nonsense", pat.as_str(), unknown.as_str()] {
-            assert!(registry.open_stream(bad).await.expect("open").is_none(), "{bad:?}");
+            assert!(registry.open_stream(bad, 1).await.expect("open").is_none(), "{bad:?}");
         }
         assert!(registry.revoke_device("alice", &device).await.expect("revoke"));
-        assert!(registry.open_stream(&token).await.expect("open").is_none(), "a revoked device gets no stream");
+        assert!(registry.open_stream(&token, 1).await.expect("open").is_none(), "a revoked device gets no stream");
     })
     .await;
 }
@@ -686,34 +708,43 @@ async fn concurrent_stream_opens_share_statements_but_never_an_epoch() {
         }
         let (revoked, revoked_token) = enroll_device(&registry, "alice", "gone").await;
         assert!(registry.revoke_device("alice", &revoked).await.expect("revoke"));
-        // Many opens at once, several per device (so batches meet the same token twice), and
-        // some of a revoked device, mixed.
+        // Many opens at once, several per device (so batches meet the same token twice), from
+        // two routes (two replicas on one registry), and some of a revoked device, mixed.
         let mut opens = Vec::new();
-        for round in 0..5 {
+        for round in 0..5u32 {
             for (device, token) in &devices {
                 let (registry, token, device) = (registry.clone(), token.clone(), device.clone());
-                opens.push(tokio::spawn(async move { (Some(device), registry.open_stream(&token).await) }));
+                let route = round % 2;
+                opens.push(tokio::spawn(
+                    async move { (Some((device, route)), registry.open_stream(&token, route).await) },
+                ));
             }
             if round % 2 == 0 {
                 let (registry, token) = (registry.clone(), revoked_token.clone());
-                opens.push(tokio::spawn(async move { (None, registry.open_stream(&token).await) }));
+                opens.push(tokio::spawn(async move { (None, registry.open_stream(&token, 0).await) }));
             }
         }
-        let mut epochs: std::collections::HashMap<String, Vec<u64>> = Default::default();
+        let mut epochs: std::collections::HashMap<String, Vec<(u64, u32)>> = Default::default();
         for open in opens {
             match open.await.expect("task") {
-                (Some(device), answer) => {
+                (Some((device, route)), answer) => {
                     let opened = answer.expect("open").expect("a live device opens");
                     assert_eq!(opened.device.id, device, "each open gets its own device's row");
-                    epochs.entry(device).or_default().push(opened.epoch);
+                    epochs.entry(device).or_default().push((opened.epoch, route));
                 }
                 (None, answer) => assert!(answer.expect("open").is_none(), "a revoked device gets no stream"),
             }
         }
         for (device, mut issued) in epochs {
             issued.sort_unstable();
-            issued.dedup();
+            let (epoch, route) = *issued.last().expect("five");
+            issued.dedup_by_key(|(epoch, _)| *epoch);
             assert_eq!(issued.len(), 5, "{device}: every open of a device gets an epoch of its own: {issued:?}");
+            assert_eq!(
+                registry.last_stream(&device).await.expect("read"),
+                Some(StreamRoute { route, epoch }),
+                "{device}: the stored route is that of the newest epoch"
+            );
         }
     })
     .await;

@@ -43,9 +43,11 @@ use serde::{Deserialize, Serialize};
 
 /// Default subject prefix.
 pub const DEFAULT_PREFIX: &str = "pulsn.host";
-/// The queue group of call subscriptions: one holder takes each call.
-pub const HOLDERS_QUEUE: &str = "holders";
-/// Header naming the device that posted a result.
+/// Last token of `{p}.holder.{route}.call`.
+pub const HOLDER_CALL: &str = "call";
+/// Last token of `{p}.holder.{route}.presence`.
+pub const HOLDER_PRESENCE: &str = "presence";
+/// Header naming the device a holder request is about, or the device that posted a result.
 pub const HEADER_DEVICE_ID: &str = "Pulsn-Device-Id";
 /// Header carrying the W3C trace context across NATS hops.
 pub const HEADER_TRACEPARENT: &str = "traceparent";
@@ -65,12 +67,23 @@ impl Subjects {
         &self.prefix
     }
 
-    pub fn device_call(&self, device_id: &str) -> String {
-        format!("{}.device.{device_id}.call", self.prefix)
+    /// What one replica answers for the devices it holds: `{p}.holder.{route}.*`.
+    pub fn holder_requests(&self, route: &str) -> String {
+        format!("{}.holder.{route}.*", self.prefix)
     }
 
-    pub fn device_control(&self, device_id: &str) -> String {
-        format!("{}.device.{device_id}.control", self.prefix)
+    /// A call for a device held by the replica whose route tag is `route`.
+    pub fn holder_call(&self, route: &str) -> String {
+        format!("{}.holder.{route}.{HOLDER_CALL}", self.prefix)
+    }
+
+    /// A presence question for a device held by the replica whose route tag is `route`.
+    pub fn holder_presence(&self, route: &str) -> String {
+        format!("{}.holder.{route}.{HOLDER_PRESENCE}", self.prefix)
+    }
+
+    pub fn takeover(&self) -> String {
+        format!("{}.takeover", self.prefix)
     }
 
     pub fn result(&self, route: &str) -> String {
@@ -150,8 +163,12 @@ pub enum CallAck {
     Accepted,
     /// The deadline had passed on arrival: dropped, not pushed.
     Expired,
-    /// This replica does not (or no longer) hold a live stream of the device: try again.
+    /// This replica still answers for the device but cannot push to its stream now (the stream
+    /// is closing or moving, or the replica was frozen): try again.
     NotHeld,
+    /// This replica holds no stream of the device and expects none (it never held it, or let
+    /// it go): ask the directory whether a newer stream opened elsewhere.
+    Absent,
     /// The device's stream here has more waiting than its budget (it is not reading fast
     /// enough, or not at all): nothing was queued. Try again later; a stream that stays stuck
     /// is dropped, and the device is then offline.
@@ -169,17 +186,21 @@ pub enum DeliverAck {
     Unknown,
 }
 
-/// Messages on `{p}.device.{id}.control`.
+/// Body of `{p}.takeover`: a stream of the device opened on `replica` with `epoch`. Every
+/// replica hears it: a holder of an older stream closes it, a holder of a newer one
+/// re-announces its own, and the others remember where the device is held.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum Control {
-    /// A stream with this epoch opened on `replica`; holders of older streams close them.
-    Takeover { epoch: u64, replica: String },
-    /// Who holds the device? Holders reply with a [`Holder`].
-    Presence,
+#[serde(rename_all = "camelCase")]
+pub struct Takeover {
+    pub device_id: String,
+    pub epoch: u64,
+    pub replica: String,
+    /// The route tag of `replica`, where its holder requests go.
+    pub route: u32,
 }
 
-/// A holder's answer to [`Control::Presence`].
+/// A holder's answer to a presence question (`{p}.holder.{route}.presence`): JSON `null`
+/// when it holds no live stream of the device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Holder {
@@ -264,8 +285,10 @@ mod tests {
     #[test]
     fn subjects() {
         let s = Subjects::default();
-        assert_eq!(s.device_call("d"), "pulsn.host.device.d.call");
-        assert_eq!(s.device_control("d"), "pulsn.host.device.d.control");
+        assert_eq!(s.holder_requests("0000abcd"), "pulsn.host.holder.0000abcd.*");
+        assert_eq!(s.holder_call("0000abcd"), "pulsn.host.holder.0000abcd.call");
+        assert_eq!(s.holder_presence("0000abcd"), "pulsn.host.holder.0000abcd.presence");
+        assert_eq!(s.takeover(), "pulsn.host.takeover");
         assert_eq!(s.result("0000abcd"), "pulsn.host.result.0000abcd");
         assert_eq!(s.revoked(), "pulsn.host.revoked");
         assert_eq!(s.presence_all(), "pulsn.host.presence.all");

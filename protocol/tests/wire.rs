@@ -3,7 +3,7 @@
 
 use chrono::{TimeZone, Utc};
 use protocol::sse::{Ready, Reconnect, ReconnectReason};
-use protocol::subject::{ApiTokensRevoked, CallAck, Control, DeliverAck, Holder, ReplicaLoad};
+use protocol::subject::{ApiTokensRevoked, CallAck, DeliverAck, Holder, ReplicaLoad, Takeover};
 use protocol::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -185,10 +185,14 @@ fn sse_payloads() {
 fn nats_bodies() {
     pin(&CallAck::NotHeld, json!("not-held"));
     pin(&CallAck::Full, json!("full"));
+    pin(&CallAck::Absent, json!("absent"));
     pin(&DeliverAck::Forbidden, json!("forbidden"));
-    pin(&Control::Takeover { epoch: 7, replica: "b".into() }, json!({"kind": "takeover", "epoch": 7, "replica": "b"}));
-    pin(&Control::Presence, json!({"kind": "presence"}));
+    pin(
+        &Takeover { device_id: "d".into(), epoch: 7, replica: "b".into(), route: 0xdead_beef },
+        json!({"deviceId": "d", "epoch": 7, "replica": "b", "route": 3_735_928_559u32}),
+    );
     pin(&Holder { replica: "b".into(), epoch: 7 }, json!({"replica": "b", "epoch": 7}));
+    pin(&None::<Holder>, json!(null));
     pin(&ApiTokensRevoked { token_hashes: vec!["ab01".into()] }, json!({"tokenHashes": ["ab01"]}));
     pin(
         &ReplicaLoad { replica: "a".into(), streams: 60, max_streams: None, leaving: false },

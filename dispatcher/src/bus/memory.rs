@@ -36,6 +36,8 @@ impl Bus for MemoryBus {
             // One replica: a device not held here is held nowhere.
             CallAck::NotHeld if self.hub.holder(device_id).is_none() => Routed::Offline,
             CallAck::NotHeld => Routed::NotHeld,
+            // The hub never answers it (a holder request to a replica that holds nothing does).
+            CallAck::Absent => Routed::Offline,
         }
     }
 

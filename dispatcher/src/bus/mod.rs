@@ -73,6 +73,22 @@ pub struct BusStats {
     pub publish_failures: u64,
 }
 
+/// Where a device's newest stream opened: the route tag of the replica that issued its epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamRoute {
+    pub route: u32,
+    pub epoch: u64,
+}
+
+/// The record of where each device's newest stream opened, shared by every replica (the
+/// registry's database): what a bus asks when it does not know where a device is held. It is
+/// written before a stream says `ready`, so a device that is ready can always be found; the
+/// holder it names still has the last word on whether the stream is live.
+#[async_trait]
+pub trait StreamDirectory: Send + Sync + 'static {
+    async fn last_stream(&self, device_id: &str) -> Result<Option<StreamRoute>, BusError>;
+}
+
 /// The cluster's transport, as the dispatcher core uses it.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {

@@ -149,7 +149,7 @@ pub async fn stream(
     };
     // The token is checked where the epoch is issued: unknown or revoked (even if cached here,
     // since a revocation this replica has not heard of yet), no stream.
-    let Some(opened) = state.registry.open_stream(&token.token).await? else {
+    let Some(opened) = state.registry.open_stream(&token.token, hub.route_tag()).await? else {
         return Err(ApiError::Unauthorized);
     };
     let OpenedStream { epoch, device } = opened;

@@ -16,6 +16,7 @@ use super::page::{choose_rows, Order, Page, PageRequest};
 use super::secret::{self, DEVICE_TOKEN_PREFIX};
 use super::{as_u64, from_json_text, json_text, lock_user_quota, optional_time_of, time_of, MAX_PAIRING_TTL};
 use super::{DeviceAuth, DeviceRecord, EnrollOutcome, Expiry, Limit, Registry, RegistryError};
+use crate::bus::{BusError, StreamDirectory, StreamRoute};
 
 /// Pairing codes deleted per statement by [`Registry::delete_expired`].
 const DELETE_BATCH: i64 = 5000;
@@ -322,24 +323,47 @@ impl Registry {
         Ok(done.rows_affected() == 1)
     }
 
-    /// The epoch of a stream the device is opening: larger than every epoch handed out before
-    /// for this device, by any replica sharing the database (one UPDATE increments the device's
-    /// counter and reads it back). [`RegistryError::NotFound`] when the device is unknown or
-    /// revoked.
-    pub async fn next_stream_epoch(&self, device_id: &str) -> Result<u64, RegistryError> {
+    /// The epoch of a stream the device is opening on the replica whose route tag is `route`:
+    /// larger than every epoch handed out before for this device, by any replica sharing the
+    /// database. One UPDATE increments the device's counter, records `route` beside it and reads
+    /// the epoch back, so the stored route is always that of the newest epoch.
+    /// [`RegistryError::NotFound`] when the device is unknown or revoked.
+    pub async fn next_stream_epoch(&self, device_id: &str, route: u32) -> Result<u64, RegistryError> {
         if !is_uuid(device_id) {
             return Err(RegistryError::NotFound);
         }
         let row: Option<(i64,)> = sqlx::query_as(
-            "UPDATE devices SET stream_epoch = stream_epoch + 1, last_seen_at = $1 \
-             WHERE id = $2 AND revoked_at IS NULL RETURNING stream_epoch",
+            "UPDATE devices SET stream_epoch = stream_epoch + 1, stream_route = $1, last_seen_at = $2 \
+             WHERE id = $3 AND revoked_at IS NULL RETURNING stream_epoch",
         )
+        .bind(i64::from(route))
         .bind(self.now_ms())
         .bind(device_id)
         .fetch_optional(&self.pool)
         .await?;
         let (epoch,) = row.ok_or(RegistryError::NotFound)?;
         u64::try_from(epoch).map_err(|_| RegistryError::Corrupt(format!("negative stream epoch {epoch}")))
+    }
+
+    /// Where the device's newest stream opened: the route tag of the replica that issued its
+    /// latest epoch, and that epoch. `None` when the device is unknown, revoked, or never
+    /// opened a stream. The stream may have ended since; only its holder can say.
+    pub async fn last_stream(&self, device_id: &str) -> Result<Option<StreamRoute>, RegistryError> {
+        if !is_uuid(device_id) {
+            return Ok(None);
+        }
+        let row: Option<(Option<i64>, i64)> =
+            sqlx::query_as("SELECT stream_route, stream_epoch FROM devices WHERE id = $1 AND revoked_at IS NULL")
+                .bind(device_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some((Some(route), epoch)) = row else {
+            return Ok(None);
+        };
+        let route = u32::try_from(route).map_err(|_| RegistryError::Corrupt(format!("stream route {route}")))?;
+        let epoch =
+            u64::try_from(epoch).map_err(|_| RegistryError::Corrupt(format!("negative stream epoch {epoch}")))?;
+        Ok(Some(StreamRoute { route, epoch }))
     }
 
     /// Stores the manifest a device announced, with its roots and tool count beside it.
@@ -424,5 +448,15 @@ impl Registry {
             }
         }
         Ok(deleted)
+    }
+}
+
+/// The database is the cluster's record of where each device's newest stream opened.
+#[async_trait::async_trait]
+impl StreamDirectory for Registry {
+    async fn last_stream(&self, device_id: &str) -> Result<Option<StreamRoute>, BusError> {
+        Registry::last_stream(self, device_id)
+            .await
+            .map_err(|error| BusError::Unavailable(format!("registry: {error}")))
     }
 }

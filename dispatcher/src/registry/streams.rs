@@ -50,6 +50,8 @@ type Answer = Result<Option<OpenedStream>, RegistryError>;
 struct Waiter {
     /// SHA-256 hex of the token.
     token_hash: String,
+    /// The route tag of the replica opening the stream.
+    route: u32,
     reply: oneshot::Sender<Answer>,
 }
 
@@ -66,10 +68,12 @@ struct QueueState {
 }
 
 impl QueueState {
-    /// The next batch: the oldest waiters, at most [`MAX_BATCH`], each token once. A token met
-    /// again stays queued, in order, for a later statement.
+    /// The next batch: the oldest waiters, at most [`MAX_BATCH`], each token once, all of the
+    /// oldest waiter's route (one process is one replica, but a test may run several on one
+    /// registry). A token met again, or another route, stays queued, in order, for a later
+    /// statement.
     fn take_batch(&mut self) -> Vec<Waiter> {
-        let mut batch = Vec::new();
+        let mut batch: Vec<Waiter> = Vec::new();
         let mut seen = HashSet::new();
         let mut kept = VecDeque::new();
         while let Some(waiter) = self.waiting.pop_front() {
@@ -77,7 +81,8 @@ impl QueueState {
                 self.waiting.push_front(waiter);
                 break;
             }
-            if seen.insert(waiter.token_hash.clone()) {
+            let same_route = batch.first().is_none_or(|first| first.route == waiter.route);
+            if same_route && seen.insert(waiter.token_hash.clone()) {
                 batch.push(waiter);
             } else {
                 kept.push_back(waiter);
@@ -130,16 +135,17 @@ impl Registry {
     /// Opens a stream for the device whose token this is: `None` when the token is unknown, is
     /// revoked or is not a device token; otherwise the stream's epoch (larger than every epoch
     /// issued before for this device, by any replica sharing the database) and the device as
-    /// stored, now marked as seen. One statement, shared with the opens that arrive meanwhile
-    /// (see the module's notes).
-    pub async fn open_stream(&self, token: &str) -> Result<Option<OpenedStream>, RegistryError> {
+    /// stored, now marked as seen. The same statement records `route`, the route tag of the
+    /// replica opening the stream, beside the epoch (see [`Registry::last_stream`]). One
+    /// statement, shared with the opens that arrive meanwhile (see the module's notes).
+    pub async fn open_stream(&self, token: &str, route: u32) -> Result<Option<OpenedStream>, RegistryError> {
         if !secret::is_token_shaped(token, DEVICE_TOKEN_PREFIX) {
             return Ok(None);
         }
         let (reply, answer) = oneshot::channel();
         let batch = {
             let mut state = self.opens.state.lock();
-            state.waiting.push_back(Waiter { token_hash: secret::hash_secret(token), reply });
+            state.waiting.push_back(Waiter { token_hash: secret::hash_secret(token), route, reply });
             if state.in_flight < MAX_IN_FLIGHT {
                 state.in_flight += 1;
                 Some(state.take_batch())
@@ -175,8 +181,11 @@ impl Registry {
 
     /// One statement for `batch`; every waiter gets its answer.
     async fn open_batch(&self, batch: Vec<Waiter>) {
+        let Some(route) = batch.first().map(|waiter| waiter.route) else {
+            return;
+        };
         let hashes: Vec<&str> = batch.iter().map(|waiter| waiter.token_hash.as_str()).collect();
-        match self.issue_epochs(&hashes).await {
+        match self.issue_epochs(&hashes, route).await {
             Ok(rows) => {
                 let mut by_hash: HashMap<String, OpenRow> = rows.into_iter().map(|row| (row.0.clone(), row)).collect();
                 for waiter in batch {
@@ -195,14 +204,14 @@ impl Registry {
     }
 
     /// Increments the epoch of every live device whose token hash is in `hashes` (distinct),
-    /// stamps them as seen, and returns their rows.
-    async fn issue_epochs(&self, hashes: &[&str]) -> Result<Vec<OpenRow>, RegistryError> {
+    /// records `route` beside it, stamps them as seen, and returns their rows.
+    async fn issue_epochs(&self, hashes: &[&str], route: u32) -> Result<Vec<OpenRow>, RegistryError> {
         // One text parameter whatever the batch's size, so each engine prepares one statement.
         let (sql, list) = match self.engine {
             // Hex hashes hold no comma.
             Engine::Postgres => (
                 format!(
-                    "UPDATE devices SET stream_epoch = devices.stream_epoch + 1, last_seen_at = $1 \
+                    "UPDATE devices SET stream_epoch = devices.stream_epoch + 1, stream_route = $3, last_seen_at = $1 \
                      FROM (SELECT id FROM devices WHERE token_hash = ANY(string_to_array($2, ',')) \
                          AND revoked_at IS NULL ORDER BY id FOR UPDATE) AS locked \
                      WHERE devices.id = locked.id RETURNING {RETURNING}"
@@ -211,7 +220,7 @@ impl Registry {
             ),
             Engine::Sqlite => (
                 format!(
-                    "UPDATE devices SET stream_epoch = stream_epoch + 1, last_seen_at = $1 \
+                    "UPDATE devices SET stream_epoch = stream_epoch + 1, stream_route = $3, last_seen_at = $1 \
                      WHERE token_hash IN (SELECT value FROM json_each($2)) AND revoked_at IS NULL \
                      RETURNING {RETURNING}"
                 ),
@@ -219,7 +228,12 @@ impl Registry {
                     .map_err(|_| RegistryError::InvalidArgument("token hashes cannot be encoded as JSON"))?,
             ),
         };
-        let rows = sqlx::query_as::<_, OpenRow>(&sql).bind(self.now_ms()).bind(list).fetch_all(&self.pool).await?;
+        let rows = sqlx::query_as::<_, OpenRow>(&sql)
+            .bind(self.now_ms())
+            .bind(list)
+            .bind(i64::from(route))
+            .fetch_all(&self.pool)
+            .await?;
         OPEN_STATEMENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(rows)
     }
@@ -256,8 +270,12 @@ mod tests {
     use super::*;
 
     fn waiter(hash: &str) -> (Waiter, oneshot::Receiver<Answer>) {
+        on_route(hash, 7)
+    }
+
+    fn on_route(hash: &str, route: u32) -> (Waiter, oneshot::Receiver<Answer>) {
         let (reply, answer) = oneshot::channel();
-        (Waiter { token_hash: hash.to_owned(), reply }, answer)
+        (Waiter { token_hash: hash.to_owned(), route, reply }, answer)
     }
 
     fn hashes(batch: &[Waiter]) -> Vec<&str> {
@@ -276,6 +294,21 @@ mod tests {
         assert_eq!(hashes(&second), ["a", "b"]);
         let third = state.take_batch();
         assert_eq!(hashes(&third), ["a"]);
+        assert!(state.take_batch().is_empty());
+    }
+
+    #[test]
+    fn a_batch_is_of_one_route() {
+        let mut state = QueueState::default();
+        for (hash, route) in [("a", 1), ("b", 2), ("c", 1), ("a", 2)] {
+            state.waiting.push_back(on_route(hash, route).0);
+        }
+        let first = state.take_batch();
+        assert_eq!(hashes(&first), ["a", "c"]);
+        assert!(first.iter().all(|w| w.route == 1));
+        let second = state.take_batch();
+        assert_eq!(hashes(&second), ["b", "a"]);
+        assert!(second.iter().all(|w| w.route == 2));
         assert!(state.take_batch().is_empty());
     }
 

@@ -1344,7 +1344,11 @@ fn print_targets(figures: &Figures) {
                     "  {} database round trips per reconnect < 1: {}",
                     verdict(db.round_trips().is_some_and(|trips| trips < 1.0)),
                     match db.round_trips() {
-                        Some(trips) => format!("{trips:.3} ({:.3} statements + {:.3} pings)", db.statements, db.pings.unwrap_or(0.0)),
+                        Some(trips) => format!(
+                            "{trips:.3} ({:.3} statements + {:.3} pings)",
+                            db.statements,
+                            db.pings.unwrap_or(0.0)
+                        ),
                         None => format!("{:.3} statements + pings not counted by this build", db.statements),
                     }
                 ),

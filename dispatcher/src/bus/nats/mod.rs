@@ -11,8 +11,16 @@
 //! - `{p}.events.*`: every user's events, handed to this replica's listeners through
 //!   [`Bus::subscribe_events`];
 //! - its own reply inbox (`inbox`), which answers every request this bus makes;
-//! - per held device, `{p}.device.{id}.call` in queue group `holders` ([`Hub::push`]) and
-//!   `{p}.device.{id}.control` (takeovers, presence), in one task per device.
+//! - `{p}.holder.{tag}.*`: calls ([`Hub::push`]) and presence questions for the devices it
+//!   holds, whichever device they are about;
+//! - `{p}.takeover`: every stream opened anywhere, to close older streams here and to remember
+//!   where devices are held.
+//!
+//! Nothing is subscribed per device: holding a stream costs the broker and this client one
+//! entry in a map. To reach a device held elsewhere, a replica looks in its route cache (fed
+//! by takeovers), else asks the [`StreamDirectory`] (the database, written before a stream
+//! says `ready`); the holder it names answers for the device, or says it is absent, and then
+//! the directory is asked again. `protocol::subject` explains the scheme and its trade-offs.
 //!
 //! Requests never go through async-nats's request multiplexer (it keeps state for requests
 //! that get no reply, nats.rs issue 1617): they use `inbox::Inbox`, whose entries leave on
@@ -38,8 +46,8 @@ use futures::StreamExt;
 use parking_lot::Mutex;
 use protocol::events::UserEvent;
 use protocol::subject::{
-    is_uuid, route_tag, ApiTokensRevoked, CallAck, Control, DeliverAck, HeldDevices, Holder, ReplicaLoad, Revoked,
-    Subjects, HEADER_DEVICE_ID, HEADER_TRACEPARENT, HOLDERS_QUEUE,
+    is_uuid, route_tag, ApiTokensRevoked, CallAck, DeliverAck, HeldDevices, Holder, ReplicaLoad, Revoked, Subjects,
+    Takeover, HEADER_DEVICE_ID, HEADER_TRACEPARENT, HOLDER_CALL, HOLDER_PRESENCE,
 };
 use protocol::{HostCall, HostResult};
 use serde::Serialize;
@@ -50,7 +58,7 @@ use tracing::Instrument;
 
 pub use self::auth::{NatsAuth, NatsCredentials, NatsTls};
 use self::inbox::Inbox;
-use super::{Bus, BusError, BusStats, Health, Hub, Routed, EVENTS_CAPACITY};
+use super::{Bus, BusError, BusStats, Health, Hub, Routed, StreamDirectory, StreamRoute, EVENTS_CAPACITY};
 use crate::core::cache::parse_token_hash;
 
 /// Longest a fire-and-forget publish (a reply, a takeover, a revocation) may wait for room in
@@ -62,6 +70,12 @@ const LOAD_FORGET_AFTER: Duration = Duration::from_secs(60);
 const GATHER_CAPACITY: usize = 1024;
 /// How often a wait for the connection looks at the client's state.
 const CONNECTED_POLL: Duration = Duration::from_millis(10);
+/// Devices held elsewhere whose route a replica remembers; past it, one is forgotten for each
+/// one learnt (a forgotten route costs one directory lookup on the next call).
+const ROUTES_CAPACITY: usize = 200_000;
+/// Holders a call or presence question tries before the device counts as offline: the one
+/// remembered, then those the directory names, as long as each names a newer stream.
+const MAX_HOLDER_HOPS: usize = 3;
 
 /// Settings of the NATS bus.
 #[derive(Debug, Clone)]
@@ -117,21 +131,21 @@ struct Shared {
     hub: Arc<Hub>,
     replica: String,
     inbox: Inbox,
-    /// Devices held here: the epoch their subscriptions were made for, and what stops them.
-    held: Mutex<HashMap<String, Held>>,
+    /// This replica's route tag, where its holder requests arrive.
+    route: u32,
+    /// Devices this replica answers for, with the epoch of their stream here.
+    held: Mutex<HashMap<String, u64>>,
+    /// Where devices held by other replicas were last heard of: a hint, corrected by the
+    /// holder's answer and the directory.
+    routes: Mutex<HashMap<String, StreamRoute>>,
+    /// Where each device's newest stream opened, for the devices `routes` does not know.
+    directory: Arc<dyn StreamDirectory>,
     options: NatsOptions,
-    cancel: CancellationToken,
     /// Users' events from `{p}.events.*`, for this replica's listeners.
     events: broadcast::Sender<Arc<UserEvent>>,
     /// The latest `{p}.load` of every other replica, and when it came.
     loads: Mutex<HashMap<String, (ReplicaLoad, Instant)>>,
     publish_failures: std::sync::atomic::AtomicU64,
-}
-
-#[derive(Debug)]
-struct Held {
-    epoch: u64,
-    stop: CancellationToken,
 }
 
 /// How a request failed.
@@ -162,13 +176,15 @@ impl fmt::Debug for NatsBus {
 
 impl NatsBus {
     /// Connects to the NATS servers in `urls` (comma-separated: several servers of one
-    /// cluster), subscribes this replica's subjects and starts its tasks. Returns without
+    /// cluster), subscribes this replica's subjects and starts its tasks. `directory` says where
+    /// a device's newest stream opened when no takeover told this replica. Returns without
     /// waiting for the broker: the client keeps trying, and [`Bus::health`] is `Down` until it
     /// connects. Fails only on unusable settings.
     pub async fn connect(
         urls: &str,
         subjects: Subjects,
         hub: Arc<Hub>,
+        directory: Arc<dyn StreamDirectory>,
         options: NatsOptions,
         cancel: CancellationToken,
     ) -> Result<Arc<NatsBus>, BusError> {
@@ -187,12 +203,14 @@ impl NatsBus {
         let shared = Arc::new(Shared {
             inbox: Inbox::new(client.new_inbox()),
             replica: hub.replica_id().to_owned(),
+            route: hub.route_tag(),
             client,
             subjects,
             hub,
             held: Mutex::default(),
+            routes: Mutex::default(),
+            directory,
             options,
-            cancel: cancel.clone(),
             events: broadcast::channel(EVENTS_CAPACITY).0,
             loads: Mutex::default(),
             publish_failures: std::sync::atomic::AtomicU64::new(0),
@@ -206,6 +224,8 @@ impl NatsBus {
         let events = shared.subscribe(shared.subjects.all_user_events()).await?;
         let api_tokens = shared.subscribe(shared.subjects.api_tokens_revoked()).await?;
         let loads = shared.subscribe(shared.subjects.load()).await?;
+        let holder_requests = shared.subscribe(shared.subjects.holder_requests(&route)).await?;
+        let takeovers = shared.subscribe(shared.subjects.takeover()).await?;
         tokio::spawn(serve(shared.clone(), inbox, cancel.clone(), |shared, message| async move {
             shared.inbox.route(message);
         }));
@@ -215,6 +235,8 @@ impl NatsBus {
         tokio::spawn(serve(shared.clone(), events, cancel.clone(), Shared::on_user_event));
         tokio::spawn(serve(shared.clone(), api_tokens, cancel.clone(), Shared::on_api_tokens_revoked));
         tokio::spawn(serve(shared.clone(), loads, cancel.clone(), Shared::on_load));
+        tokio::spawn(serve(shared.clone(), holder_requests, cancel.clone(), Shared::on_holder_request));
+        tokio::spawn(serve(shared.clone(), takeovers, cancel.clone(), Shared::on_takeover));
         tokio::spawn(link::watch(shared.clone(), events_rx, shared.options.broker_grace, cancel.clone()));
         // Server URLs may carry credentials: log how many, not what.
         tracing::info!(
@@ -237,9 +259,14 @@ impl NatsBus {
         self.shared.inbox.waiting()
     }
 
-    /// Devices this bus holds subscriptions for (zero once every stream here has ended).
+    /// Devices this bus answers for (zero once every stream here has ended).
     pub fn held_device_count(&self) -> usize {
         self.shared.held.lock().len()
+    }
+
+    /// Devices held elsewhere whose route this replica remembers.
+    pub fn remembered_routes(&self) -> usize {
+        self.shared.routes.lock().len()
     }
 
     /// Waits until the client is connected, at most `timeout`. True when it is.
@@ -393,6 +420,16 @@ impl Shared {
             // No device with such an id can hold a stream.
             return Routed::Offline;
         }
+        // A device held here needs no broker.
+        if self.held.lock().contains_key(device_id) {
+            return match self.push_here(device_id, call) {
+                CallAck::Accepted => Routed::Accepted,
+                CallAck::Expired => Routed::Expired,
+                CallAck::Full => Routed::Full,
+                CallAck::NotHeld => Routed::NotHeld,
+                CallAck::Absent => Routed::Offline,
+            };
+        }
         let payload = match encode(call) {
             Ok(payload) => payload,
             Err(error) => {
@@ -401,26 +438,58 @@ impl Shared {
             }
         };
         let mut headers = HeaderMap::new();
+        headers.insert(HEADER_DEVICE_ID, device_id);
         if let Some(traceparent) = call.traceparent.as_deref().filter(|value| is_header_safe(value)) {
             headers.insert(HEADER_TRACEPARENT, traceparent);
         }
-        match self.request(self.subjects.device_call(device_id), headers, payload, ack_timeout).await {
-            Ok(reply) => match serde_json::from_slice::<CallAck>(&reply.payload) {
-                Ok(CallAck::Accepted) => Routed::Accepted,
-                Ok(CallAck::NotHeld) => Routed::NotHeld,
-                Ok(CallAck::Expired) => Routed::Expired,
-                Ok(CallAck::Full) => Routed::Full,
-                Err(error) => {
-                    tracing::warn!(%error, "malformed call ack");
-                    Routed::Unreachable
+        let mut target = match self.route_of(device_id).await {
+            Ok(target) => target,
+            Err(error) => {
+                tracing::warn!(%error, device_id, "cannot tell where the device is held");
+                return Routed::Unreachable;
+            }
+        };
+        for _ in 0..MAX_HOLDER_HOPS {
+            let Some(route) = target else {
+                return Routed::Offline;
+            };
+            if route.route != self.route {
+                let subject = self.subjects.holder_call(&route_tag(route.route));
+                match self.request(subject, headers.clone(), payload.clone(), ack_timeout).await {
+                    Ok(reply) => match serde_json::from_slice::<CallAck>(&reply.payload) {
+                        Ok(CallAck::Accepted) => return Routed::Accepted,
+                        Ok(CallAck::Expired) => return Routed::Expired,
+                        Ok(CallAck::Full) => return Routed::Full,
+                        Ok(CallAck::NotHeld) => {
+                            // Closing or moving: the next try asks the directory afresh.
+                            self.forget_route(device_id, route);
+                            return Routed::NotHeld;
+                        }
+                        Ok(CallAck::Absent) => {}
+                        Err(error) => {
+                            tracing::warn!(%error, "malformed call ack");
+                            return Routed::Unreachable;
+                        }
+                    },
+                    // The replica named is gone (a restart takes a new route tag).
+                    Err(RequestFailure::NoResponders) => {}
+                    Err(failure) => {
+                        tracing::debug!(%failure, "call not acknowledged");
+                        return Routed::Unreachable;
+                    }
                 }
-            },
-            Err(RequestFailure::NoResponders) => Routed::Offline,
-            Err(failure) => {
-                tracing::debug!(%failure, "call not acknowledged");
-                Routed::Unreachable
+            }
+            // The holder named has no stream of the device: did a newer one open elsewhere?
+            match self.newer_route(device_id, route).await {
+                Ok(newer) => target = newer,
+                Err(error) => {
+                    tracing::warn!(%error, device_id, "cannot tell where the device is held");
+                    return Routed::Unreachable;
+                }
             }
         }
+        // Moving from replica to replica faster than we can follow: worth another try.
+        Routed::NotHeld
     }
 
     async fn send_result(&self, route: &str, device_id: &str, result: &HostResult) -> DeliverAck {
@@ -465,58 +534,43 @@ impl Shared {
         }
     }
 
-    async fn hold(self: &Arc<Self>, device_id: &str, epoch: u64) -> Result<(), BusError> {
+    async fn hold(&self, device_id: &str, epoch: u64) -> Result<(), BusError> {
         if !is_uuid(device_id) {
             return Err(BusError::Malformed(format!("device id {device_id:?} is not a UUID")));
         }
         if !self.is_connected() {
             return Err(BusError::Unavailable("not connected to NATS".into()));
         }
-        let calls = self
-            .client
-            .queue_subscribe(self.subjects.device_call(device_id), HOLDERS_QUEUE.to_owned())
-            .await
-            .map_err(|error| BusError::Unavailable(format!("subscribe: {error}")))?;
-        let control = self.subscribe(self.subjects.device_control(device_id)).await?;
-        let stop = self.cancel.child_token();
-        let replaced = {
+        {
             let mut held = self.held.lock();
             match held.get(device_id) {
-                // A newer stream of the device re-held it meanwhile: its subscriptions serve.
-                Some(newer) if newer.epoch > epoch => None,
-                _ => Some(held.insert(device_id.to_owned(), Held { epoch, stop: stop.clone() })),
-            }
-        };
-        match replaced {
-            None => stop.cancel(),
-            Some(previous) => {
-                if let Some(previous) = previous {
-                    previous.stop.cancel();
+                // A newer stream of the device is held here already: it answers.
+                Some(newer) if *newer > epoch => {}
+                _ => {
+                    held.insert(device_id.to_owned(), epoch);
                 }
-                tokio::spawn(serve_device(self.clone(), device_id.to_owned(), epoch, calls, control, stop));
             }
         }
+        self.routes.lock().remove(device_id);
         // Older streams anywhere close; a newer one re-announces itself and closes ours.
         self.announce(device_id, epoch).await?;
-        // One round trip: the server has taken our subscriptions before we say we hold it.
+        // One round trip: the server has taken the announcement before we say we hold it.
         self.round_trip().await.map_err(|failure| BusError::Unavailable(format!("hold: {failure}")))
     }
 
-    /// Stops answering for `device_id` if its subscriptions are still those of `epoch`.
+    /// Stops answering for `device_id` if its stream here is still the one of `epoch`.
     fn release(&self, device_id: &str, epoch: u64) -> bool {
         let mut held = self.held.lock();
         match held.get(device_id) {
-            Some(entry) if entry.epoch == epoch => {
-                if let Some(entry) = held.remove(device_id) {
-                    entry.stop.cancel();
-                }
+            Some(held_epoch) if *held_epoch == epoch => {
+                held.remove(device_id);
                 true
             }
             _ => false,
         }
     }
 
-    /// Releases the device's subscriptions of `epoch` when the hub has no stream of it any
+    /// Stops answering for the device's stream of `epoch` when the hub has no stream of it any
     /// more (closed by a takeover, a revocation, a stall or a broker outage).
     fn release_if_gone(&self, device_id: &str, epoch: u64) {
         // A device the rebalancer moved lingers until its new stream is up (or a moment passed).
@@ -524,33 +578,90 @@ impl Shared {
             && self.hub.moving_for(device_id).is_none()
             && self.release(device_id, epoch)
         {
-            tracing::debug!(device_id, epoch, "released the subscriptions of a stream that is gone");
+            tracing::debug!(device_id, epoch, "let go of a stream that is gone");
         }
     }
 
-    /// Releases every device's subscriptions (the streams were all closed). Returns how many.
+    /// Stops answering for every device (the streams were all closed). Returns how many.
     fn release_all(&self) -> usize {
-        let drained: Vec<Held> = self.held.lock().drain().map(|(_, held)| held).collect();
-        for held in &drained {
-            held.stop.cancel();
-        }
-        drained.len()
+        let mut held = self.held.lock();
+        let count = held.len();
+        held.clear();
+        count
     }
 
-    /// Releases subscriptions whose stream the hub no longer has.
+    /// Lets go of the devices whose stream the hub no longer has.
     fn sweep(&self) {
         let entries: Vec<(String, u64)> =
-            self.held.lock().iter().map(|(device, held)| (device.clone(), held.epoch)).collect();
+            self.held.lock().iter().map(|(device, epoch)| (device.clone(), *epoch)).collect();
         for (device_id, epoch) in entries {
             self.release_if_gone(&device_id, epoch);
         }
     }
 
+    /// Where `device_id` is held, as far as this replica knows: its route cache, else the
+    /// directory.
+    async fn route_of(&self, device_id: &str) -> Result<Option<StreamRoute>, BusError> {
+        if let Some(route) = self.routes.lock().get(device_id).copied() {
+            return Ok(Some(route));
+        }
+        let found = self.directory.last_stream(device_id).await?;
+        if let Some(route) = found {
+            self.remember_route(device_id, route);
+        }
+        Ok(found)
+    }
+
+    /// The holder at `refused` has no stream of the device: forgets it, and asks the directory
+    /// for a newer stream. `None` when there is none (the device is offline).
+    async fn newer_route(&self, device_id: &str, refused: StreamRoute) -> Result<Option<StreamRoute>, BusError> {
+        self.forget_route(device_id, refused);
+        match self.directory.last_stream(device_id).await? {
+            Some(route)
+                if route.epoch > refused.epoch || (route.epoch == refused.epoch && route.route != refused.route) =>
+            {
+                self.remember_route(device_id, route);
+                Ok(Some(route))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Remembers where a device is held, unless a newer stream is remembered already.
+    fn remember_route(&self, device_id: &str, route: StreamRoute) {
+        if route.route == self.route {
+            // Our own devices are in `held`.
+            return;
+        }
+        let mut routes = self.routes.lock();
+        if let Some(known) = routes.get_mut(device_id) {
+            if known.epoch <= route.epoch {
+                *known = route;
+            }
+            return;
+        }
+        if routes.len() >= ROUTES_CAPACITY {
+            if let Some(victim) = routes.keys().next().cloned() {
+                routes.remove(&victim);
+            }
+        }
+        routes.insert(device_id.to_owned(), route);
+    }
+
+    /// Forgets the remembered route of a device if it is still `route`.
+    fn forget_route(&self, device_id: &str, route: StreamRoute) {
+        let mut routes = self.routes.lock();
+        if routes.get(device_id) == Some(&route) {
+            routes.remove(device_id);
+        }
+    }
+
     /// Publishes a takeover for `device_id` with `epoch`.
     async fn announce(&self, device_id: &str, epoch: u64) -> Result<(), BusError> {
-        let control = Control::Takeover { epoch, replica: self.replica.clone() };
-        let payload = encode(&control).map_err(|error| BusError::Malformed(error.to_string()))?;
-        self.publish(self.subjects.device_control(device_id), payload)
+        let takeover =
+            Takeover { device_id: device_id.to_owned(), epoch, replica: self.replica.clone(), route: self.route };
+        let payload = encode(&takeover).map_err(|error| BusError::Malformed(error.to_string()))?;
+        self.publish(self.subjects.takeover(), payload)
             .await
             .map_err(|failure| BusError::Unavailable(format!("takeover: {failure}")))
     }
@@ -558,7 +669,7 @@ impl Shared {
     /// Re-announces every stream held here (after a reconnection). Returns how many.
     async fn announce_held(&self) -> usize {
         let entries: Vec<(String, u64)> =
-            self.held.lock().iter().map(|(device, held)| (device.clone(), held.epoch)).collect();
+            self.held.lock().iter().map(|(device, epoch)| (device.clone(), *epoch)).collect();
         for (device_id, epoch) in &entries {
             if let Err(error) = self.announce(device_id, *epoch).await {
                 tracing::warn!(%error, device_id, "could not re-announce a held stream");
@@ -571,17 +682,34 @@ impl Shared {
         if !is_uuid(device_id) {
             return Ok(None);
         }
-        let payload = encode(&Control::Presence).map_err(|error| BusError::Malformed(error.to_string()))?;
-        let subject = self.subjects.device_control(device_id);
-        match self.request(subject, HeaderMap::new(), payload, self.options.presence_timeout).await {
-            Ok(reply) => serde_json::from_slice::<Holder>(&reply.payload)
-                .map(Some)
-                .map_err(|error| BusError::Malformed(format!("holder: {error}"))),
-            Err(RequestFailure::NoResponders) => Ok(None),
-            // Subscribed, but nobody claims a live stream.
-            Err(RequestFailure::TimedOut) => Ok(None),
-            Err(failure) => Err(BusError::Unavailable(format!("presence: {failure}"))),
+        if self.held.lock().contains_key(device_id) {
+            return Ok(self.hub.holder(device_id));
         }
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_DEVICE_ID, device_id);
+        let mut target = self.route_of(device_id).await?;
+        for _ in 0..MAX_HOLDER_HOPS {
+            let Some(route) = target else {
+                return Ok(None);
+            };
+            if route.route != self.route {
+                let subject = self.subjects.holder_presence(&route_tag(route.route));
+                match self.request(subject, headers.clone(), Bytes::new(), self.options.presence_timeout).await {
+                    Ok(reply) => match serde_json::from_slice::<Option<Holder>>(&reply.payload) {
+                        Ok(Some(holder)) => return Ok(Some(holder)),
+                        Ok(None) => {}
+                        Err(error) => return Err(BusError::Malformed(format!("holder: {error}"))),
+                    },
+                    Err(RequestFailure::NoResponders) => {}
+                    // The replica named is there but does not answer (frozen): it cannot
+                    // vouch for a live stream.
+                    Err(RequestFailure::TimedOut) => return Ok(None),
+                    Err(failure) => return Err(BusError::Unavailable(format!("presence: {failure}"))),
+                }
+            }
+            target = self.newer_route(device_id, route).await?;
+        }
+        Ok(None)
     }
 
     async fn online_devices(&self) -> Result<Vec<(String, String)>, BusError> {
@@ -760,7 +888,8 @@ impl Shared {
             Ok(Revoked { device_id }) => {
                 tracing::info!(device_id, "device revoked");
                 self.hub.revoke(&device_id);
-                let epoch = self.held.lock().get(&device_id).map(|held| held.epoch);
+                self.routes.lock().remove(&device_id);
+                let epoch = self.held.lock().get(&device_id).copied();
                 if let Some(epoch) = epoch {
                     self.release_if_gone(&device_id, epoch);
                 }
@@ -813,8 +942,30 @@ impl Shared {
         self.reply(&message, &held).await;
     }
 
-    /// `{p}.device.{id}.call`: push the call to the device's stream here.
-    async fn on_call(&self, device_id: &str, epoch: u64, message: Message) {
+    /// `{p}.holder.{tag}.*`: a call or a presence question about a device held here.
+    async fn on_holder_request(self: Arc<Self>, message: Message) {
+        let device_id = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(HEADER_DEVICE_ID))
+            .map(|value| value.as_str().to_owned())
+            .filter(|device_id| is_uuid(device_id));
+        let Some(device_id) = device_id else {
+            tracing::warn!(subject = %message.subject, "holder request without a device id; not answered");
+            return;
+        };
+        match message.subject.as_str().rsplit('.').next() {
+            Some(HOLDER_CALL) => self.on_call(&device_id, message).await,
+            Some(HOLDER_PRESENCE) => {
+                let holder = if self.held.lock().contains_key(&device_id) { self.hub.holder(&device_id) } else { None };
+                self.reply(&message, &holder).await;
+            }
+            _ => tracing::warn!(subject = %message.subject, "unknown holder request; not answered"),
+        }
+    }
+
+    /// A call for a device held here: push it to the device's stream.
+    async fn on_call(&self, device_id: &str, message: Message) {
         let call = match serde_json::from_slice::<HostCall>(&message.payload) {
             Ok(call) => call,
             Err(error) => {
@@ -832,39 +983,54 @@ impl Shared {
             traceparent = traceparent.map(|value| value.as_str()),
         );
         crate::telemetry::set_parent(&span, traceparent.map(|value| value.as_str()));
-        let ack = span.in_scope(|| self.hub.push(device_id, &call));
+        let ack = span.in_scope(|| self.push_here(device_id, &call));
         self.reply(&message, &ack).instrument(span).await;
+    }
+
+    /// Pushes a call to the stream of a device this replica answers for; [`CallAck::Absent`]
+    /// when it answers for none.
+    fn push_here(&self, device_id: &str, call: &HostCall) -> CallAck {
+        let Some(epoch) = self.held.lock().get(device_id).copied() else {
+            return CallAck::Absent;
+        };
+        let ack = self.hub.push(device_id, call);
         if ack == CallAck::NotHeld {
             self.release_if_gone(device_id, epoch);
         }
+        ack
     }
 
-    /// `{p}.device.{id}.control`: a takeover from another replica, or a presence query.
-    async fn on_control(&self, device_id: &str, epoch: u64, message: Message) {
-        match serde_json::from_slice::<Control>(&message.payload) {
-            Ok(Control::Takeover { replica, .. }) if replica == self.replica => {
-                // Our own announcement: the hub already settled local streams.
+    /// `{p}.takeover`: a stream opened somewhere. Closes ours if it is older, re-announces ours
+    /// if it is newer, and remembers where the device is held.
+    async fn on_takeover(self: Arc<Self>, message: Message) {
+        let Takeover { device_id, epoch: theirs, replica, route } = match serde_json::from_slice(&message.payload) {
+            Ok(takeover) => takeover,
+            Err(error) => {
+                tracing::warn!(%error, "malformed takeover");
+                return;
             }
-            Ok(Control::Takeover { epoch: theirs, replica }) => match self.hub.takeover(device_id, theirs) {
-                Some(mine) => {
-                    tracing::info!(device_id, mine, theirs, %replica, "an older stream announced itself; re-announcing ours");
-                    if let Err(error) = self.announce(device_id, mine).await {
-                        tracing::warn!(%error, device_id, "could not re-announce");
-                    }
-                }
-                None => {
-                    if self.hub.holder(device_id).is_none() {
-                        tracing::info!(device_id, theirs, %replica, "stream superseded by a newer one elsewhere");
-                        self.release(device_id, epoch);
-                    }
-                }
-            },
-            Ok(Control::Presence) => {
-                if let Some(holder) = self.hub.holder(device_id) {
-                    self.reply(&message, &holder).await;
+        };
+        if replica == self.replica || !is_uuid(&device_id) {
+            // Our own announcement: the hub already settled local streams.
+            return;
+        }
+        self.remember_route(&device_id, StreamRoute { route, epoch: theirs });
+        let Some(held_epoch) = self.held.lock().get(&device_id).copied() else {
+            return;
+        };
+        match self.hub.takeover(&device_id, theirs) {
+            Some(mine) => {
+                tracing::info!(device_id, mine, theirs, %replica, "an older stream announced itself; re-announcing ours");
+                if let Err(error) = self.announce(&device_id, mine).await {
+                    tracing::warn!(%error, device_id, "could not re-announce");
                 }
             }
-            Err(error) => tracing::warn!(%error, device_id, "malformed control message"),
+            None => {
+                if self.hub.holder(&device_id).is_none() {
+                    tracing::info!(device_id, theirs, %replica, "stream superseded by a newer one elsewhere");
+                    self.release(&device_id, held_epoch);
+                }
+            }
         }
     }
 }
@@ -886,32 +1052,6 @@ where
             None => break,
         }
     }
-}
-
-/// Answers for one held device until its subscriptions are released.
-async fn serve_device(
-    shared: Arc<Shared>,
-    device_id: String,
-    epoch: u64,
-    mut calls: Subscriber,
-    mut control: Subscriber,
-    stop: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            message = calls.next() => match message {
-                Some(message) => shared.on_call(&device_id, epoch, message).await,
-                None => break,
-            },
-            message = control.next() => match message {
-                Some(message) => shared.on_control(&device_id, epoch, message).await,
-                None => break,
-            },
-        }
-    }
-    // Dropping the subscribers unsubscribes them.
 }
 
 fn encode(body: &impl Serialize) -> Result<Bytes, serde_json::Error> {
