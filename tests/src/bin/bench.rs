@@ -179,9 +179,9 @@ struct HerdDatabase {
     /// `xact_commit + xact_rollback`; a statement outside a transaction is one), less the idle
     /// rate measured just before the kill, per device back.
     statements: f64,
-    /// Pool pings before handing out a connection (the survivors' `db_pings` counter): round
-    /// trips PostgreSQL does not count as transactions. `None` when the build does not count
-    /// them (before it did, sqlx pinged on every acquire).
+    /// Pool pings before handing out a connection (the survivors' `db_pings` counter, less its
+    /// idle rate), per device back: round trips PostgreSQL does not count as transactions.
+    /// `None` when the build does not count them (before it did, sqlx pinged on every acquire).
     pings: Option<f64>,
     /// Stream opens per stream-open statement on the survivors (`stream_opens` /
     /// `db_stream_open_statements`); `None` when the build does not count statements.
@@ -1179,8 +1179,9 @@ async fn pg_transactions(database_url: &str) -> anyhow::Result<f64> {
     Ok(count as f64)
 }
 
-/// Per device back: the herd's transactions (the window from `before` to `after` less the
-/// idle rate from `idle_from` to `before`), pings, and opens per statement.
+/// Per device back: the herd's transactions and pings (each counter's growth from `before` to
+/// `after`, less its idle rate from `idle_from` to `before` over that window), and opens per
+/// statement.
 fn herd_database(
     idle_from: &DatabaseCount,
     before: &DatabaseCount,
@@ -1191,16 +1192,19 @@ fn herd_database(
         return None;
     }
     let devices = back as f64;
-    let (t0, t1, t2) = (idle_from.transactions?, before.transactions?, after.transactions?);
-    let idle_rate = (t1 - t0) / before.at.duration_since(idle_from.at).as_secs_f64().max(0.001);
+    let idle_for = before.at.duration_since(idle_from.at).as_secs_f64().max(0.001);
     let window = after.at.duration_since(before.at).as_secs_f64();
-    let statements = ((t2 - t1) - idle_rate * window).max(0.0) / devices;
-    let delta = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
-    let opens = delta(before.stream_opens, after.stream_opens);
-    let open_statements = delta(before.open_statements, after.open_statements);
+    let per_device = |read: fn(&DatabaseCount) -> Option<f64>| -> Option<f64> {
+        let (t0, t1, t2) = (read(idle_from)?, read(before)?, read(after)?);
+        let idle = (t1 - t0) / idle_for * window;
+        Some(((t2 - t1) - idle).max(0.0) / devices)
+    };
+    let delta = |read: fn(&DatabaseCount) -> Option<f64>| Some(read(after)? - read(before)?);
+    let opens = delta(|c| c.stream_opens);
+    let open_statements = delta(|c| c.open_statements);
     Some(HerdDatabase {
-        statements,
-        pings: delta(before.pings, after.pings).map(|pings| pings / devices),
+        statements: per_device(|c| c.transactions)?,
+        pings: per_device(|c| c.pings),
         opens_per_statement: match (opens, open_statements) {
             (Some(opens), Some(statements)) if statements > 0.0 => Some(opens / statements),
             _ => None,
