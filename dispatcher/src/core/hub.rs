@@ -1,8 +1,8 @@
 //! The hub: this replica's live state (its device streams and their queues, the calls it waits
 //! for, its credential cache, its stall watch) behind one small synchronous API.
 //!
-//! Both buses act on a hub: the in-memory bus calls it directly, the NATS bus calls it from
-//! its subscriptions. It never talks to the network or the database; decisions are made by the
+//! Both buses act on a hub: the in-memory bus calls it directly, the NATS bus calls it for
+//! what arrives on its subscriptions. It never talks to the network or the database; decisions are made by the
 //! tables it holds ([`ConnectionTable`], [`PendingTable`]) and the frames they produce are
 //! handed to the streams' queues ([`StreamQueue`]) without waiting.
 //!
@@ -117,14 +117,14 @@ pub struct Hub {
     stuck_streams: AtomicU64,
     /// Streams being opened under a [`StreamSlot`].
     opening: AtomicUsize,
-    /// Devices asked to reconnect elsewhere (rebalance), and when: their bus subscriptions
-    /// linger for [`MOVE_LINGER`] so calls meanwhile are retried, not answered offline.
+    /// Devices asked to reconnect elsewhere (rebalance), and when: the bus keeps answering
+    /// for them for [`MOVE_LINGER`] so calls meanwhile are retried, not answered offline.
     moving: Mutex<HashMap<String, Instant>>,
 }
 
-/// How long a device shed by the rebalancer keeps its subscriptions here, answering calls
-/// "not held" (the dispatcher tries again) instead of leaving no responder (offline) until its
-/// new stream is up elsewhere. A takeover from its new replica ends it early.
+/// How long the bus of a replica keeps answering for a device shed by the rebalancer, with
+/// "not held" (the dispatcher tries again) instead of "absent" (offline), until its new stream
+/// is up elsewhere. A takeover from its new replica ends it early.
 pub const MOVE_LINGER: Duration = Duration::from_secs(2);
 
 /// A place for one more stream under a cap, held while the stream opens

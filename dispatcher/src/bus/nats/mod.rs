@@ -91,7 +91,11 @@ pub struct NatsOptions {
     pub connection_timeout: Duration,
     /// How long `holder` waits for a holder to answer a presence request.
     pub presence_timeout: Duration,
-    /// How long `send_result` waits for the dispatching replica's answer.
+    /// How long `send_result` waits for the dispatching replica's answer (and for NATS, if
+    /// the link is down). The dispatching replica is alive when it has a subscriber (a dead
+    /// one finds no responders at once), so its answer is worth waiting for: a busy replica
+    /// may take seconds to get to it, and giving up early would answer the device 404 for a
+    /// result that was in fact delivered. Well under host-agent's 30 s request timeout.
     pub result_timeout: Duration,
     /// Longest `online_devices` collects replies.
     pub gather_window: Duration,
@@ -109,7 +113,7 @@ impl Default for NatsOptions {
             max_reconnect_delay: Duration::from_secs(1),
             connection_timeout: Duration::from_secs(2),
             presence_timeout: Duration::from_millis(500),
-            result_timeout: Duration::from_secs(2),
+            result_timeout: Duration::from_secs(10),
             gather_window: Duration::from_millis(250),
             gather_idle: Duration::from_millis(50),
             auth: NatsAuth::default(),
