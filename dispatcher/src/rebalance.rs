@@ -20,8 +20,8 @@
 //!
 //! The devices asked are the idlest streams with nothing queued ([`crate::core::Hub::shed_streams`]);
 //! a call already written to a device completes (its result is posted to any replica). The
-//! shed device's bus subscriptions linger ([`crate::core::hub::MOVE_LINGER`], 2 s, or until its
-//! new stream announces itself), answering "not held", so a call routed while the device
+//! bus keeps answering for a shed device ([`crate::core::hub::MOVE_LINGER`], 2 s, or until its
+//! new stream announces itself) with "not held", so a call routed while the device
 //! reconnects is retried by the dispatcher instead of being answered `device offline`.
 //! A draining replica says once that it is leaving (the others forget it at once) and stops;
 //! one that hears no other replica does nothing. A replica that dies without a word is

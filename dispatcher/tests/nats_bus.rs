@@ -372,6 +372,52 @@ async fn a_call_crosses_replicas_and_its_result_routes_home() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_are_learnt_from_takeovers_or_the_directory_and_corrected_by_the_holder() {
+    let server = NatsServer::start().await;
+    let (a, b, _c) = three(&server.url()).await;
+    let device = device_id();
+    let mut on_a = a.connect(&device, 1).await;
+    // B heard A's takeover: it knows where the device is without asking the directory.
+    eventually("B hears the takeover", Duration::from_secs(2), || b.bus.remembered_routes() == 1).await;
+
+    // D starts after the takeover: it finds the device through the directory, and remembers.
+    let d = Replica::start("d", &server.url(), NatsOptions::default()).await;
+    assert_eq!(d.bus.remembered_routes(), 0);
+    let holder = d.dispatcher.is_online(&device).await.expect("presence").expect("online");
+    assert_eq!((holder.replica, holder.epoch), (a.name.clone(), 1));
+    assert_eq!(d.bus.remembered_routes(), 1);
+    let pending = d.dispatch(&device, request(1, Duration::from_secs(5)));
+    let call = next_call(&mut on_a).await;
+    assert_eq!(b.dispatcher.deliver(&device, echo(&call)).await, DeliverAck::Delivered);
+    assert!(pending.await.expect("dispatch").ok);
+
+    // The stream ends; D still remembers A. A answers that it has no stream of the device,
+    // the directory names no newer one: offline at once, and D forgets the route.
+    drop(on_a);
+    eventually("A lets go of the device", Duration::from_secs(2), || a.bus.held_device_count() == 0).await;
+    assert_eq!(d.bus.remembered_routes(), 1);
+    let started = Instant::now();
+    let result = d.dispatcher.dispatch(&device, request(2, Duration::from_secs(10))).await;
+    assert!(result.is_offline(), "{result:?}");
+    assert!(started.elapsed() < Duration::from_millis(500), "offline took {:?}", started.elapsed());
+    assert_eq!(d.bus.remembered_routes(), 0);
+    assert_eq!(d.dispatcher.is_online(&device).await.expect("presence"), None);
+
+    // A newer stream on B: D hears it and calls go there.
+    let mut on_b = b.connect(&device, 2).await;
+    eventually("D hears the takeover", Duration::from_secs(2), || d.bus.remembered_routes() == 1).await;
+    let pending = d.dispatch(&device, request(3, Duration::from_secs(5)));
+    let call = next_call(&mut on_b).await;
+    assert_eq!(a.dispatcher.deliver(&device, echo(&call)).await, DeliverAck::Delivered);
+    assert!(pending.await.expect("dispatch").ok);
+
+    // (A replica that is gone, found by "no responders", is the cluster suite's kill tests:
+    // here a dropped replica's connection lingers a moment.)
+    drop(on_b);
+    assert_eq!(d.bus.pending_requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offline_device_is_answered_at_once_from_every_replica() {
     let server = NatsServer::start().await;
     let (a, b, c) = three(&server.url()).await;

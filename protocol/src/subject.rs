@@ -5,8 +5,9 @@
 //!
 //! | Subject | Subscribed by | Flow |
 //! |---|---|---|
-//! | `{p}.device.{id}.call` | the replica holding the device's stream, queue group `holders` | request: a [`crate::HostCall`]; reply: a [`CallAck`]. No responders: the device is offline. |
-//! | `{p}.device.{id}.control` | every replica holding a stream of the device | [`Control::Takeover`] (published) and [`Control::Presence`] (request; reply: [`Holder`]). |
+//! | `{p}.holder.{route}.call` | the replica whose route tag is `{route}`, as `{p}.holder.{route}.*` | request: a [`crate::HostCall`], header [`HEADER_DEVICE_ID`]; reply: a [`CallAck`] ([`CallAck::Absent`]: no stream of that device here). No responders: that replica is gone. |
+//! | `{p}.holder.{route}.presence` | the same subscription | request: empty, header [`HEADER_DEVICE_ID`]; reply: a [`Holder`], or `null`. |
+//! | `{p}.takeover` | every replica | [`Takeover`]: a stream opened. Holders of an older stream close it, a holder of a newer one re-announces it, everyone remembers where the device is held. |
 //! | `{p}.result.{route}` | the one replica whose route tag is `{route}` | request: a [`crate::HostResult`], header [`HEADER_DEVICE_ID`]; reply: a [`DeliverAck`]. No responders: 404. |
 //! | `{p}.revoked` | every replica | [`Revoked`]: close the stream, fail the device's pending calls, evict cached tokens. |
 //! | `{p}.api-tokens.revoked` | every replica | [`ApiTokensRevoked`]: evict those api tokens from the credential cache. Published by `dispatcher token revoke`; replicas also poll the database for it, so a missed message costs at most that poll. |
@@ -14,16 +15,45 @@
 //! | `{p}.load` | every replica | [`ReplicaLoad`], published by each replica every few seconds: how many device streams it holds and its `--max-streams`. Each replica averages the recent ones to decide whether to shed streams to the others (the rebalancing rule is in the dispatcher's `rebalance` module). |
 //! | `{p}.events.{user}` | every replica, once, as `{p}.events.*` | [`crate::events::UserEvent`]: one user's device or proposal change, for that user's listeners on every replica. `{user}` is [`crate::events::user_token`] (user ids are not safe tokens). Core NATS, best effort: a listener that reconnects gets a fresh snapshot. |
 //!
-//! Two departures from a per-call result subject, each saving messages on the hot path:
+//! Every subscription is replica-wide: a replica subscribes the same eight subjects whether it
+//! holds no device or a hundred thousand. Holding a stream costs the broker nothing and the
+//! replica one map entry.
 //!
-//! - **Results route by the call id.** Each replica picks a random 32-bit route tag at start
-//!   and subscribes once to `{p}.result.{tag}`. Its call ids are UUIDs whose first eight hex
-//!   digits are that tag ([`new_call_id`]), so the replica that receives a result POST knows,
-//!   from the id alone, where the waiting dispatch lives: one hop, no broadcast, no per-call
-//!   SUB/UNSUB and no interest to propagate through a NATS cluster. A replica that restarts
-//!   takes a new tag, so results for its dead dispatches find no responders: 404.
-//! - **Presence and takeover share one subscription** per held device (`control`), next to
-//!   the queue-group `call` subscription: two subscriptions a device stream in all.
+//! **Routing a call to the holder.** Each replica picks a random 32-bit route tag at start.
+//! When a device opens a stream, the registry issues its epoch and records the route tag of the
+//! accepting replica in the same UPDATE (so the recorded route is always that of the newest
+//! epoch), before the stream says `ready`; the replica then publishes a [`Takeover`]. To reach a
+//! device, a replica takes the route from its cache (filled by the takeovers it hears), else
+//! from the registry, and asks that holder. The holder's answer is the truth: it pushes, or
+//! says [`CallAck::Absent`] (no stream of that device here), or there are no responders (that
+//! replica is gone: a restart takes a new tag). Either way the caller forgets the route and
+//! asks the registry again: a newer stream elsewhere is tried at once; none means the device is
+//! offline, answered at once. A device that is `ready` is always found, whatever takeovers a
+//! replica missed, because the registry was written first.
+//!
+//! Trade-offs, against the former scheme (two subscriptions per held device,
+//! `{p}.device.{id}.call` in a queue group and `{p}.device.{id}.control`):
+//!
+//! - memory: each subscription cost the replica an async-nats channel block of 32 messages
+//!   (about 6 KB) and the device a task; now a held device costs a map entry, and every replica
+//!   remembers up to 200,000 routes of devices held elsewhere (about 100 bytes each);
+//! - messages: a call is the same request and reply; a stream open publishes one takeover heard
+//!   by every replica (N deliveries for N replicas) instead of one SUB, one UNSUB and one
+//!   takeover per subscription; nothing is subscribed or unsubscribed per device, so a reconnect
+//!   herd adds no interest churn to propagate through a NATS cluster;
+//! - the registry: a call whose route this replica does not know (a device that was never
+//!   called from here and whose takeover it missed, or an offline device) costs one indexed
+//!   read of the device's row; an offline device is answered after that read instead of after a
+//!   "no responders" from the broker. The hot path (a route known, the holder answering) does
+//!   not touch the database. A call while the database is unreachable reaches the devices whose
+//!   route is known and waits, then times out, for the others;
+//! - a call to a device held by the calling replica is pushed in the process, without NATS.
+//!
+//! **Results route by the call id**, not by a per-call result subject. A replica's call ids are
+//! UUIDs whose first eight hex digits are its route tag ([`new_call_id`]), so the replica that
+//! receives a result POST knows, from the id alone, where the waiting dispatch lives: one hop,
+//! no broadcast, no per-call SUB/UNSUB and no interest to propagate through a NATS cluster.
+//! Results for a restarted replica's dead dispatches find no responders: 404.
 //!
 //! Events (`GET /api/events`) use one subscription per replica, `{p}.events.*`, and fan out in
 //! the process to that replica's listeners: no per-listener subscription, so a page opening or
@@ -38,6 +68,11 @@
 //! pushes nothing more and gives up all its streams with `reconnect` (`stalled`), since they may
 //! have moved meanwhile; calls that reach it in that state are answered [`CallAck::NotHeld`] and
 //! the dispatcher tries again until one holder accepts or the deadline passes.
+//!
+//! Upgrading a cluster from the per-device scheme: replicas of the two schemes do not find each
+//! other's devices (calls between them answer offline), so replace every replica at once, or
+//! accept that during a rolling update a call made on a replica of one version to a device
+//! held by the other answers `device offline` until the rollout ends.
 
 use serde::{Deserialize, Serialize};
 

@@ -86,7 +86,7 @@ impl Drop for StreamGuard {
         self.hub.release(&self.device_id, self.conn_id);
         // Also when the hub already forgot the stream (takeover, revocation, shutdown): the bus
         // releases only what it holds for this epoch, so a newer stream here is untouched.
-        // A device the rebalancer moved keeps its subscriptions a moment, so calls routed
+        // The bus keeps answering for a device the rebalancer moved a moment, so calls routed
         // before its new stream is up elsewhere are retried rather than answered offline.
         let linger = self.hub.moving_for(&self.device_id);
         let bus = self.bus.clone();

@@ -1,8 +1,8 @@
 //! The hub: this replica's live state (its device streams and their queues, the calls it waits
 //! for, its credential cache, its stall watch) behind one small synchronous API.
 //!
-//! Both buses act on a hub: the in-memory bus calls it directly, the NATS bus calls it from
-//! its subscriptions. It never talks to the network or the database; decisions are made by the
+//! Both buses act on a hub: the in-memory bus calls it directly, the NATS bus calls it for
+//! what arrives on its subscriptions. It never talks to the network or the database; decisions are made by the
 //! tables it holds ([`ConnectionTable`], [`PendingTable`]) and the frames they produce are
 //! handed to the streams' queues ([`StreamQueue`]) without waiting.
 //!
@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 use protocol::sse::ReconnectReason;
 use protocol::subject::{CallAck, DeliverAck, Holder};
@@ -117,14 +118,14 @@ pub struct Hub {
     stuck_streams: AtomicU64,
     /// Streams being opened under a [`StreamSlot`].
     opening: AtomicUsize,
-    /// Devices asked to reconnect elsewhere (rebalance), and when: their bus subscriptions
-    /// linger for [`MOVE_LINGER`] so calls meanwhile are retried, not answered offline.
+    /// Devices asked to reconnect elsewhere (rebalance), and when: the bus keeps answering
+    /// for them for [`MOVE_LINGER`] so calls meanwhile are retried, not answered offline.
     moving: Mutex<HashMap<String, Instant>>,
 }
 
-/// How long a device shed by the rebalancer keeps its subscriptions here, answering calls
-/// "not held" (the dispatcher tries again) instead of leaving no responder (offline) until its
-/// new stream is up elsewhere. A takeover from its new replica ends it early.
+/// How long the bus of a replica keeps answering for a device shed by the rebalancer, with
+/// "not held" (the dispatcher tries again) instead of "absent" (offline), until its new stream
+/// is up elsewhere. A takeover from its new replica ends it early.
 pub const MOVE_LINGER: Duration = Duration::from_secs(2);
 
 /// A place for one more stream under a cap, held while the stream opens
@@ -299,29 +300,29 @@ impl Hub {
     /// late or lost) is acknowledged again and not pushed a second time. A stream whose queue
     /// is over its frame or byte budget takes nothing: [`CallAck::Full`].
     pub fn push(&self, device_id: &str, call: &HostCall) -> CallAck {
-        let now = chrono::Utc::now();
-        if call.is_expired(now) {
-            return CallAck::Expired;
-        }
-        if self.is_stalled() {
-            return CallAck::NotHeld;
-        }
-        if self.pushed.lock().contains(&call.call_id) {
-            return CallAck::Accepted;
-        }
-        if self.conns.lock().get(device_id).is_none() {
-            return CallAck::NotHeld;
+        // The cheap refusals first: a large call is not encoded for nothing.
+        if let Some(refused) = self.refuse_push(device_id, &call.call_id, call.deadline) {
+            return refused;
         }
         // Encoded outside the locks: a large call takes a while.
-        let frame = match CallFrame::encode(call) {
-            Ok(frame) => frame,
+        match CallFrame::encode(call) {
+            Ok(frame) => self.push_frame(device_id, frame, call.deadline),
             Err(error) => {
                 tracing::error!(%error, "cannot encode a call");
-                return CallAck::NotHeld;
+                CallAck::NotHeld
             }
-        };
+        }
+    }
+
+    /// [`Hub::push`] of a call already encoded as its frame (a call that arrived from another
+    /// replica as the same JSON), with the call's deadline.
+    pub fn push_frame(&self, device_id: &str, frame: CallFrame, deadline: Option<DateTime<Utc>>) -> CallAck {
+        if let Some(refused) = self.refuse_push(device_id, &frame.call_id, deadline) {
+            return refused;
+        }
+        let now = chrono::Utc::now();
         let mut pushed = self.pushed.lock();
-        if pushed.contains(&call.call_id) {
+        if pushed.contains(&frame.call_id) {
             return CallAck::Accepted;
         }
         let queue = match self.conns.lock().get(device_id) {
@@ -329,14 +330,34 @@ impl Hub {
             None => return CallAck::NotHeld,
         };
         let bytes = frame.json.len();
+        let call_id = frame.call_id.clone();
         match queue.push_call(Frame::Call(frame), bytes) {
             Admit::Accepted => {
-                pushed.insert(call.call_id.clone(), call.deadline.unwrap_or(now + PUSHED_TTL), now);
+                pushed.insert(call_id, deadline.unwrap_or(now + PUSHED_TTL), now);
                 CallAck::Accepted
             }
             Admit::Full => CallAck::Full,
             Admit::Closed => CallAck::NotHeld,
         }
+    }
+
+    /// Why a call cannot be pushed here, checked before any work: expired, a frozen replica, no
+    /// stream of the device; or [`CallAck::Accepted`] for a call pushed already (asked again
+    /// because the acknowledgement was late or lost). `None`: go ahead.
+    fn refuse_push(&self, device_id: &str, call_id: &str, deadline: Option<DateTime<Utc>>) -> Option<CallAck> {
+        if deadline.is_some_and(|deadline| chrono::Utc::now() >= deadline) {
+            return Some(CallAck::Expired);
+        }
+        if self.is_stalled() {
+            return Some(CallAck::NotHeld);
+        }
+        if self.pushed.lock().contains(call_id) {
+            return Some(CallAck::Accepted);
+        }
+        if self.conns.lock().get(device_id).is_none() {
+            return Some(CallAck::NotHeld);
+        }
+        None
     }
 
     /// Another replica opened a stream of the device with `epoch`. Returns the epoch to

@@ -24,7 +24,7 @@ use crate::core::Close;
 /// How often the connection state is polled besides the events (which async-nats may drop
 /// when its event queue is full).
 const POLL: Duration = Duration::from_millis(250);
-/// How often subscriptions of streams the hub no longer has (closed by a stall, say) go.
+/// How often the bus lets go of streams the hub no longer has (closed by a stall, say).
 const SWEEP: Duration = Duration::from_secs(1);
 
 /// What the watch tracks between events.

@@ -60,6 +60,7 @@ pub use self::auth::{NatsAuth, NatsCredentials, NatsTls};
 use self::inbox::Inbox;
 use super::{Bus, BusError, BusStats, Health, Hub, Routed, StreamDirectory, StreamRoute, EVENTS_CAPACITY};
 use crate::core::cache::parse_token_hash;
+use crate::core::CallFrame;
 
 /// Longest a fire-and-forget publish (a reply, a takeover, a revocation) may wait for room in
 /// the client's command queue, which fills while the broker is unreachable.
@@ -91,7 +92,11 @@ pub struct NatsOptions {
     pub connection_timeout: Duration,
     /// How long `holder` waits for a holder to answer a presence request.
     pub presence_timeout: Duration,
-    /// How long `send_result` waits for the dispatching replica's answer.
+    /// How long `send_result` waits for the dispatching replica's answer (and for NATS, if
+    /// the link is down). The dispatching replica is alive when it has a subscriber (a dead
+    /// one finds no responders at once), so its answer is worth waiting for: a busy replica
+    /// may take seconds to get to it, and giving up early would answer the device 404 for a
+    /// result that was in fact delivered. Well under host-agent's 30 s request timeout.
     pub result_timeout: Duration,
     /// Longest `online_devices` collects replies.
     pub gather_window: Duration,
@@ -109,7 +114,7 @@ impl Default for NatsOptions {
             max_reconnect_delay: Duration::from_secs(1),
             connection_timeout: Duration::from_secs(2),
             presence_timeout: Duration::from_millis(500),
-            result_timeout: Duration::from_secs(2),
+            result_timeout: Duration::from_secs(10),
             gather_window: Duration::from_millis(250),
             gather_idle: Duration::from_millis(50),
             auth: NatsAuth::default(),
@@ -964,10 +969,13 @@ impl Shared {
         }
     }
 
-    /// A call for a device held here: push it to the device's stream.
+    /// A call for a device held here: push it to the device's stream. The message is the
+    /// call's JSON exactly as the device's `call` frame carries it (both are the serialized
+    /// [`HostCall`]), so it is checked and queued as it is: only the call id and the deadline
+    /// are read, and the input is never decoded and encoded again.
     async fn on_call(&self, device_id: &str, message: Message) {
-        let call = match serde_json::from_slice::<HostCall>(&message.payload) {
-            Ok(call) => call,
+        let head = match CallHead::read(&message.payload) {
+            Ok(head) => head,
             Err(error) => {
                 tracing::warn!(%error, device_id, "malformed call; not answered");
                 return;
@@ -979,21 +987,31 @@ impl Shared {
             otel.kind = "consumer",
             messaging.system = "nats",
             device_id = %device_id,
-            call_id = %call.call_id,
+            call_id = %head.call_id,
             traceparent = traceparent.map(|value| value.as_str()),
         );
         crate::telemetry::set_parent(&span, traceparent.map(|value| value.as_str()));
-        let ack = span.in_scope(|| self.push_here(device_id, &call));
+        let ack = span.in_scope(|| match std::str::from_utf8(&message.payload) {
+            Ok(json) => {
+                let frame = CallFrame { call_id: head.call_id.clone(), json: json.to_owned() };
+                self.push_here_with(device_id, |hub| hub.push_frame(device_id, frame, head.deadline))
+            }
+            Err(_) => CallAck::NotHeld,
+        });
         self.reply(&message, &ack).instrument(span).await;
     }
 
-    /// Pushes a call to the stream of a device this replica answers for; [`CallAck::Absent`]
-    /// when it answers for none.
+    /// Pushes a call to the stream of a device this replica answers for;
+    /// [`CallAck::Absent`] when it answers for none.
     fn push_here(&self, device_id: &str, call: &HostCall) -> CallAck {
+        self.push_here_with(device_id, |hub| hub.push(device_id, call))
+    }
+
+    fn push_here_with(&self, device_id: &str, push: impl FnOnce(&Hub) -> CallAck) -> CallAck {
         let Some(epoch) = self.held.lock().get(device_id).copied() else {
             return CallAck::Absent;
         };
-        let ack = self.hub.push(device_id, call);
+        let ack = push(&self.hub);
         if ack == CallAck::NotHeld {
             self.release_if_gone(device_id, epoch);
         }
@@ -1051,6 +1069,30 @@ where
             Some(message) => handle(shared.clone(), message).await,
             None => break,
         }
+    }
+}
+
+/// What a holder reads of a call before queueing its JSON as it came.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CallHead {
+    call_id: String,
+    #[serde(default)]
+    deadline: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl CallHead {
+    /// Reads the call id and deadline of a call's JSON, checking the whole of it is one JSON
+    /// object on one line (an SSE `data` field cannot hold a line break).
+    fn read(payload: &[u8]) -> Result<CallHead, String> {
+        if payload.iter().any(|b| *b == b'\n' || *b == b'\r') {
+            return Err("a line break in the call's JSON".into());
+        }
+        // serde would also read a struct from a JSON array; a call is an object.
+        if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err("not a JSON object".into());
+        }
+        serde_json::from_slice(payload).map_err(|error| error.to_string())
     }
 }
 
@@ -1181,6 +1223,38 @@ fn reconnect_delay(attempts: usize, max: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_message_is_its_frame_and_only_its_head_is_read() {
+        let call = HostCall {
+            call_id: "c-1".into(),
+            tool: "write_file".into(),
+            input: serde_json::json!({"path": "a\nb", "content": "line\r\nline", "n": [1, 2.5, null]}),
+            mode: None,
+            preconditions: None,
+            deadline: Some(chrono::DateTime::from_timestamp(2_000_000_000, 0).expect("time")),
+            traceparent: None,
+        };
+        // What the caller publishes is byte for byte the `call` frame the holder queues.
+        let payload = encode(&call).expect("encode");
+        assert_eq!(payload, CallFrame::encode(&call).expect("frame").json.as_bytes());
+        let head = CallHead::read(&payload).expect("head");
+        assert_eq!((head.call_id.as_str(), head.deadline), ("c-1", call.deadline));
+
+        let without_deadline = br#"{"callId":"c-2","tool":"stat","input":{}}"#;
+        assert_eq!(CallHead::read(without_deadline).expect("head").deadline, None);
+        for bad in [
+            &b"[\"c-3\", null]"[..],
+            b"{\"tool\":\"stat\"}",
+            b"{\"callId\":\"c-4\",\n\"tool\":\"stat\"}",
+            b"{\"callId\":\"c-5\",\r\"tool\":\"stat\"}",
+            b"{\"callId\":\"c-6\"",
+            b"{\"callId\":\"c-7\",\"deadline\":\"soon\"}",
+            b"",
+        ] {
+            assert!(CallHead::read(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
 
     #[test]
     fn reconnect_delays_grow_and_stay_capped() {
