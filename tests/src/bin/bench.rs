@@ -175,6 +175,9 @@ struct KillFigures {
 /// The database's work for the reconnects after a kill, per device back.
 #[derive(Debug, Clone, Copy)]
 struct HerdDatabase {
+    /// Transactions PostgreSQL counted in the cluster's database in the window, idle ones
+    /// included, per device back: an upper bound.
+    raw_statements: f64,
     /// Transactions PostgreSQL counted in the cluster's database (`pg_stat_database`:
     /// `xact_commit + xact_rollback`; a statement outside a transaction is one), less the idle
     /// rate measured just before the kill, per device back.
@@ -1106,8 +1109,9 @@ async fn kill_recovery(
             };
             println!(
                 "  queries per reconnect: {:.3} statements (PostgreSQL's transactions in the window, less the idle \
-                 rate), {} pings, {} round trips; {} stream opens per statement",
+                 rate; {:.3} with it), {} pings, {} round trips; {} stream opens per statement",
                 db.statements,
+                db.raw_statements,
                 per(db.pings, "sqlx pings on every acquire by default"),
                 per(db.round_trips(), "statements plus pings"),
                 per(db.opens_per_statement, "one statement per open"),
@@ -1194,6 +1198,8 @@ fn herd_database(
     let devices = back as f64;
     let idle_for = before.at.duration_since(idle_from.at).as_secs_f64().max(0.001);
     let window = after.at.duration_since(before.at).as_secs_f64();
+    let raw =
+        |read: fn(&DatabaseCount) -> Option<f64>| -> Option<f64> { Some((read(after)? - read(before)?) / devices) };
     let per_device = |read: fn(&DatabaseCount) -> Option<f64>| -> Option<f64> {
         let (t0, t1, t2) = (read(idle_from)?, read(before)?, read(after)?);
         let idle = (t1 - t0) / idle_for * window;
@@ -1203,6 +1209,7 @@ fn herd_database(
     let opens = delta(|c| c.stream_opens);
     let open_statements = delta(|c| c.open_statements);
     Some(HerdDatabase {
+        raw_statements: raw(|c| c.transactions)?,
         statements: per_device(|c| c.transactions)?,
         pings: per_device(|c| c.pings),
         opens_per_statement: match (opens, open_statements) {
