@@ -193,12 +193,6 @@ pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>) {
     let Some(traceparent) = traceparent.filter(|t| is_traceparent(t)) else {
         return;
     };
-    // Without an OpenTelemetry layer (spans not exported: the usual case) a span has no trace
-    // context and setting a parent is a no-op; this check saves parsing the header into a
-    // context on every request.
-    if !span.context().span().span_context().is_valid() {
-        return;
-    }
     if tracing::Span::current().context().span().span_context().is_valid() {
         return;
     }

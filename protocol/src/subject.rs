@@ -121,6 +121,7 @@ pub fn new_call_id(tag: u32, random: [u8; 16]) -> String {
     bytes[..4].copy_from_slice(&tag.to_be_bytes());
     bytes[6] = (bytes[6] & 0x0f) | 0x40; // version 4
     bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 4122 variant
+
     // Written digit by digit into one allocation: this runs for every call.
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut id = String::with_capacity(36);
@@ -256,7 +257,8 @@ mod tests {
         assert_eq!(call_id_route(&id).as_deref(), Some("deadbeef"));
         assert_eq!(call_id_tag(&id), Some(0xdead_beef));
         assert_eq!(call_id_tag(&id.to_ascii_uppercase()), Some(0xdead_beef));
-        let id = new_call_id(0x0102_0304, [0x00, 0x01, 0x02, 0x03, 0xab, 0xcd, 0xff, 0x10, 0x7f, 0x00, 1, 2, 3, 4, 5, 6]);
+        let id =
+            new_call_id(0x0102_0304, [0x00, 0x01, 0x02, 0x03, 0xab, 0xcd, 0xff, 0x10, 0x7f, 0x00, 1, 2, 3, 4, 5, 6]);
         assert_eq!(id, "01020304-abcd-4f10-bf00-010203040506");
         assert!(is_uuid(&id));
     }
