@@ -112,8 +112,10 @@ pub fn bounded(router: Router, state: &AppState) -> Router {
         .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT))
         .layer(middleware::from_fn(json_errors))
-        .layer(middleware::from_fn_with_state(state.clone(), access::log_and_count))
-        .layer(middleware::from_fn_with_state(state.clone(), proxy::resolve_client))
+        // Each middleware is handed only what it reads: its state is cloned for every request,
+        // and a whole AppState is a score of reference counts to bump and drop.
+        .layer(middleware::from_fn_with_state(state.metrics.clone(), access::log_and_count))
+        .layer(middleware::from_fn_with_state(state.settings.clone(), proxy::resolve_client))
         .layer(middleware::map_response(proxy::unbuffered_event_streams))
         .layer(SetResponseHeaderLayer::overriding(header::HeaderName::from_static(REPLICA_HEADER), replica))
 }

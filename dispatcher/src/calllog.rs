@@ -241,16 +241,18 @@ impl Writer {
                 },
             };
             let mut batch = vec![first];
-            let linger = tokio::time::sleep(LINGER);
-            tokio::pin!(linger);
+            // Sleep through the linger, then take what came: waiting on the queue part by part
+            // instead would wake this task (from another thread, often) for every part, three
+            // times per call. The queue holds far more than a linger's worth at full load;
+            // parts beyond a full batch start the next one at once.
+            tokio::select! {
+                _ = tokio::time::sleep(LINGER) => {}
+                _ = stop.cancelled() => {}
+            }
             while batch.len() < MAX_BATCH {
-                tokio::select! {
-                    _ = &mut linger => break,
-                    _ = stop.cancelled() => break,
-                    part = self.rx.recv() => match part {
-                        Some(part) => batch.push(part),
-                        None => break,
-                    },
+                match self.rx.try_recv() {
+                    Ok(part) => batch.push(part),
+                    Err(_) => break,
                 }
             }
             self.store(batch).await;

@@ -224,15 +224,19 @@ pub fn trace_id_of(span: &tracing::Span) -> Option<String> {
 /// True for a well-formed W3C `traceparent` (version 00): `00-<32 hex>-<16 hex>-<2 hex>`, with
 /// neither id all zeros.
 pub fn is_traceparent(value: &str) -> bool {
-    let parts: Vec<&str> = value.split('-').collect();
+    let mut parts = value.split('-');
+    let (Some(version), Some(trace), Some(span), Some(flags), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    parts.len() == 4
-        && parts[0] == "00"
-        && hex(parts[1], 32)
-        && hex(parts[2], 16)
-        && hex(parts[3], 2)
-        && parts[1].bytes().any(|b| b != b'0')
-        && parts[2].bytes().any(|b| b != b'0')
+    version == "00"
+        && hex(trace, 32)
+        && hex(span, 16)
+        && hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0')
+        && span.bytes().any(|b| b != b'0')
 }
 
 /// A new sampled trace context: a random trace id and span id.
@@ -275,13 +279,13 @@ struct Build {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HttpRoute {
-    method: String,
+    method: &'static str,
     route: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HttpRequest {
-    method: String,
+    method: &'static str,
     route: String,
     status: u16,
 }
@@ -566,12 +570,12 @@ impl Metrics {
     }
 
     /// An HTTP request answered: `route` is the matched path template (`unmatched` for none).
-    pub fn http_request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
-        let (method, route) = (method.to_owned(), route.to_owned());
-        self.http_duration
-            .get_or_create(&HttpRoute { method: method.clone(), route: route.clone() })
-            .observe(elapsed.as_secs_f64());
-        self.http_requests.get_or_create(&HttpRequest { method, route, status }).inc();
+    /// `method` is one of a fixed set of labels (`GET`, …, `other`).
+    pub fn http_request(&self, method: &'static str, route: &str, status: u16, elapsed: Duration) {
+        // One allocation for both keys: a family is looked up by an owned label set.
+        let key = HttpRoute { method, route: route.to_owned() };
+        self.http_duration.get_or_create(&key).observe(elapsed.as_secs_f64());
+        self.http_requests.get_or_create(&HttpRequest { method, route: key.route, status }).inc();
     }
 
     /// A result POST's fate: `delivered`, `late_apply`, `unknown` or `forbidden`.

@@ -169,14 +169,33 @@ pub fn new_call_id(tag: u32, random: [u8; 16]) -> String {
     bytes[..4].copy_from_slice(&tag.to_be_bytes());
     bytes[6] = (bytes[6] & 0x0f) | 0x40; // version 4
     bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 4122 variant
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+
+    // Written digit by digit into one allocation: this runs for every call.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(36);
+    for (i, byte) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            id.push('-');
+        }
+        id.push(char::from(HEX[usize::from(byte >> 4)]));
+        id.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    }
+    id
 }
 
 /// The route tag of a call id made by [`new_call_id`], or `None` when `call_id` is not a
 /// UUID in canonical lowercase-or-uppercase hyphenated form (such an id names no call).
 pub fn call_id_route(call_id: &str) -> Option<String> {
     is_uuid(call_id).then(|| call_id[..8].to_ascii_lowercase())
+}
+
+/// [`call_id_route`] as the number [`route_tag`] formats, without allocating: for comparing a
+/// result's call id with this replica's tag.
+pub fn call_id_tag(call_id: &str) -> Option<u32> {
+    if !is_uuid(call_id) {
+        return None;
+    }
+    u32::from_str_radix(&call_id[..8], 16).ok()
 }
 
 /// True when `text` is a hyphenated UUID (8-4-4-4-12 hex digits): the form of device ids and
@@ -292,6 +311,12 @@ mod tests {
         assert!(id.starts_with("deadbeef-"));
         assert_eq!(&id[14..15], "4", "version nibble");
         assert_eq!(call_id_route(&id).as_deref(), Some("deadbeef"));
+        assert_eq!(call_id_tag(&id), Some(0xdead_beef));
+        assert_eq!(call_id_tag(&id.to_ascii_uppercase()), Some(0xdead_beef));
+        let id =
+            new_call_id(0x0102_0304, [0x00, 0x01, 0x02, 0x03, 0xab, 0xcd, 0xff, 0x10, 0x7f, 0x00, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(id, "01020304-abcd-4f10-bf00-010203040506");
+        assert!(is_uuid(&id));
     }
 
     #[test]
@@ -305,6 +330,7 @@ mod tests {
             "deadbeef-0000-4000-8000-0000000000001",
         ] {
             assert_eq!(call_id_route(bad), None, "{bad:?}");
+            assert_eq!(call_id_tag(bad), None, "{bad:?}");
         }
     }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use protocol::subject::{call_id_route, new_call_id, DeliverAck, Holder};
+use protocol::subject::{call_id_tag, new_call_id, DeliverAck, Holder};
 use protocol::{CallMode, HostCall, HostResult};
 use serde_json::Value;
 use tokio::time::Instant;
@@ -243,15 +243,16 @@ impl Dispatcher {
     /// [`Dispatcher::deliver`], handing the result back when no dispatch waits for it (the
     /// replica that made the call died, or gave up), so the caller may still record it.
     pub async fn deliver_or_keep(&self, from_device: &str, result: HostResult) -> Delivery {
-        let Some(route) = call_id_route(&result.call_id) else {
+        let Some(tag) = call_id_tag(&result.call_id) else {
             return Delivery::Unclaimed(result);
         };
-        if route == protocol::subject::route_tag(self.hub.route_tag()) {
+        if tag == self.hub.route_tag() {
             if !self.hub.is_pending(&result.call_id) {
                 return Delivery::Unclaimed(result);
             }
             return Delivery::Answered(self.hub.resolve(from_device, result));
         }
+        let route = protocol::subject::route_tag(tag);
         match self.bus.send_result(&route, from_device, &result).await {
             DeliverAck::Unknown => Delivery::Unclaimed(result),
             ack => Delivery::Answered(ack),

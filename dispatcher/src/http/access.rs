@@ -9,13 +9,14 @@
 //! Outcomes are not errors: a 503 `device offline` or a 504 `device timed out` is an info line
 //! like a 200. Only a 500 is logged as an error, by [`super::ApiError`] where it is made.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 
-use super::AppState;
+use crate::telemetry::Metrics;
 
 /// Routes logged at debug: polled by machines every few seconds.
 const QUIET_ROUTES: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
@@ -36,19 +37,20 @@ fn method_label(method: &axum::http::Method) -> &'static str {
     }
 }
 
-pub async fn log_and_count(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn log_and_count(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = method_label(request.method()).to_owned();
-    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str).to_owned();
-    let path = request.uri().path().to_owned();
+    // Borrowed or cheaply cloned (the matched path is shared): this runs for every request.
+    let method = method_label(request.method());
+    let matched = request.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
     let client = super::proxy::client_ip(&request);
     let span = tracing::info_span!(
         "http.request",
-        otel.name = %format!("{method} {route}"),
+        otel.name = %format_args!("{method} {route}"),
         otel.kind = "server",
         http.request.method = %method,
         http.route = %route,
-        url.path = %path,
+        url.path = %request.uri().path(),
         client.address = %client,
         http.response.status_code = tracing::field::Empty,
         trace_id = tracing::field::Empty,
@@ -65,10 +67,10 @@ pub async fn log_and_count(State(state): State<AppState>, request: Request, next
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
     span.record("http.response.status_code", status);
-    state.metrics.http_request(&method, &route, status, elapsed);
+    metrics.http_request(method, route, status, elapsed);
     let latency_ms = elapsed.as_secs_f64() * 1000.0;
     span.in_scope(|| {
-        if QUIET_ROUTES.contains(&route.as_str()) {
+        if QUIET_ROUTES.contains(&route) {
             tracing::debug!(target: "access", %method, %route, status, latency_ms, %client, "request");
         } else {
             tracing::info!(target: "access", %method, %route, status, latency_ms, %client, "request");

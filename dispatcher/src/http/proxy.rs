@@ -15,13 +15,14 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
 
-use super::AppState;
+use crate::config::Settings;
 
 /// The address a request is attributed to (in the request's extensions, set by
 /// [`resolve_client`]).
@@ -186,13 +187,13 @@ fn parse_node(text: &str) -> Option<IpAddr> {
 
 /// Middleware: puts the request's [`ClientIp`] in its extensions (the TCP peer's address when
 /// the server did not give one, as in-process tests).
-pub async fn resolve_client(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+pub async fn resolve_client(State(settings): State<Arc<Settings>>, mut request: Request, next: Next) -> Response {
     let peer = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| addr.ip())
         .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-    let client = state.settings.trusted_proxies.client(peer, request.headers());
+    let client = settings.trusted_proxies.client(peer, request.headers());
     request.extensions_mut().insert(ClientIp(client));
     next.run(request).await
 }

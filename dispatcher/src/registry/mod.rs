@@ -28,7 +28,7 @@
 //! - `dispatcher/migrations/`: the schema, embedded in the binary and run at [`Registry::connect`].
 //!
 //! Portability: queries go through sqlx's Any driver with `$n` placeholders (both engines accept
-//! them), times are BIGINT unix milliseconds, JSON is TEXT, ids are TEXT. Every race that matters
+//! them; the call log's batch upsert gives SQLite `?` instead, see `calls.rs`), times are BIGINT unix milliseconds, JSON is TEXT, ids are TEXT. Every race that matters
 //! (a pairing code used twice, a proposal applied twice) is settled by one conditional UPDATE, so
 //! it holds across replicas, not just within one.
 
