@@ -68,7 +68,11 @@ enum Head {
     NeedMore,
     Other,
     /// A complete stream request head of `len` bytes.
-    Stream { len: usize, request: Request<Body>, keep_alive: bool },
+    Stream {
+        len: usize,
+        request: Request<Body>,
+        keep_alive: bool,
+    },
 }
 
 /// Reads the first request's head of a connection, as far as needed to tell whether it is a
@@ -125,7 +129,8 @@ fn classify(bytes: &[u8]) -> Head {
     let mut map = HeaderMap::with_capacity(parsed.headers.len());
     let mut keep_alive = true;
     for header in parsed.headers.iter() {
-        let (Ok(name), Ok(value)) = (HeaderName::from_bytes(header.name.as_bytes()), HeaderValue::from_bytes(header.value))
+        let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(header.name.as_bytes()), HeaderValue::from_bytes(header.value))
         else {
             return Head::Other;
         };
@@ -167,7 +172,8 @@ enum Framing {
 fn encode_head<B>(response: &mut Response<B>, exact_len: Option<u64>, close: bool, date: &str) -> (Vec<u8>, Framing) {
     let status = response.status();
     let headers = response.headers_mut();
-    let framing = if status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+    let framing = if status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED
+    {
         headers.remove(CONTENT_LENGTH);
         headers.remove(TRANSFER_ENCODING);
         Framing::None
@@ -389,7 +395,10 @@ mod tests {
         let Head::Stream { len, request, keep_alive } = classify(bytes.as_bytes()) else { panic!("a stream") };
         assert_eq!(len, STREAM.len());
         assert!(keep_alive);
-        assert_eq!((request.method(), request.uri().path(), request.version()), (&Method::GET, "/api/host/stream", Version::HTTP_11));
+        assert_eq!(
+            (request.method(), request.uri().path(), request.version()),
+            (&Method::GET, "/api/host/stream", Version::HTTP_11)
+        );
         assert_eq!(request.headers()["authorization"], "Bearer t");
         assert_eq!(request.headers()["host"], "d");
         let closing = b"GET /api/host/stream HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n";
@@ -469,7 +478,8 @@ mod tests {
         let text = String::from_utf8(seen).expect("utf-8");
         let body = &text[text.find("\r\n\r\n").expect("head") + 4..];
         assert_eq!(body, "17\r\nevent: ready\ndata: {}\n\n\r\nd\r\n: keepalive\n\n\r\n0\r\n\r\n");
-        assert!(text.starts_with("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\ndate: "));
+        assert!(text
+            .starts_with("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\ndate: "));
         let (pipelined, _io) = served.await.expect("task").expect("kept alive");
         assert_eq!(&pipelined[..], b"GET /healthz HTTP/1.1\r\n\r\n");
     }
