@@ -46,7 +46,7 @@ const MAX_PIPELINED: usize = 64 * 1024;
 /// What the first bytes of a connection are.
 pub enum Sniffed<I> {
     /// A device stream request, parsed: served by [`serve`].
-    Stream(StreamRequest<I>),
+    Stream(Box<StreamRequest<I>>),
     /// Anything else: hyper serves the connection, reading `prefix` first.
     Other { prefix: Bytes, io: I },
     /// The client closed the connection (or it failed) before a request.
@@ -70,7 +70,7 @@ enum Head {
     /// A complete stream request head of `len` bytes.
     Stream {
         len: usize,
-        request: Request<Body>,
+        request: Box<Request<Body>>,
         keep_alive: bool,
     },
 }
@@ -97,7 +97,7 @@ pub async fn sniff<I: AsyncRead + Unpin>(mut io: I) -> Sniffed<I> {
                 // Copied out, so that the read buffer is freed now rather than when hyper
                 // has read what followed.
                 let pipelined = Bytes::copy_from_slice(&buf[len..]);
-                return Sniffed::Stream(StreamRequest { request, keep_alive, pipelined, io });
+                return Sniffed::Stream(Box::new(StreamRequest { request: *request, keep_alive, pipelined, io }));
             }
         }
     }
@@ -148,7 +148,7 @@ fn classify(bytes: &[u8]) -> Head {
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = map;
-    Head::Stream { len, request, keep_alive }
+    Head::Stream { len, request: Box::new(request), keep_alive }
 }
 
 /// Whether a comma-separated header value holds `token` (case-insensitive).
@@ -225,13 +225,13 @@ pub type Reusable<I> = Option<(Bytes, I)>;
 /// service would call it) and writes the response until its body ends, the client goes away
 /// or a write fails. The connection back, with what the client sent meanwhile, when it may
 /// serve another request.
-pub async fn serve<I, B, F>(stream: StreamRequest<I>, respond: impl FnOnce(Request<Body>) -> F) -> Reusable<I>
+pub async fn serve<I, B, F>(stream: Box<StreamRequest<I>>, respond: impl FnOnce(Request<Body>) -> F) -> Reusable<I>
 where
     I: AsyncRead + AsyncWrite + Unpin,
     B: hyper::body::Body<Data = Bytes> + Unpin,
     F: std::future::Future<Output = Response<B>>,
 {
-    let StreamRequest { request, keep_alive, pipelined, mut io } = stream;
+    let StreamRequest { request, keep_alive, pipelined, mut io } = *stream;
     let mut response = respond(request).await;
     let close = !keep_alive || response.headers().get(CONNECTION).is_some_and(|v| has_token(v, "close"));
     let exact_len = response.body().size_hint().exact();
