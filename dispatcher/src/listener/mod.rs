@@ -18,11 +18,14 @@
 //! table-tested; this module only carries them out. Not here: what requests do (the router).
 
 pub mod admission;
+mod device_stream;
 mod service;
 pub mod timing;
 pub mod tls;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -236,15 +239,27 @@ impl Drop for OpenGauge {
 async fn serve_connection(stream: TcpStream, peer: SocketAddr, admitted: admission::Admitted, shared: Arc<Shared>) {
     let _open = OpenGauge::new(&shared.metrics);
     let _ = stream.set_nodelay(true);
-    let Some(acceptor) = shared.tls.clone() else {
-        return serve_io(TokioIo::new(stream), peer, admitted, shared).await;
-    };
+    match shared.tls.clone() {
+        None => serve_io(stream, peer, admitted, shared).await,
+        // Boxed: the handshake's state would otherwise size the task of every connection.
+        Some(acceptor) => Box::pin(serve_tls(acceptor, stream, peer, admitted, shared)).await,
+    }
+}
+
+/// Completes a TLS handshake within the first request's deadline, then serves HTTP over it.
+async fn serve_tls(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    admitted: admission::Admitted,
+    shared: Arc<Shared>,
+) {
     let Some(activity) = shared.table.activity(admitted.id()) else { return };
     let deadline = activity.accepted + shared.timeouts.first_request;
     let evicted = admitted.evicted().clone();
     tokio::select! {
         handshake = tokio::time::timeout_at(deadline.into(), acceptor.accept(stream)) => match handshake {
-            Ok(Ok(stream)) => serve_io(TokioIo::new(stream), peer, admitted, shared).await,
+            Ok(Ok(stream)) => serve_io(stream, peer, admitted, shared).await,
             Ok(Err(error)) => {
                 shared.metrics.connection_closed(TLS_HANDSHAKE_FAILED);
                 tracing::debug!(client = %peer.ip(), %error, "TLS handshake failed");
@@ -259,23 +274,80 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, admitted: admissi
 /// The `dispatcher_connections_closed_total` reason of a connection whose TLS handshake failed.
 const TLS_HANDSHAKE_FAILED: &str = "tls_handshake";
 
+/// What a connection is doing: the stages of [`serve_io`]. Each is boxed, so that the
+/// connection's task is as small as the loop around them and a stage's state exists only while
+/// it runs (a device stream served here has no hyper connection at all).
+enum Stage<I> {
+    /// Reading the first request's head: a device stream request is served here, anything
+    /// else by hyper.
+    Sniff(Pin<Box<dyn Future<Output = device_stream::Sniffed<I>> + Send>>),
+    /// Writing a device stream's response.
+    Stream(Pin<Box<dyn Future<Output = device_stream::Reusable<I>> + Send>>),
+    /// Hyper serves the connection from here on.
+    Hyper(Pin<Box<HyperConnection<I>>>),
+}
+
+type HyperConnection<I> = hyper_util::server::conn::auto::UpgradeableConnection<
+    'static,
+    TokioIo<device_stream::Prefixed<I>>,
+    service::Tracked,
+    TokioExecutor,
+>;
+
+/// A stage's end.
+enum Step<I> {
+    Sniffed(device_stream::Sniffed<I>),
+    Streamed(device_stream::Reusable<I>),
+    /// Hyper's connection ended.
+    Ended,
+}
+
+impl<I> Stage<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    async fn run(&mut self) -> Step<I> {
+        match self {
+            Stage::Sniff(sniff) => Step::Sniffed(sniff.await),
+            Stage::Stream(stream) => Step::Streamed(stream.await),
+            Stage::Hyper(connection) => {
+                let _ = connection.as_mut().await;
+                Step::Ended
+            }
+        }
+    }
+}
+
 /// Serves HTTP on an admitted connection (plain or TLS) until it ends, is evicted, or times out.
-async fn serve_io<I>(io: TokioIo<I>, peer: SocketAddr, admitted: admission::Admitted, shared: Arc<Shared>)
+async fn serve_io<I>(io: I, peer: SocketAddr, admitted: admission::Admitted, shared: Arc<Shared>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let abort = crate::http::device::ConnectionAbort::default();
     let service =
         service::Tracked::new(shared.router.clone(), peer, shared.table.clone(), admitted.id(), abort.clone());
-    let connection = shared.builder.serve_connection_with_upgrades(io, service).into_owned();
-    tokio::pin!(connection);
+    let hyper = |prefix, io| -> Stage<I> {
+        let io = TokioIo::new(device_stream::Prefixed::new(prefix, io));
+        Stage::Hyper(Box::pin(shared.builder.serve_connection_with_upgrades(io, service.clone()).into_owned()))
+    };
+    let mut stage: Stage<I> = Stage::Sniff(Box::pin(device_stream::sniff(io)));
     let evicted = admitted.evicted().clone();
     let became_idle = admitted.became_idle().clone();
     let mut check_at = Instant::now();
     let mut stopping = false;
     loop {
         tokio::select! {
-            _ = connection.as_mut() => return,
+            step = stage.run() => match step {
+                Step::Sniffed(device_stream::Sniffed::Stream(request)) => {
+                    let service = service.clone();
+                    stage = Stage::Stream(Box::pin(device_stream::serve(request, move |request| service.respond(request))));
+                }
+                Step::Sniffed(device_stream::Sniffed::Other { prefix, io }) => stage = hyper(prefix, io),
+                // Kept alive for another request, unless the replica is stopping (as hyper
+                // does after a graceful shutdown began).
+                Step::Streamed(Some((pipelined, io))) if !stopping => stage = hyper(pipelined, io),
+                Step::Sniffed(device_stream::Sniffed::Closed) | Step::Streamed(_) | Step::Ended => return,
+            },
             // The last request ended: time the idle period from now (a look taken while the
             // first request was still arriving would otherwise wait out the first-request timeout).
             () = became_idle.notified() => check_at = Instant::now(),
@@ -287,7 +359,14 @@ where
             }
             () = shared.stop.cancelled(), if !stopping => {
                 stopping = true;
-                connection.as_mut().graceful_shutdown();
+                match &mut stage {
+                    Stage::Hyper(connection) => connection.as_mut().graceful_shutdown(),
+                    // No request yet: nothing to finish (hyper, reading the version, does the same).
+                    Stage::Sniff(_) => return,
+                    // A response in progress finishes (the stream's close frame), then the
+                    // connection closes.
+                    Stage::Stream(_) => {}
+                }
             }
             () = tokio::time::sleep_until(check_at.into()) => {
                 let Some(activity) = shared.table.activity(admitted.id()) else { return };
@@ -295,7 +374,7 @@ where
                     Verdict::CheckAt(at) => check_at = at,
                     Verdict::Close(closing) => {
                         shared.metrics.connection_closed(closing.label());
-                        if closing == Closing::Idle {
+                        if let (Closing::Idle, Stage::Hyper(connection)) = (closing, &mut stage) {
                             // HTTP/2 says GOAWAY; HTTP/1 closes at once.
                             connection.as_mut().graceful_shutdown();
                             let _ = tokio::time::timeout(CLOSE_GRACE, connection.as_mut()).await;

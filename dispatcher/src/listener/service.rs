@@ -90,17 +90,31 @@ impl hyper::service::Service<Request<Incoming>> for Tracked {
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response<TrackedBody>, Infallible>> + Send>>;
 
-    fn call(&self, mut request: Request<Incoming>) -> Self::Future {
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let response = self.respond(request);
+        Box::pin(async move { Ok(response.await) })
+    }
+}
+
+impl Tracked {
+    /// Hands a request to the router, counted in flight until its response body is dropped:
+    /// what hyper calls for every request, and what the listener calls for a device stream it
+    /// serves itself ([`super::device_stream`]).
+    pub fn respond<B>(&self, mut request: Request<B>) -> impl Future<Output = Response<TrackedBody>> + Send + 'static
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<axum::BoxError>,
+    {
         let in_flight = InFlight::begin(self.table.clone(), self.id);
         request.extensions_mut().insert(ConnectInfo(self.peer));
         request.extensions_mut().insert(self.abort.clone());
         let router = self.router.clone();
-        Box::pin(async move {
+        async move {
             let response = match router.oneshot(request).await {
                 Ok(response) => response,
                 Err(never) => match never {},
             };
-            Ok(response.map(|inner| TrackedBody { inner, _in_flight: in_flight }))
-        })
+            response.map(|inner| TrackedBody { inner, _in_flight: in_flight })
+        }
     }
 }

@@ -14,8 +14,10 @@
 //!    dispatch on replica 2, the result POSTed to replica 3;
 //!
 //!    each at 1 call in flight (p50/p99) and 64 in flight (throughput); then the offline
-//!    answer, memory per idle device stream (VmRSS before and after connecting the streams),
-//!    and the time for the devices of a replica to be back after `kill -9` of it.
+//!    answer, memory per idle device stream (VmRSS before and after connecting the streams;
+//!    then, on top of them, as many idle HTTP/1.1 keep-alive connections: the connection's
+//!    share as hyper keeps it), and the time for the devices of a replica to be back after
+//!    `kill -9` of it.
 //!
 //! `--quick` runs the same sections with small counts in seconds (the CI smoke test).
 //!
@@ -776,6 +778,74 @@ async fn memory_per_stream(
     Ok((per, swarm))
 }
 
+/// Opens `count` HTTP/1.1 connections to `base` (from the source addresses of devices
+/// `first_index..`), sends `GET /healthz` on each and reads the answer, and keeps them open and
+/// idle: KiB of VmRSS of process `pid` per connection, with the connections (dropped by the
+/// caller). Measured next to the device streams, this tells the connection's share of a stream:
+/// an idle keep-alive connection is what hyper keeps per connection (its task, its read and
+/// write buffers), without the stream's request, body and queue.
+async fn memory_per_idle_connection(
+    pid: u32,
+    base: &str,
+    count: usize,
+    first_index: usize,
+) -> anyhow::Result<(f64, Vec<tokio::net::TcpStream>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let url = reqwest::Url::parse(base)?;
+    let host = url.host_str().context("no host")?.to_owned();
+    let addr: SocketAddr = format!("{host}:{}", url.port_or_known_default().context("no port")?).parse()?;
+    let before = rss_kib(pid)?;
+    let started = Instant::now();
+    let open = |index: usize| async move {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(e2e::swarm::device_addr(index).into(), 0))?;
+        let mut stream = socket.connect(addr).await?;
+        stream.write_all(b"GET /healthz HTTP/1.1\r\nhost: bench\r\n\r\n").await?;
+        // The answer is small; read until its head and its whole body arrived.
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                bail!("closed before the answer");
+            }
+            seen.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&seen);
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text[..end]
+                    .lines()
+                    .find_map(|line| {
+                        line.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned())
+                    })
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0);
+                if seen.len() >= end + 4 + length {
+                    return anyhow::Ok(stream);
+                }
+            }
+        }
+    };
+    let connections: Vec<tokio::net::TcpStream> = futures::stream::iter(0..count)
+        .map(|i| open(first_index + i))
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    let took = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(pid)?;
+    let per = after.saturating_sub(before) as f64 / count as f64;
+    println!(
+        "  + {count} idle HTTP/1.1 keep-alive connections (one GET /healthz each) in {:.1} s; VmRSS {:.1} MiB -> {:.1} MiB: {:.1} KiB per connection",
+        took.as_secs_f64(),
+        before as f64 / 1024.0,
+        after as f64 / 1024.0,
+        per
+    );
+    Ok((per, connections))
+}
+
 async fn enroll_timed(
     replicas: &[String],
     control: &Control,
@@ -838,6 +908,8 @@ async fn embedded(plan: &Plan, args: &Args, figures: &mut Figures, addresses: &m
         let devices = enroll_timed(&replicas, &control, plan.streams, first).await?;
         let (per, swarm) = memory_per_stream(dispatcher.pid(), replicas, 0, devices, first).await?;
         figures.memory_embedded = Some(per);
+        let (_, idle) = memory_per_idle_connection(dispatcher.pid(), &base, plan.streams, first).await?;
+        drop(idle);
         swarm.stop(Duration::from_secs(30)).await;
     }
     Ok(())
@@ -1018,6 +1090,8 @@ async fn cluster(plan: &Plan, args: &Args, figures: &mut Figures, addresses: &mu
         println!("  memory of replica 1 (NATS bus: two subscriptions per device):");
         let (per, swarm) = memory_per_stream(cluster.replica(0).pid(), urls.clone(), 0, devices.clone(), first).await?;
         figures.memory_cluster = Some(per);
+        let (_, idle) = memory_per_idle_connection(cluster.replica(0).pid(), &urls[0], plan.streams, first).await?;
+        drop(idle);
         swarm.stop(Duration::from_secs(30)).await;
         spare = devices;
         spare_first = first;
