@@ -338,6 +338,7 @@ pub struct Metrics {
     http_duration: Family<HttpRoute, Histogram, fn() -> Histogram>,
     deliveries: Family<Fate, Counter>,
     stream_opens: Counter,
+    stream_requests_unbuffered: Counter,
     stream_refusals: Family<Reason, Counter>,
     stream_closes: Family<Reason, Counter>,
     enrollments: Family<Outcome, Counter>,
@@ -433,6 +434,13 @@ impl Metrics {
         );
         let stream_opens = Counter::default();
         registry.register("stream_opens", "Device streams opened here", stream_opens.clone());
+        let stream_requests_unbuffered = Counter::default();
+        registry.register(
+            "stream_requests_unbuffered",
+            "Device stream requests that came first on their own HTTP/1.1 connection, served without \
+             the HTTP library's per-connection buffers (the others are served by hyper)",
+            stream_requests_unbuffered.clone(),
+        );
         let stream_refusals = Family::<Reason, Counter>::default();
         registry.register(
             "stream_refusals",
@@ -529,6 +537,7 @@ impl Metrics {
             http_duration,
             deliveries,
             stream_opens,
+            stream_requests_unbuffered,
             stream_refusals,
             stream_closes,
             enrollments,
@@ -585,6 +594,11 @@ impl Metrics {
 
     pub fn stream_opened(&self) {
         self.stream_opens.inc();
+    }
+
+    /// A device stream request read by the listener itself (see `listener::device_stream`).
+    pub fn stream_request_unbuffered(&self) {
+        self.stream_requests_unbuffered.inc();
     }
 
     /// A stream refused with 503: `max_streams`, `draining` or `stalled`.

@@ -191,6 +191,8 @@ pub async fn run(
         }
     }
     let client = transport::build_client(config.ca_cert.as_deref()).map_err(|e| RunError::Usage(e.to_string()))?;
+    let stream_client =
+        transport::build_stream_client(config.ca_cert.as_deref()).map_err(|e| RunError::Usage(e.to_string()))?;
     let secrets = open_secret_store(config.credentials_store).map_err(RunError::Usage)?;
     let store = CredentialStore::new(&config.credentials_dir).with_secret_store(secrets);
     store.tighten();
@@ -238,6 +240,7 @@ pub async fn run(
     );
     let shared = Arc::new(Shared {
         client,
+        stream_client,
         servers: config.servers.clone(),
         token: credentials.token.clone(),
         device_id: credentials.device_id.clone(),
@@ -318,6 +321,8 @@ fn keep_kernel_keyring_token(store: &CredentialStore, origins: &[String], stop: 
 /// What the calls share.
 struct Shared {
     client: Client,
+    /// The event stream's own client: a fresh HTTP/1.1 connection per stream.
+    stream_client: Client,
     servers: Vec<Url>,
     token: String,
     device_id: String,
@@ -568,13 +573,14 @@ async fn session(shared: &Arc<Shared>, server_index: usize, silence: Duration, t
     debug!("opening the stream at {server}");
     // A replica that accepts the connection but never answers (frozen, or behind a stuck
     // proxy) gets the patience of a silent stream, then the next server is tried.
-    let opened = match tokio::time::timeout(silence, transport::open_stream(&shared.client, url, &shared.token)).await {
-        Ok(opened) => opened,
-        Err(_) => {
-            let reason = format!("no answer to the stream request within {} s", silence.as_secs_f32());
-            return SessionEnd::Lost { reason, was_up: false, untrusted: false };
-        }
-    };
+    let opened =
+        match tokio::time::timeout(silence, transport::open_stream(&shared.stream_client, url, &shared.token)).await {
+            Ok(opened) => opened,
+            Err(_) => {
+                let reason = format!("no answer to the stream request within {} s", silence.as_secs_f32());
+                return SessionEnd::Lost { reason, was_up: false, untrusted: false };
+            }
+        };
     let response = match opened {
         Ok(response) => response,
         Err(err) if err.status() == Some(StatusCode::UNAUTHORIZED) => {

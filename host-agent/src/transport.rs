@@ -97,6 +97,19 @@ impl TransportError {
 /// The HTTP client of the agent: rustls, the system's trust roots plus the bundled web roots,
 /// plus the PEM certificates in `ca_cert` when given.
 pub fn build_client(ca_cert: Option<&Path>) -> Result<Client, TransportError> {
+    finish(client_builder(ca_cert)?)
+}
+
+/// The client the agent opens its event stream with: the same trust as [`build_client`], HTTP/1.1
+/// only, and a new connection for every stream (nothing pooled). A stream lives for hours on its
+/// connection; alone on a fresh HTTP/1.1 connection, it is served by the dispatcher without an
+/// HTTP library's per-connection buffers (a few KiB per idle device instead of about 25). A
+/// stream on a shared or HTTP/2 connection works as well, at that cost.
+pub fn build_stream_client(ca_cert: Option<&Path>) -> Result<Client, TransportError> {
+    finish(client_builder(ca_cert)?.http1_only().pool_max_idle_per_host(0))
+}
+
+fn client_builder(ca_cert: Option<&Path>) -> Result<reqwest::ClientBuilder, TransportError> {
     let mut builder = Client::builder()
         .use_rustls_tls()
         .connect_timeout(CONNECT_TIMEOUT)
@@ -115,6 +128,10 @@ pub fn build_client(ca_cert: Option<&Path>) -> Result<Client, TransportError> {
             builder = builder.add_root_certificate(cert);
         }
     }
+    Ok(builder)
+}
+
+fn finish(builder: reqwest::ClientBuilder) -> Result<Client, TransportError> {
     builder
         .build()
         .map_err(|e| TransportError::Connection(format!("cannot build the HTTP client: {}", error_chain(&e))))

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use e2e::{Agent, Control, Dispatcher};
+use e2e::{metric, Agent, Control, Dispatcher};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -122,6 +122,13 @@ async fn enroll_serve_and_restart_from_cached_credentials() {
     assert_eq!(read["result"]["content"], "# readme\n");
     let (_, list) = env.control.devices().await.unwrap();
     assert_eq!(list["devices"].as_array().map(Vec::len), Some(1), "no second enrollment: {list}");
+    // Each stream host-agent opened came first on a connection of its own, so the dispatcher
+    // served it without hyper's per-connection buffers (its memory per idle device).
+    let base = env.dispatcher.base_url();
+    let opened = metric(&base, "dispatcher_stream_opens_total").await.expect("metrics");
+    let unbuffered = metric(&base, "dispatcher_stream_requests_unbuffered_total").await.expect("metrics");
+    assert!(opened >= 2.0, "two runs, at least two streams: {opened}");
+    assert_eq!(unbuffered, opened, "every stream of host-agent on its own HTTP/1.1 connection");
     again.sigterm().unwrap();
     assert_eq!(again.exit_code(20 * SECOND).await.unwrap(), 0);
 }

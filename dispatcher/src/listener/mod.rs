@@ -339,6 +339,7 @@ where
         tokio::select! {
             step = stage.run() => match step {
                 Step::Sniffed(device_stream::Sniffed::Stream(request)) => {
+                    shared.metrics.stream_request_unbuffered();
                     let service = service.clone();
                     stage = Stage::Stream(Box::pin(device_stream::serve(request, move |request| service.respond(request))));
                 }
