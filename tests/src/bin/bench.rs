@@ -751,6 +751,10 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// Connects `devices` streams to replica `replica` and returns KiB of VmRSS per stream.
+/// Idle keep-alive connections measured next to the streams: enough for a per-connection
+/// figure, few enough that the streams and they fit the bench's descriptor limit.
+const IDLE_CONNECTIONS: usize = 2000;
+
 async fn memory_per_stream(
     pid: u32,
     replicas: Vec<String>,
@@ -880,7 +884,7 @@ async fn offline_figure(target: &CallTarget, control: &Control, base: &str, plan
 
 async fn embedded(plan: &Plan, args: &Args, figures: &mut Figures, addresses: &mut Addresses) -> anyhow::Result<()> {
     // Thousands of devices of one user: past the default quota of devices per user.
-    let dispatcher = Dispatcher::builder().flag("--max-devices-per-user", MANY_DEVICES).start().await?;
+    let mut dispatcher = Dispatcher::builder().flag("--max-devices-per-user", MANY_DEVICES).start().await?;
     let base = dispatcher.base_url();
     let token = dispatcher.mint_token("bench").await?;
     let control = Control::new(base.clone(), token.clone());
@@ -906,9 +910,13 @@ async fn embedded(plan: &Plan, args: &Args, figures: &mut Figures, addresses: &m
     if wants(args, "memory") {
         let first = addresses.take(plan.streams);
         let devices = enroll_timed(&replicas, &control, plan.streams, first).await?;
+        // A fresh process: the allocator of one that served the enrollments (and the sections
+        // before) holds freed memory the streams would reuse without growing VmRSS.
+        dispatcher.restart().await?;
         let (per, swarm) = memory_per_stream(dispatcher.pid(), replicas, 0, devices, first).await?;
         figures.memory_embedded = Some(per);
-        let (_, idle) = memory_per_idle_connection(dispatcher.pid(), &base, plan.streams, first).await?;
+        let idle_count = plan.streams.min(IDLE_CONNECTIONS);
+        let (_, idle) = memory_per_idle_connection(dispatcher.pid(), &base, idle_count, first).await?;
         drop(idle);
         swarm.stop(Duration::from_secs(30)).await;
     }
@@ -1087,10 +1095,12 @@ async fn cluster(plan: &Plan, args: &Args, figures: &mut Figures, addresses: &mu
     if wants(args, "memory") {
         let first = addresses.take(plan.streams);
         let devices = enroll_timed(&urls, &control, plan.streams, first).await?;
-        println!("  memory of replica 1 (NATS bus: two subscriptions per device):");
+        println!("  memory of replica 1, restarted after the enrollments (NATS bus):");
+        cluster.restart(0, Duration::from_secs(30)).await?;
         let (per, swarm) = memory_per_stream(cluster.replica(0).pid(), urls.clone(), 0, devices.clone(), first).await?;
         figures.memory_cluster = Some(per);
-        let (_, idle) = memory_per_idle_connection(cluster.replica(0).pid(), &urls[0], plan.streams, first).await?;
+        let idle_count = plan.streams.min(IDLE_CONNECTIONS);
+        let (_, idle) = memory_per_idle_connection(cluster.replica(0).pid(), &urls[0], idle_count, first).await?;
         drop(idle);
         swarm.stop(Duration::from_secs(30)).await;
         spare = devices;
