@@ -21,7 +21,7 @@ use crate::bus::{Bus, BusError};
 use crate::config::Settings;
 use crate::core::{Close, Dispatcher, Hub};
 use crate::http::limit::RateLimiter;
-use crate::http::AppState;
+use crate::http::{AppParts, AppState};
 use crate::listener::admission::derive_caps;
 use crate::listener::timing::Timeouts;
 use crate::listener::tls::CertificateSource;
@@ -108,7 +108,7 @@ pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Resul
         registry.clone(),
         cancel.child_token(),
     ));
-    Ok(AppState {
+    Ok(AppState::new(AppParts {
         dispatcher,
         registry,
         settings: Arc::new(settings),
@@ -119,7 +119,7 @@ pub async fn build_state(settings: Settings, cancel: CancellationToken) -> Resul
         events,
         call_log,
         readiness,
-    })
+    }))
 }
 
 /// Serves one replica on `listener` until `shutdown` fires, then drains.

@@ -49,49 +49,64 @@ impl Drop for TelemetryGuard {
     }
 }
 
+/// Spans made for the trace export only. The log lines do not show them: what they name is on
+/// the request's own span (`http.request`: method, route, path, client, trace id) or on the
+/// line itself, and formatting their fields for the log at every call cost more than any other
+/// part of the logging. Without an OTLP endpoint no layer wants them, so they are not made.
+const EXPORT_ONLY_SPANS: [&str; 6] =
+    ["api.dispatch", "api.result", "nats.send_call", "nats.send_result", "nats.on_call", "nats.on_result"];
+
+/// True for what the log layer formats: every event, and every span but the export-only ones.
+pub fn is_logged(metadata: &tracing::Metadata<'_>) -> bool {
+    !(metadata.is_span() && EXPORT_ONLY_SPANS.contains(&metadata.name()))
+}
+
+/// `RUST_LOG`, or `info`.
+fn env_filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+}
+
 /// Logs to stderr (`RUST_LOG` filters, default `info`; `LOG_FORMAT=json` for JSON lines), and
-/// exports traces over OTLP/HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+/// exports traces over OTLP/HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set. Each has its own
+/// filter: `RUST_LOG` for both, and the log leaves out the [`EXPORT_ONLY_SPANS`].
 pub fn init(replica_id: &str) -> TelemetryGuard {
+    use tracing_subscriber::filter::{filter_fn, FilterExt};
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::{fmt, EnvFilter, Layer};
+    use tracing_subscriber::{fmt, Layer, Registry};
 
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json");
+    let logged = env_filter().and(filter_fn(is_logged));
     let logs = if json {
-        fmt::layer().json().with_writer(std::io::stderr).boxed()
+        fmt::layer().json().with_writer(std::io::stderr).with_filter(logged).boxed()
     } else {
-        fmt::layer().with_writer(std::io::stderr).boxed()
+        fmt::layer().with_writer(std::io::stderr).with_filter(logged).boxed()
     };
+    let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = vec![logs];
     // The exporter's HTTP client is a blocking one, which must not be built (or dropped) on
     // an async runtime's thread: build it on a thread of its own.
     let replica_id = replica_id.to_owned();
     let built = std::thread::spawn(move || otlp_provider(&replica_id)).join().unwrap_or(None);
-    let (provider, traces) = match built {
+    let provider = match built {
         Some(Ok(provider)) => {
-            let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("dispatcher"));
-            (Some(provider), Some(layer))
+            let traces = tracing_opentelemetry::layer().with_tracer(provider.tracer("dispatcher"));
+            layers.push(traces.with_filter(env_filter()).boxed());
+            Some(provider)
         }
         Some(Err(error)) => {
             eprintln!("dispatcher: OTLP export disabled: {error}");
-            (None, None)
+            None
         }
-        None => (None, None),
+        None => None,
     };
     // Already initialised (tests, embedding apps): keep theirs.
-    let _ = tracing_subscriber::registry().with(filter).with(logs).with(traces).try_init();
+    let _ = tracing_subscriber::registry().with(layers).try_init();
     TelemetryGuard { provider }
 }
 
 /// Logs only, for tests and tools.
 pub fn init_logging() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(env_filter()).with_writer(std::io::stderr).try_init();
 }
 
 /// How spans are sent, from `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` or

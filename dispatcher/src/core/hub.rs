@@ -308,7 +308,7 @@ impl Hub {
         match CallFrame::encode(call) {
             Ok(frame) => self.push_frame(device_id, frame, call.deadline),
             Err(error) => {
-                tracing::error!(%error, "cannot encode a call");
+                tracing::error!(%error, device_id, call_id = %call.call_id, "cannot encode a call");
                 CallAck::NotHeld
             }
         }

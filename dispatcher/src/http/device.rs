@@ -352,7 +352,7 @@ async fn deliver(
             match late_apply? {
                 LateApply::Recorded { proposal_id, status } => {
                     span.in_scope(
-                        || tracing::info!(%proposal_id, status = status.as_str(), "late apply result recorded"),
+                        || tracing::info!(device_id = %caller.device_id, %proposal_id, status = status.as_str(), "late apply result recorded"),
                     );
                     state.metrics.proposal(status.as_str());
                     events::proposal_reloaded(state, &caller.owner, &proposal_id).await;

@@ -27,9 +27,27 @@ pub mod proxy;
 
 pub use error::ApiError;
 
-/// What every handler may use.
+/// What every handler may use: [`AppParts`] behind one reference count, since axum clones the
+/// state for every handler and extractor of every request.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppParts>);
+
+impl AppState {
+    pub fn new(parts: AppParts) -> Self {
+        Self(Arc::new(parts))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppParts;
+
+    fn deref(&self) -> &AppParts {
+        &self.0
+    }
+}
+
+/// The parts of an [`AppState`].
+pub struct AppParts {
     pub dispatcher: Dispatcher,
     pub registry: Registry,
     pub settings: Arc<Settings>,

@@ -333,10 +333,16 @@ where
     let mut stage: Stage<I> = Stage::Sniff(Box::pin(device_stream::sniff(io)));
     let evicted = admitted.evicted().clone();
     let became_idle = admitted.became_idle().clone();
+    // The connection's own child of the replica's stop token: the loop below looks at its
+    // tokens at every wake-up, and a token's state sits behind a lock that every connection
+    // looking at the one shared token would contend for.
+    let stop = shared.stop.child_token();
     let mut check_at = Instant::now();
     let mut stopping = false;
     loop {
         tokio::select! {
+            // The connection's own progress first: the rest rarely fires.
+            biased;
             step = stage.run() => match step {
                 Step::Sniffed(device_stream::Sniffed::Stream(request)) => {
                     shared.metrics.stream_request_unbuffered();
@@ -358,7 +364,7 @@ where
                 shared.metrics.connection_closed(Closing::Evicted.label());
                 return;
             }
-            () = shared.stop.cancelled(), if !stopping => {
+            () = stop.cancelled(), if !stopping => {
                 stopping = true;
                 match &mut stage {
                     Stage::Hyper(connection) => connection.as_mut().graceful_shutdown(),

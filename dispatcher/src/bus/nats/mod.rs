@@ -438,7 +438,7 @@ impl Shared {
         let payload = match encode(call) {
             Ok(payload) => payload,
             Err(error) => {
-                tracing::error!(%error, "cannot encode a call");
+                tracing::error!(%error, device_id, call_id = %call.call_id, "cannot encode a call");
                 return Routed::Unreachable;
             }
         };
@@ -472,14 +472,14 @@ impl Shared {
                         }
                         Ok(CallAck::Absent) => {}
                         Err(error) => {
-                            tracing::warn!(%error, "malformed call ack");
+                            tracing::warn!(%error, device_id, call_id = %call.call_id, "malformed call ack");
                             return Routed::Unreachable;
                         }
                     },
                     // The replica named is gone (a restart takes a new route tag).
                     Err(RequestFailure::NoResponders) => {}
                     Err(failure) => {
-                        tracing::debug!(%failure, "call not acknowledged");
+                        tracing::debug!(%failure, device_id, call_id = %call.call_id, "call not acknowledged");
                         return Routed::Unreachable;
                     }
                 }
@@ -504,14 +504,14 @@ impl Shared {
         let payload = match encode(result) {
             Ok(payload) => payload,
             Err(error) => {
-                tracing::error!(%error, "cannot encode a result");
+                tracing::error!(%error, device_id, call_id = %result.call_id, "cannot encode a result");
                 return DeliverAck::Unknown;
             }
         };
         let payload = match fit_result(result, payload, self.client.max_payload()) {
             Ok(payload) => payload,
             Err(error) => {
-                tracing::error!(%error, "cannot encode a result");
+                tracing::error!(%error, device_id, call_id = %result.call_id, "cannot encode a result");
                 return DeliverAck::Unknown;
             }
         };
@@ -521,19 +521,19 @@ impl Shared {
         // it twice. (A call is not: the dispatcher retries it, and buffered copies would pile up.)
         let deadline = Instant::now() + self.options.result_timeout;
         if !self.connected_by(deadline).await {
-            tracing::warn!("result not handed over: NATS unreachable; answering unknown");
+            tracing::warn!(device_id, call_id = %result.call_id, "result not handed over: NATS unreachable; answering unknown");
             return DeliverAck::Unknown;
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
         match self.request(self.subjects.result(route), headers, payload, remaining).await {
             Ok(reply) => serde_json::from_slice::<DeliverAck>(&reply.payload).unwrap_or_else(|error| {
-                tracing::warn!(%error, "malformed deliver ack");
+                tracing::warn!(%error, device_id, call_id = %result.call_id, "malformed deliver ack");
                 DeliverAck::Unknown
             }),
             // The dispatching replica is gone (a restart takes a new tag): nobody waits.
             Err(RequestFailure::NoResponders) => DeliverAck::Unknown,
             Err(failure) => {
-                tracing::warn!(%failure, "result not handed over; answering unknown");
+                tracing::warn!(%failure, device_id, call_id = %result.call_id, "result not handed over; answering unknown");
                 DeliverAck::Unknown
             }
         }
@@ -1059,10 +1059,15 @@ where
     F: Fn(Arc<Shared>, Message) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
+    // Made once, and on a child token of the serve loop's own: it is looked at before every
+    // message, and the shared token's lock would be contended by every loop of the replica.
+    let cancel = cancel.child_token();
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
     loop {
         let message = tokio::select! {
             biased;
-            _ = cancel.cancelled() => break,
+            () = &mut cancelled => break,
             message = subscriber.next() => message,
         };
         match message {
