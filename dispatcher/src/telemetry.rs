@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,6 +49,17 @@ impl Drop for TelemetryGuard {
     }
 }
 
+/// Set when [`init`] installed this process's subscriber without a span exporter: the trace
+/// context helpers below then skip the OpenTelemetry work (a caller's `traceparent` parsed into
+/// a context at every request, a span asked for its own), which nothing would read. An
+/// embedding app that installed a subscriber of its own (with an exporter or not) keeps it.
+static NO_EXPORTER: AtomicBool = AtomicBool::new(false);
+
+/// False only when spans are known not to be exported.
+fn exporting() -> bool {
+    !NO_EXPORTER.load(Ordering::Relaxed)
+}
+
 /// Spans made for the trace export only. The log lines do not show them: what they name is on
 /// the request's own span (`http.request`: method, route, path, client, trace id) or on the
 /// line itself, and formatting their fields for the log at every call cost more than any other
@@ -77,10 +88,14 @@ pub fn init(replica_id: &str) -> TelemetryGuard {
 
     let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json");
     let logged = env_filter().and(filter_fn(is_logged));
+    // Colours only for a person at a terminal (and not under NO_COLOR): a log file or a pod's
+    // log keeps plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let logs = if json {
         fmt::layer().json().with_writer(std::io::stderr).with_filter(logged).boxed()
     } else {
-        fmt::layer().with_writer(std::io::stderr).with_filter(logged).boxed()
+        fmt::layer().with_ansi(colour).with_writer(std::io::stderr).with_filter(logged).boxed()
     };
     let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = vec![logs];
     // The exporter's HTTP client is a blocking one, which must not be built (or dropped) on
@@ -100,7 +115,10 @@ pub fn init(replica_id: &str) -> TelemetryGuard {
         None => None,
     };
     // Already initialised (tests, embedding apps): keep theirs.
-    let _ = tracing_subscriber::registry().with(layers).try_init();
+    let installed = tracing_subscriber::registry().with(layers).try_init().is_ok();
+    if installed && provider.is_none() {
+        NO_EXPORTER.store(true, Ordering::Relaxed);
+    }
     TelemetryGuard { provider }
 }
 
@@ -205,6 +223,9 @@ fn grpc_exporter() -> Result<opentelemetry_otlp::SpanExporter, String> {
 /// Makes `span` a child of the trace context in `traceparent` (when spans are exported),
 /// unless it already sits in a trace (inside a request's span, which took the caller's context).
 pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>) {
+    if !exporting() {
+        return;
+    }
     let Some(traceparent) = traceparent.filter(|t| is_traceparent(t)) else {
         return;
     };
@@ -219,6 +240,9 @@ pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>) {
 /// The `traceparent` of `span` when spans are exported, else `fallback` (the caller's, passed
 /// on as it came) or a new one.
 pub fn traceparent_of(span: &tracing::Span, fallback: Option<&str>) -> String {
+    if !exporting() {
+        return fallback.filter(|t| is_traceparent(t)).map_or_else(new_traceparent, str::to_owned);
+    }
     let context = span.context();
     let span_ref = context.span();
     let own = span_ref.span_context();
@@ -230,6 +254,9 @@ pub fn traceparent_of(span: &tracing::Span, fallback: Option<&str>) -> String {
 
 /// The trace id of `span`, as 32 hex digits, when spans are exported.
 pub fn trace_id_of(span: &tracing::Span) -> Option<String> {
+    if !exporting() {
+        return None;
+    }
     let context = span.context();
     let span_ref = context.span();
     let own = span_ref.span_context();
@@ -829,6 +856,48 @@ mod process {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer into a shared buffer, for a log layer under test.
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<parking_lot::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn log_lines_carry_the_request_span_but_not_the_export_only_ones() {
+        use tracing_subscriber::filter::filter_fn;
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::Layer;
+
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let logs = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .with_filter(filter_fn(is_logged));
+        let made = tracing::subscriber::with_default(tracing_subscriber::registry().with(logs), || {
+            let request = tracing::info_span!("http.request", http.route = "/api/devices/{id}/calls");
+            let _request = request.enter();
+            let dispatch = tracing::info_span!("api.dispatch", tool = "stat");
+            let made = !dispatch.is_disabled();
+            dispatch.in_scope(|| tracing::warn!(device_id = "d1", "inside the dispatch"));
+            made
+        });
+        let text = String::from_utf8(buffer.0.lock().clone()).expect("UTF-8");
+        assert!(!made, "no layer wants an export-only span: it is not made");
+        assert!(text.contains("inside the dispatch") && text.contains("device_id=\"d1\""), "{text}");
+        assert!(text.contains("http.request{") && text.contains("/api/devices/{id}/calls"), "{text}");
+        assert!(!text.contains("api.dispatch") && !text.contains("tool="), "{text}");
+    }
 
     #[test]
     fn proc_stat_is_parsed_past_odd_command_names() {
