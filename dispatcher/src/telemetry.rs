@@ -79,7 +79,7 @@ fn env_filter() -> tracing_subscriber::EnvFilter {
 
 /// Logs to stderr (`RUST_LOG` filters, default `info`; `LOG_FORMAT=json` for JSON lines), and
 /// exports traces over OTLP/HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set. Each has its own
-/// filter: `RUST_LOG` for both, and the log leaves out the [`EXPORT_ONLY_SPANS`].
+/// filter: `RUST_LOG` for both, and the log leaves out the export-only spans ([`is_logged`]).
 pub fn init(replica_id: &str) -> TelemetryGuard {
     use tracing_subscriber::filter::{filter_fn, FilterExt};
     use tracing_subscriber::layer::SubscriberExt;
